@@ -1,0 +1,141 @@
+"""Command-line and config-file options of the imd daemon (``twistd imd --help``).
+
+Every option can also be set in an INI file given with ``--config``: a ``[imd]`` section whose
+keys are the long option names (``data-dir = /var/lib/imd``).  Options given on the command
+line win over the file.  Repeatable options (``web``) take a comma- or newline-separated list
+in the file.
+"""
+
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass, field
+
+from twisted.python import usage
+
+# (name, default, coerce, help) for every single-valued option.
+_OPTIONS = [
+    ("boss-line", "tcp:6061", str,
+     "endpoint of the 66boss line protocol (one signal per line); 'none' disables it"),
+    ("redis", "", str,
+     "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path.sock); "
+     "empty = start the embedded redis-server"),
+    ("data-dir", "./imd-data", str,
+     "directory for the embedded Redis' data and for uploaded files"),
+    ("public-url", "", str,
+     "base URL clients reach the web port at (for upload links); empty = from the request's "
+     "Host header"),
+    ("boss-auth", "token", str,
+     "66boss login: 'token' requires login_<userid>_<token>; 'trust' also accepts a bare "
+     "login_<userid> (closed networks only)"),
+    ("heartbeat", 30.0, float, "seconds between heartbeats sent to clients"),
+    ("heartbeat-timeout", 10.0, float,
+     "seconds a WebSocket client has to answer a ping before it is dropped"),
+    ("node-timeout", 15.0, float,
+     "seconds after which the users of a dead imd node count as offline"),
+    ("token-ttl", 30 * 86400, int, "seconds a login token stays valid"),
+    ("max-frame", 65536, int, "largest WebSocket message or protocol line, in bytes"),
+    ("max-body", 1024 * 1024, int, "largest HTTP request body (other than uploads), in bytes"),
+    ("max-upload", 20 * 1024 * 1024, int, "largest uploaded file, in bytes"),
+    ("max-queue", 10000, int, "offline messages kept per user (the oldest are dropped)"),
+    ("max-outbuf", 4 * 1024 * 1024, int,
+     "bytes waiting to be sent to one slow client before it is dropped"),
+    ("history-limit", 1000, int, "messages kept per conversation"),
+]
+_DEFAULTS = {name: default for name, default, _, _ in _OPTIONS}
+_COERCE = {name: coerce for name, _, coerce, _ in _OPTIONS}
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass
+class Config:
+    """The options, typed, as the rest of imd reads them."""
+
+    web: list[str] = field(default_factory=lambda: ["tcp:8000"])
+    boss_line: str = "tcp:6061"
+    redis: str = ""
+    data_dir: str = "./imd-data"
+    public_url: str = ""
+    boss_auth: str = "token"
+    heartbeat: float = 30.0
+    heartbeat_timeout: float = 10.0
+    node_timeout: float = 15.0
+    token_ttl: int = 30 * 86400
+    max_frame: int = 65536
+    max_body: int = 1024 * 1024
+    max_upload: int = 20 * 1024 * 1024
+    max_queue: int = 10000
+    max_outbuf: int = 4 * 1024 * 1024
+    history_limit: int = 1000
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("imd: multi-protocol instant-messaging daemon (webim, xuanxuan, minami, 66boss) "
+                "on one account system.")
+    optParameters = [["config", "c", None, "INI config file with an [imd] section"]] + [
+        [name, None, None, f"{help_} [default: {default}]"]
+        for name, default, _, help_ in _OPTIONS]
+
+    def __init__(self):
+        super().__init__()
+        self["web"] = []
+
+    def opt_web(self, endpoint: str) -> None:
+        """endpoint of the web port (HTTP and WebSocket of every protocol); repeatable
+        [default: tcp:8000]"""
+        self["web"].append(endpoint)
+
+    def postOptions(self) -> None:
+        try:
+            self.config = build_config(self)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _read_file(path: str) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    if not parser.has_section("imd"):
+        raise ConfigError(f"config file {path} has no [imd] section")
+    values = dict(parser.items("imd"))
+    unknown = set(values) - set(_DEFAULTS) - {"web"}
+    if unknown:
+        raise ConfigError(f"unknown option(s) in {path}: {', '.join(sorted(unknown))}")
+    return values
+
+
+def build_config(options: dict) -> Config:
+    """Merge defaults, the config file and the command line into a Config."""
+    from_file = _read_file(options["config"]) if options.get("config") else {}
+    values = {}
+    for name, default in _DEFAULTS.items():
+        raw = options.get(name)
+        if raw is None:
+            raw = from_file.get(name, default)
+        try:
+            values[name.replace("-", "_")] = _COERCE[name](raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: {raw!r} is not a valid value") from None
+    web = list(options.get("web") or [])
+    if not web and "web" in from_file:
+        web = [w.strip() for w in from_file["web"].replace("\n", ",").split(",") if w.strip()]
+    config = Config(web=web or ["tcp:8000"], **values)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if config.boss_auth not in ("token", "trust"):
+        raise ConfigError("--boss-auth must be 'token' or 'trust'")
+    for name in ("heartbeat", "heartbeat_timeout", "node_timeout", "token_ttl", "max_frame",
+                 "max_body", "max_upload", "max_queue", "max_outbuf", "history_limit"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")

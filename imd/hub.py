@@ -1,0 +1,205 @@
+"""The hub: the protocol-neutral router between sessions of every protocol and every node.
+
+Protocol adapters register a Session per connection (``login``/``logout``) and hand the hub
+protocol-neutral messages (``send``).  The hub asks the store to check, persist and route each
+message in one round trip, then delivers to the sessions on this node; the store publishes to
+the other nodes, whose hubs deliver from ``remote_delivery``.  The hub never builds wire text.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Iterable, Protocol
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from imd.model import GROUP, KINDS, UNICAST, Message
+from imd.store.redis import NoSuchGroup, NoSuchUser, NotAMember, RedisStore
+
+log = Logger()
+
+
+class Session(Protocol):
+    """What a protocol adapter registers with the hub for one client connection."""
+
+    user_id: int
+
+    def deliver(self, message: Message) -> None:
+        """Write a message (sent by anyone, including this user elsewhere) in the
+        adapter's own dialect."""
+
+
+class HubError(Exception):
+    """A request the hub refuses; the message is fit to show to the client."""
+
+
+class Hub:
+    def __init__(self, store: RedisStore, clock: IReactorTime, node_ttl: float = 15.0,
+                 node_id: str | None = None, max_body: int = 64 * 1024):
+        self.store = store
+        self.clock = clock
+        self.node = node_id or secrets.token_hex(8)
+        self.node_ttl = node_ttl
+        self.max_body = max_body
+        self.sessions: dict[int, list[Session]] = {}
+        # Sessions whose offline queue is being drained: live deliveries wait here so that
+        # queued messages come first.
+        self._attaching: dict[Session, list[Message]] = {}
+        self._heartbeat: task.LoopingCall | None = None
+        self.stopping = False
+
+    # -- node life ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.node_alive(self.node, int(self.node_ttl * 1000))
+        self._heartbeat = task.LoopingCall(self._refresh)
+        self._heartbeat.clock = self.clock
+        self._heartbeat.start(self.node_ttl / 3, now=False)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._heartbeat and self._heartbeat.running:
+            self._heartbeat.stop()
+        await self.store.node_gone(self.node, list(self.sessions))
+
+    def _refresh(self) -> defer.Deferred:
+        d = defer.ensureDeferred(self.store.node_alive(self.node, int(self.node_ttl * 1000)))
+        return d.addErrback(lambda f: log.warn("could not refresh node liveness: {e}",
+                                               e=f.getErrorMessage()))
+
+    async def resync(self) -> None:
+        """After the pub/sub link came back: re-mark our users live and deliver whatever
+        was queued for them while other nodes could not reach us."""
+        for uid in list(self.sessions):
+            queued = await self.store.attach(uid, self.node)
+            for message in queued:
+                self._deliver_local(uid, message)
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def is_local(self, uid: int) -> bool:
+        return uid in self.sessions
+
+    async def login(self, session: Session) -> None:
+        """Register a session, then deliver its user's offline queue to it, in order."""
+        uid = session.user_id
+        self.sessions.setdefault(uid, []).append(session)
+        self._attaching[session] = []
+        try:
+            queued = await self.store.attach(uid, self.node)
+        except Exception:
+            self._attaching.pop(session, None)
+            self._remove(session)
+            raise
+        live = self._attaching.pop(session, [])
+        seen = {m.id for m in queued}
+        for message in queued:
+            session.deliver(message)
+        for message in live:
+            if message.id not in seen:
+                session.deliver(message)
+
+    async def logout(self, session: Session) -> None:
+        self._attaching.pop(session, None)
+        if self._remove(session) and not self.stopping:
+            await self.store.detach(session.user_id, self.node)
+
+    def _remove(self, session: Session) -> bool:
+        """Forget a session; True when it was its user's last one on this node."""
+        mine = self.sessions.get(session.user_id)
+        if mine is None or session not in mine:
+            return False
+        mine.remove(session)
+        if not mine:
+            del self.sessions[session.user_id]
+            return True
+        return False
+
+    # -- messages ----------------------------------------------------------------------
+
+    async def send(self, origin: Session, ctype: str, to: int, kind: str, body: str,
+                   extension: str = "") -> Message:
+        """Check, store and deliver one message from ``origin``'s user.
+
+        Returns the stored message (with id and ts) once it is persisted; raises HubError
+        for a message that was refused and so not stored.
+        """
+        if ctype not in (UNICAST, GROUP):
+            raise HubError(f"unknown conversation type {ctype!r}")
+        if kind not in KINDS:
+            raise HubError(f"unknown message kind {kind!r}")
+        if len(body) > self.max_body:
+            raise HubError("message too long")
+        message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
+                          body=body, extension=extension)
+        try:
+            here = await self.store.post(message, self.node)
+        except Exception as e:
+            raise HubError(_refusal(e)) from None
+        for uid in here:
+            self._deliver_local(uid, message, origin)
+        return message
+
+    def _deliver_local(self, uid: int, message: Message, origin: Session | None = None) -> None:
+        sessions = self.sessions.get(uid)
+        if not sessions:
+            if uid != message.sender:
+                # The user left between routing and delivery: keep the message for them.
+                defer.ensureDeferred(self.store.requeue(uid, [message])).addErrback(
+                    lambda f: log.failure("requeue failed", f))
+            return
+        for session in sessions:
+            if session is origin:
+                continue
+            waiting = self._attaching.get(session)
+            if waiting is not None:
+                waiting.append(message)
+            else:
+                session.deliver(message)
+
+    def remote_delivery(self, channel: str, payload: str) -> None:
+        """A message published by another node for users with sessions here."""
+        try:
+            uids, raw = payload.split("|", 1)
+            message = Message.from_json(raw)
+            for uid in uids.split(","):
+                self._deliver_local(int(uid), message)
+        except Exception:
+            log.failure("bad delivery on {channel}", channel=channel)
+
+    async def history(self, user_id: int, peer: int, since_ms: int = 0,
+                      limit: int = 100) -> list[Message]:
+        """Messages of the conversation between ``user_id`` and ``peer`` (a user, or a group
+        the user belongs to) since ``since_ms``."""
+        group = await self.store.get_group(peer)
+        if group is not None:
+            if user_id not in group.members:
+                raise HubError("not a member of this group")
+            conversation = f"g:{peer}"
+        else:
+            if await self.store.get_user(peer) is None:
+                raise HubError("no such user or group")
+            conversation = Message(sender=user_id, to=peer, ctype=UNICAST, kind="text",
+                                   body="").conversation
+        return await self.store.history(conversation, since_ms, limit)
+
+    async def online(self, uids: Iterable[int]) -> dict[int, bool]:
+        result = {}
+        for uid in uids:
+            result[uid] = self.is_local(uid) or await self.store.is_online(uid)
+        return result
+
+
+_REFUSALS = {NoSuchUser: "no such user", NoSuchGroup: "no such group",
+             NotAMember: "not a member of this group"}
+
+
+def _refusal(error: Exception) -> str:
+    """The client-facing reason for a failed post; logs the unexpected ones."""
+    reason = _REFUSALS.get(type(error))
+    if reason is None:
+        log.failure("message could not be stored")
+        reason = "message could not be stored"
+    return reason

@@ -1,0 +1,87 @@
+"""Plain value types shared by the hub, the store and the protocol adapters.
+
+Nothing here talks to the network or to Redis; these are the protocol-neutral shapes that
+flow between the layers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Message kinds, protocol-neutral.  Each adapter maps its own names onto these.
+TEXT = "text"
+EMOTICON = "emoticon"
+IMAGE = "image"
+AUDIO = "audio"
+VIDEO = "video"
+FILE = "file"
+KINDS = frozenset({TEXT, EMOTICON, IMAGE, AUDIO, VIDEO, FILE})
+
+# Conversation types.
+UNICAST = "unicast"
+GROUP = "group"
+
+
+def one2one_gid(a: int, b: int) -> str:
+    """The conversation id of two users: both ids sorted and joined by '&' (xuanxuan's rule)."""
+    low, high = sorted((int(a), int(b)))
+    return f"{low}&{high}"
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    account: str
+    name: str
+    avatar: str = ""
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    creator: int
+    name: str
+    notice: str = ""
+    snap: str = ""
+    members: tuple[int, ...] = ()
+
+
+@dataclass
+class Message:
+    """One stored message.
+
+    ``to`` is the recipient user id for unicast and the group id for group messages.
+    ``ts`` is the server timestamp in milliseconds, ``id`` the store-assigned increasing id.
+    ``wire`` caches the encoded form per protocol so that fan-out encodes once per protocol,
+    not once per recipient.
+    """
+
+    sender: int
+    to: int
+    ctype: str
+    kind: str
+    body: str
+    extension: str = ""
+    id: int = 0
+    ts: int = 0
+    wire: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def conversation(self) -> str:
+        if self.ctype == GROUP:
+            return f"g:{self.to}"
+        return one2one_gid(self.sender, self.to)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            [self.id, self.ts, self.sender, self.to, self.ctype, self.kind, self.body,
+             self.extension],
+            ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Message":
+        mid, ts, sender, to, ctype, kind, body, ext = json.loads(text)
+        return cls(sender=sender, to=to, ctype=ctype, kind=kind, body=body, extension=ext,
+                   id=mid, ts=ts)

@@ -1,0 +1,208 @@
+"""One 66boss client connection, whatever carries it (WebSocket frames or TCP lines).
+
+A connection is bound to a user by ``login_`` and is then a hub Session.  Signals are handled
+in the order they arrive: anything sent while a login is being checked waits for it.  Every
+malformed or refused signal gets one ``error_<signal>_<reason>`` line and changes nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from imd.accounts import Accounts
+from imd.config import Config
+from imd.groups import GroupError, Groups
+from imd.hub import Hub, HubError
+from imd.model import Message
+from imd.protocols.boss import signals
+from imd.protocols.boss.signals import SignalError
+
+log = Logger()
+
+
+class BossService:
+    """What every 66boss connection shares: the hub, accounts, settings, and the heartbeat."""
+
+    def __init__(self, hub: Hub, accounts: Accounts, groups: Groups, config: Config,
+                 clock: IReactorTime):
+        self.hub = hub
+        self.accounts = accounts
+        self.groups = groups
+        self.config = config
+        self.clock = clock
+        self.connections: set[BossConnection] = set()
+        self._heartbeat = task.LoopingCall(self.heartbeat)
+        self._heartbeat.clock = clock
+
+    def start(self) -> None:
+        self._heartbeat.start(self.config.heartbeat, now=False)
+
+    def stop(self) -> None:
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        for conn in list(self.connections):
+            conn.abort()
+
+    def heartbeat(self) -> None:
+        line = f"heartbeat_{int(self.clock.seconds())}"
+        for conn in list(self.connections):
+            conn.write(line)
+
+
+class BossConnection:
+    """Signal handling for one client; ``write`` sends one signal, ``abort`` drops the link."""
+
+    def __init__(self, service: BossService, write: Callable[[str], None],
+                 close: Callable[[], None], abort: Callable[[], None]):
+        self.service = service
+        self.write = write
+        self.close = close
+        self.abort = abort
+        self.user_id: int | None = None
+        self._waiting: list[str] | None = None  # signals that arrived during a login
+        self._gone = False
+
+    # -- transport events ----------------------------------------------------------------
+
+    def opened(self) -> None:
+        self.service.connections.add(self)
+
+    def closed(self) -> None:
+        self._gone = True
+        self.service.connections.discard(self)
+        self._unbind()
+
+    def signal_received(self, text: str) -> None:
+        if self._waiting is not None:
+            self._waiting.append(text)
+            return
+        command, _, rest = text.partition("_")
+        try:
+            if command in signals.KIND_IN:
+                self._send(text)
+            elif command == "login":
+                self._login(rest)
+            elif command == "logout":
+                self._logout(rest)
+            elif command == "members":
+                self._query(self._members, command, rest)
+            elif command == "records":
+                self._query(self._records, command, rest)
+            elif command == "heartbeat":
+                pass  # some clients echo the heartbeat; nothing to do
+            else:
+                raise SignalError(command[:32] or "unknown", "unknown signal")
+        except SignalError as e:
+            self.write(signals.error(e.command, e.reason))
+
+    # -- hub Session ---------------------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        # What this user sent from another connection is not echoed: the receive format
+        # could not say whom it was sent to.
+        if message.sender != self.user_id:
+            self.write(signals.render(message))
+
+    # -- signals -------------------------------------------------------------------------
+
+    def _require_login(self, command: str) -> int:
+        if self.user_id is None:
+            raise SignalError(command, "not logged in")
+        return self.user_id
+
+    def _login(self, rest: str) -> None:
+        uid_text, _, token = rest.partition("_")
+        uid = signals.parse_id("login", uid_text)
+        if self.user_id is not None:
+            if self.user_id == uid:
+                self.write("ok")
+                return
+            raise SignalError("login", f"already logged in as {self.user_id}; logout first")
+        if not token and self.service.config.boss_auth != "trust":
+            raise SignalError("login", "a token is required: login_<userid>_<token>")
+        self._waiting = []
+        d = defer.ensureDeferred(self._check_login(uid, token))
+        d.addErrback(self._login_failed)
+        d.addBoth(self._login_done)
+
+    async def _check_login(self, uid: int, token: str) -> None:
+        if token:
+            ok = await self.service.accounts.user_for_token(token) == uid
+        else:
+            ok = await self.service.hub.store.get_user(uid) is not None
+        if not ok:
+            self.write(signals.error("login", "bad user id or token"))
+            return
+        if self._gone:
+            return
+        self.user_id = uid
+        self.write("ok")
+        await self.service.hub.login(self)
+
+    def _login_failed(self, failure) -> None:
+        log.failure("login failed", failure)
+        self.user_id = None
+        self.write(signals.error("login", "server error, try again"))
+
+    def _login_done(self, _) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for text in waiting:
+            if self._gone or self._waiting is not None:
+                if self._waiting is not None:
+                    self._waiting.append(text)
+                continue
+            self.signal_received(text)
+
+    def _logout(self, rest: str) -> None:
+        uid = self._require_login("logout")
+        if rest and rest.partition("_")[0] != str(uid):
+            raise SignalError("logout", "not logged in as that user")
+        self._unbind()
+        self.close()
+
+    def _unbind(self) -> None:
+        if self.user_id is not None:
+            d = defer.ensureDeferred(self.service.hub.logout(self))
+            d.addErrback(lambda f: log.failure("logout failed", f))
+            self.user_id = None
+
+    def _send(self, text: str) -> None:
+        command = text.partition("_")[0]
+        self._require_login(command)
+        send = signals.parse_send(text)
+        d = defer.ensureDeferred(self.service.hub.send(
+            self, send.ctype, send.to, send.kind, send.body, send.extension))
+        d.addErrback(self._refused, command)
+
+    def _refused(self, failure, command: str) -> None:
+        if failure.check(SignalError):
+            self.write(signals.error(failure.value.command, failure.value.reason))
+        elif failure.check(HubError, GroupError):
+            self.write(signals.error(command, str(failure.value)))
+        else:
+            log.failure("send failed", failure)
+            self.write(signals.error(command, "server error, message not sent"))
+
+    def _query(self, handler, command: str, rest: str) -> None:
+        self._require_login(command)
+        d = defer.ensureDeferred(handler(rest))
+        d.addErrback(self._refused, command)
+
+    async def _members(self, rest: str) -> None:
+        gid = signals.parse_id("members", rest)
+        group = await self.service.groups.get(gid, self.user_id)
+        self.write(f"members_{gid}_{','.join(map(str, group.members))}")
+
+    async def _records(self, rest: str) -> None:
+        peer_text, _, since_text = rest.partition("_")
+        peer = signals.parse_id("records", peer_text)
+        since = signals.parse_id("records", since_text or "0")
+        messages = await self.service.hub.history(self.user_id, peer, since * 1000)
+        lines = [f"records_{peer}_{since}_{len(messages)}"]
+        lines += [signals.render(m) for m in messages]
+        for line in lines:
+            self.write(line)

@@ -1,0 +1,107 @@
+"""66boss uploads: ``/upload/writev1`` (audio), ``writev2`` (image or audio), ``writev3``
+(video), also without the ``/upload`` prefix; multipart field ``file``.
+
+The content is sniffed (imd.media), never trusted from the client; the stored name is ours:
+``<32 hex>-<seconds>.<ext>`` for audio and ``<32 hex>-<w>x<h>.<ext>`` for images and videos.
+Files are served back at ``/upload/files/<name>``.  Replies: ``{"code": 0, "message": "OK",
+"data": URL}``; failures a non-zero code (400 no file, 401 no/bad token, 413 too large,
+415 not the expected kind of media) and a message.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from twisted.internet import threads
+from twisted.web import resource, server, static
+
+from imd import media
+from imd.protocols.boss.connection import BossService
+from imd.web import AsyncJSONResource, arg, public_base
+
+ACCEPTS = {"writev1": ("audio",), "writev2": ("image", "audio"), "writev3": ("video",)}
+FILES_PATH = "/upload/files/"
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class Uploads:
+    def __init__(self, service: BossService, directory: Path):
+        self.service = service
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    async def _caller_ok(self, request: server.Request) -> bool:
+        if self.service.config.boss_auth == "trust":
+            return True
+        token = arg(request, "token")
+        header = request.getHeader(b"authorization") or b""
+        if not token and header[:7].lower() == b"bearer ":
+            token = header[7:].decode("latin-1").strip()
+        return bool(token) and await self.service.accounts.user_for_token(token) is not None
+
+    def handler(self, endpoint: str):
+        kinds = ACCEPTS[endpoint]
+
+        async def upload(request: server.Request):
+            if request.method != b"POST":
+                return 200, {"code": 400, "message": "POST a multipart form with a file field"}
+            if not await self._caller_ok(request):
+                return 200, {"code": 401, "message": "a valid token is required"}
+            files = request.args.get(b"file")
+            if not files or not files[0]:
+                return 200, {"code": 400, "message": "no file in multipart field 'file'"}
+            data = files[0]
+            if len(data) > self.service.config.max_upload:
+                return 200, {"code": 413, "message": "file too large"}
+            info = media.probe(data)
+            if info is None or info.kind not in kinds:
+                return 200, {"code": 415,
+                             "message": f"{endpoint} takes {' or '.join(kinds)} files"}
+            name = f"{secrets.token_hex(16)}-{info.suffix()}.{info.ext}"
+            await threads.deferToThread(_write, self.directory / name, data)
+            url = public_base(request, self.service.config.public_url) + FILES_PATH + name
+            return 200, {"code": 0, "message": "OK", "data": url}
+
+        return upload
+
+    def files_resource(self) -> resource.Resource:
+        files = static.File(str(self.directory))
+        files.contentTypes.update({".amr": "audio/amr", ".m4a": "audio/mp4",
+                                   ".webm": "video/webm", ".3gp": "video/3gpp",
+                                   ".webp": "image/webp", ".opus": "audio/ogg"})
+        files.directoryListing = lambda: resource.ForbiddenResource()
+        return _NoSniff(files)
+
+
+class _NoSniff(resource.Resource):
+    """Serves the wrapped static files with ``X-Content-Type-Options: nosniff``."""
+
+    def __init__(self, files: static.File):
+        super().__init__()
+        self.files = files
+
+    def getChild(self, path, request):
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        if not path or path.startswith(b".") or b"/" in path:
+            return resource.NoResource()
+        return self.files.getChild(path, request)
+
+    def render(self, request):
+        return resource.ForbiddenResource().render(request)
+
+
+def mount(root: resource.Resource, service: BossService, data_dir: Path) -> None:
+    uploads = Uploads(service, data_dir / "uploads")
+    upload = resource.Resource()
+    root.putChild(b"upload", upload)
+    for endpoint in ACCEPTS:
+        handler = AsyncJSONResource(uploads.handler(endpoint))
+        upload.putChild(endpoint.encode(), handler)
+        root.putChild(endpoint.encode(), handler)
+    upload.putChild(b"files", uploads.files_resource())

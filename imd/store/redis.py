@@ -1,0 +1,384 @@
+"""The Redis store: the whole key schema of imd lives in this module.
+
+Keys (all under the ``imd:`` prefix):
+
+    nextid                    counter shared by users and groups (first id 10001)
+    msgid                     message id counter
+    u:<id>                    hash  account, name, avatar, verifier, created
+    acct:<account>            string -> user id (account names are unique)
+    users                     set of user ids
+    tok:<token>               string -> user id, expires
+    g:<gid>                   hash  creator, name, notice, snap, created
+    gm:<gid>                  set of member ids
+    ug:<uid>                  set of group ids the user is a member of
+    h:<conversation>          list of message JSON, oldest first, capped
+    q:<uid>                   list of message JSON waiting for the user's next login, capped
+    loc:<uid>                 set of node ids holding a live session of the user
+    alive:<node>              string, expires unless the node refreshes it
+    chan:<node>               pub/sub channel of one node (deliveries to its sessions)
+
+A message send is one round trip: the ``post`` script assigns id and timestamp, appends to
+history, publishes to every other node with a live session of a recipient, and queues the
+message for recipients who have none.  A PUBLISH that reaches no subscriber (the node is gone)
+counts as "not live", so a message is queued rather than lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any, Iterable
+
+import txredisapi
+from twisted.internet import defer
+
+from imd.model import Group, Message, User
+
+PREFIX = "imd:"
+FIRST_ID = 10001
+
+
+class StoreError(Exception):
+    """A store operation failed in a way the caller should report to the client."""
+
+
+class AccountTaken(StoreError):
+    pass
+
+
+class NoSuchUser(StoreError):
+    pass
+
+
+class NoSuchGroup(StoreError):
+    pass
+
+
+class NotAMember(StoreError):
+    pass
+
+
+_POST_ERRORS = {-1: NoSuchUser, -2: NoSuchGroup, -3: NotAMember}
+
+
+class Script:
+    """A Lua script run with EVALSHA, loaded on first use and after a SCRIPT FLUSH."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, redis, keys: list[str], args: list[Any]) -> defer.Deferred:
+        d = redis.evalsha(self.sha, keys, args)
+
+        def reload(failure):
+            failure.trap(txredisapi.ScriptDoesNotExist)
+            return redis.eval(self.source, keys, args)
+
+        return d.addErrback(reload)
+
+
+_CREATE_USER = Script("""
+local p = ARGV[1]
+if redis.call('EXISTS', p..'acct:'..ARGV[2]) == 1 then return 0 end
+local id = redis.call('INCR', p..'nextid')
+if id < tonumber(ARGV[6]) then
+  redis.call('SET', p..'nextid', ARGV[6]); id = tonumber(ARGV[6])
+end
+redis.call('HSET', p..'u:'..id, 'account', ARGV[2], 'name', ARGV[3], 'verifier', ARGV[4],
+           'avatar', ARGV[5], 'created', ARGV[7])
+redis.call('SET', p..'acct:'..ARGV[2], id)
+redis.call('SADD', p..'users', id)
+return id
+""")
+
+_CREATE_GROUP = Script("""
+local p = ARGV[1]
+local id = redis.call('INCR', p..'nextid')
+if id < tonumber(ARGV[6]) then
+  redis.call('SET', p..'nextid', ARGV[6]); id = tonumber(ARGV[6])
+end
+redis.call('HSET', p..'g:'..id, 'creator', ARGV[2], 'name', ARGV[3], 'notice', '',
+           'snap', ARGV[4], 'created', ARGV[5])
+for i = 7, #ARGV do
+  redis.call('SADD', p..'gm:'..id, ARGV[i])
+  redis.call('SADD', p..'ug:'..ARGV[i], id)
+end
+return id
+""")
+
+# ARGV: prefix, SADD or SREM, group id, user ids.  Keeps gm: and ug: in step.
+_MEMBERSHIP = Script("""
+local p, op, gid = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+  redis.call(op, p..'gm:'..gid, ARGV[i])
+  redis.call(op, p..'ug:'..ARGV[i], gid)
+end
+return 1
+""")
+
+# ARGV: prefix, node, history cap, queue cap, conversation, JSON tail (",sender,...]"),
+#       sender, type ('unicast' | 'group'), to.
+# Checks the recipient (user exists; group exists and has the sender as a member), appends
+# to history, publishes to the other nodes of every recipient and of the sender (for the
+# sender's other sessions), queues for recipients live nowhere.
+# Returns {id, ts, queued count, uids live on the calling node...} or {error code}:
+# -1 no such user, -2 no such group, -3 sender not a member.
+_POST = Script("""
+local p, node = ARGV[1], ARGV[2]
+local hcap, qcap = tonumber(ARGV[3]), tonumber(ARGV[4])
+local sender, ctype, to = ARGV[7], ARGV[8], ARGV[9]
+local targets
+if ctype == 'group' then
+  if redis.call('EXISTS', p..'g:'..to) == 0 then return {-2} end
+  if redis.call('SISMEMBER', p..'gm:'..to, sender) == 0 then return {-3} end
+  targets = redis.call('SMEMBERS', p..'gm:'..to)
+else
+  if redis.call('SISMEMBER', p..'users', to) == 0 then return {-1} end
+  targets = {to}
+  if to ~= sender then targets[2] = sender end
+end
+local t = redis.call('TIME')
+local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = redis.call('INCR', p..'msgid')
+local msg = '['..id..','..ts..ARGV[6]
+local hkey = p..'h:'..ARGV[5]
+redis.call('RPUSH', hkey, msg)
+redis.call('LTRIM', hkey, -hcap, -1)
+local bynode, live, here = {}, {}, {}
+for _, uid in ipairs(targets) do
+  for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..uid)) do
+    if n == node then
+      live[uid] = true
+      here[#here + 1] = uid
+    elseif redis.call('EXISTS', p..'alive:'..n) == 1 then
+      bynode[n] = bynode[n] or {}
+      table.insert(bynode[n], uid)
+    else
+      redis.call('SREM', p..'loc:'..uid, n)
+    end
+  end
+end
+for n, uids in pairs(bynode) do
+  if redis.call('PUBLISH', p..'chan:'..n, table.concat(uids, ',')..'|'..msg) > 0 then
+    for _, uid in ipairs(uids) do live[uid] = true end
+  else
+    for _, uid in ipairs(uids) do redis.call('SREM', p..'loc:'..uid, n) end
+  end
+end
+local result = {id, ts, 0}
+for _, uid in ipairs(targets) do
+  if not live[uid] and uid ~= sender then
+    redis.call('RPUSH', p..'q:'..uid, msg)
+    redis.call('LTRIM', p..'q:'..uid, -qcap, -1)
+    result[3] = result[3] + 1
+  end
+end
+for _, uid in ipairs(here) do result[#result + 1] = uid end
+return result
+""")
+
+# ARGV: prefix, node, uid, ttl ms.  Marks the user live on the node and drains the queue.
+_ATTACH = Script("""
+local p = ARGV[1]
+redis.call('SADD', p..'loc:'..ARGV[3], ARGV[2])
+local q = p..'q:'..ARGV[3]
+local msgs = redis.call('LRANGE', q, 0, -1)
+redis.call('DEL', q)
+return msgs
+""")
+
+# Puts messages back at the head of a queue (a delivery that found no session any more).
+_REQUEUE = Script("""
+for i = #ARGV, 3, -1 do redis.call('LPUSH', ARGV[1]..'q:'..ARGV[2], ARGV[i]) end
+return 1
+""")
+
+
+def _user(uid: int, fields: dict) -> User | None:
+    if not fields:
+        return None
+    return User(id=int(uid), account=fields.get("account", ""), name=fields.get("name", ""),
+                avatar=fields.get("avatar", ""))
+
+
+class RedisStore:
+    """Persistence for users, tokens, groups, history, offline queues and presence."""
+
+    def __init__(self, redis, history_limit: int = 1000, queue_limit: int = 10000,
+                 prefix: str = PREFIX):
+        self.redis = redis
+        self.history_limit = history_limit
+        self.queue_limit = queue_limit
+        self.p = prefix
+
+    # -- users -------------------------------------------------------------------------
+
+    async def create_user(self, account: str, name: str, verifier: str,
+                          avatar: str = "") -> User:
+        uid = await _CREATE_USER(self.redis, [], [
+            self.p, account, name, verifier, avatar, FIRST_ID, int(time.time())])
+        if not uid:
+            raise AccountTaken(account)
+        return User(id=int(uid), account=account, name=name, avatar=avatar)
+
+    async def get_user(self, uid: int) -> User | None:
+        return _user(uid, await self.redis.hgetall(f"{self.p}u:{int(uid)}"))
+
+    async def get_users(self, uids: Iterable[int]) -> dict[int, User]:
+        """Several users in one round trip; unknown ids are left out."""
+        uids = [int(u) for u in uids]
+        if not uids:
+            return {}
+        rows = await self._pipeline([("HMGET", f"{self.p}u:{u}", "account", "name", "avatar")
+                                     for u in uids])
+        found = {}
+        for uid, row in zip(uids, rows):
+            if row and row[0] is not None:
+                found[uid] = User(id=uid, account=row[0], name=row[1] or "",
+                                  avatar=row[2] or "")
+        return found
+
+    async def find_account(self, account: str) -> int | None:
+        uid = await self.redis.get(f"{self.p}acct:{account}")
+        return int(uid) if uid else None
+
+    async def get_verifier(self, uid: int) -> str | None:
+        return await self.redis.hget(f"{self.p}u:{int(uid)}", "verifier")
+
+    async def list_users(self) -> list[User]:
+        ids = sorted(int(u) for u in await self.redis.smembers(f"{self.p}users"))
+        users = await self.get_users(ids)
+        return [users[u] for u in ids if u in users]
+
+    async def users_exist(self, uids: Iterable[int]) -> list[int]:
+        """The ids among ``uids`` that are not users."""
+        uids = [int(u) for u in uids]
+        if not uids:
+            return []
+        flags = await self._pipeline([("SISMEMBER", f"{self.p}users", u) for u in uids])
+        return [u for u, f in zip(uids, flags) if not int(f)]
+
+    # -- tokens ------------------------------------------------------------------------
+
+    async def issue_token(self, uid: int, ttl: int) -> str:
+        token = secrets.token_hex(16)
+        await self.redis.set(f"{self.p}tok:{token}", int(uid), expire=int(ttl))
+        return token
+
+    async def check_token(self, token: str) -> int | None:
+        if not token or len(token) > 128:
+            return None
+        uid = await self.redis.get(f"{self.p}tok:{token}")
+        return int(uid) if uid else None
+
+    async def revoke_token(self, token: str) -> None:
+        await self.redis.delete(f"{self.p}tok:{token}")
+
+    # -- groups ------------------------------------------------------------------------
+
+    async def create_group(self, creator: int, name: str, members: Iterable[int],
+                           snap: str = "") -> Group:
+        members = sorted({int(creator), *(int(m) for m in members)})
+        gid = await _CREATE_GROUP(self.redis, [], [
+            self.p, int(creator), name, snap, int(time.time()), FIRST_ID, *members])
+        return Group(id=int(gid), creator=int(creator), name=name, snap=snap,
+                     members=tuple(members))
+
+    async def get_group(self, gid: int) -> Group | None:
+        fields, members = await self._pipeline([
+            ("HGETALL", f"{self.p}g:{int(gid)}"), ("SMEMBERS", f"{self.p}gm:{int(gid)}")])
+        if not fields:
+            return None
+        fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
+        return Group(id=int(gid), creator=int(fields["creator"]), name=fields.get("name", ""),
+                     notice=fields.get("notice", ""), snap=fields.get("snap", ""),
+                     members=tuple(sorted(int(m) for m in members)))
+
+    async def group_members(self, gid: int) -> list[int]:
+        return sorted(int(m) for m in await self.redis.smembers(f"{self.p}gm:{int(gid)}"))
+
+    async def add_members(self, gid: int, uids: Iterable[int]) -> None:
+        await _MEMBERSHIP(self.redis, [], [self.p, "SADD", int(gid), *map(int, uids)])
+
+    async def remove_members(self, gid: int, uids: Iterable[int]) -> None:
+        await _MEMBERSHIP(self.redis, [], [self.p, "SREM", int(gid), *map(int, uids)])
+
+    async def edit_group(self, gid: int, **fields: str) -> None:
+        if fields:
+            await self.redis.hmset(f"{self.p}g:{int(gid)}", fields)
+
+    async def user_groups(self, uid: int) -> list[int]:
+        return sorted(int(g) for g in await self.redis.smembers(f"{self.p}ug:{int(uid)}"))
+
+    # -- messages ----------------------------------------------------------------------
+
+    async def post(self, message: Message, node: str) -> list[int]:
+        """Check, store and route ``message`` in one round trip; fills in ``id`` and ``ts``.
+
+        Returns the recipients (and the sender) that have a live session on ``node``: the
+        caller delivers to those itself.  Raises NoSuchUser, NoSuchGroup or NotAMember.
+        """
+        tail = message.to_json()
+        tail = tail[tail.index(",", tail.index(",") + 1):]  # drop the "[id,ts" head
+        result = await _POST(self.redis, [], [
+            self.p, node, self.history_limit, self.queue_limit, message.conversation, tail,
+            message.sender, message.ctype, message.to])
+        code = int(result[0])
+        if code < 0:
+            raise _POST_ERRORS[code](message.to)
+        message.id, message.ts = code, int(result[1])
+        return [int(u) for u in result[3:]]
+
+    async def history(self, conversation: str, since_ms: int = 0,
+                      limit: int = 100) -> list[Message]:
+        """The newest ``limit`` messages of a conversation at or after ``since_ms``, oldest
+        first."""
+        raw = await self.redis.lrange(f"{self.p}h:{conversation}", -self.history_limit, -1)
+        msgs = [Message.from_json(r) for r in raw]
+        msgs = [m for m in msgs if m.ts >= since_ms]
+        return msgs[-limit:] if limit else msgs
+
+    async def attach(self, uid: int, node: str) -> list[Message]:
+        """Mark ``uid`` live on ``node`` and take its offline queue, atomically."""
+        raw = await _ATTACH(self.redis, [], [self.p, node, int(uid)])
+        return [Message.from_json(r) for r in raw]
+
+    async def detach(self, uid: int, node: str) -> None:
+        await self.redis.srem(f"{self.p}loc:{int(uid)}", node)
+
+    async def requeue(self, uid: int, messages: list[Message]) -> None:
+        if messages:
+            await _REQUEUE(self.redis, [], [self.p, int(uid), *(m.to_json() for m in messages)])
+
+    async def is_online(self, uid: int) -> bool:
+        nodes = await self.redis.smembers(f"{self.p}loc:{int(uid)}")
+        if not nodes:
+            return False
+        alive = await self._pipeline([("EXISTS", f"{self.p}alive:{n}") for n in nodes])
+        return any(int(a) for a in alive)
+
+    # -- nodes -------------------------------------------------------------------------
+
+    def channel(self, node: str) -> str:
+        return f"{self.p}chan:{node}"
+
+    async def node_alive(self, node: str, ttl_ms: int, uids: Iterable[int] = ()) -> None:
+        """Refresh the node's liveness and (re)mark the given users live on it."""
+        cmds: list[tuple] = [("SET", f"{self.p}alive:{node}", "1", "PX", int(ttl_ms))]
+        cmds += [("SADD", f"{self.p}loc:{int(u)}", node) for u in uids]
+        await self._pipeline(cmds)
+
+    async def node_gone(self, node: str, uids: Iterable[int]) -> None:
+        cmds: list[tuple] = [("DEL", f"{self.p}alive:{node}")]
+        cmds += [("SREM", f"{self.p}loc:{int(u)}", node) for u in uids]
+        await self._pipeline(cmds)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _pipeline(self, commands: list[tuple]) -> list:
+        """Run several commands in one round trip (pipelined on one connection)."""
+        conn = await self.redis._factory.getConnection(peek=True)
+        ds = [conn.execute_command(*c) for c in commands]
+        return list(await defer.gatherResults(ds, consumeErrors=True))

@@ -1,0 +1,139 @@
+"""The one twisted.web Site that serves every HTTP and WebSocket route, and HTTP helpers.
+
+Request bodies are bounded: a declared Content-Length over the limit is refused with 413 before
+the body is read, and a chunked body is cut off once it passes the limit.  Protocol adapters
+mount their resources on the root this module builds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+log = Logger()
+
+
+class LimitedRequest(server.Request):
+    """A Request whose body may not exceed ``channel.site.max_request_body`` bytes."""
+
+    _received = 0
+    _too_large = False
+
+    def gotLength(self, length):
+        limit = self.channel.site.max_request_body
+        if length is not None and length > limit:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._too_large:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_request_body:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self):
+        self._too_large = True
+        body = b'{"code":413,"message":"request body too large"}'
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.channel.transport.loseConnection()
+
+
+class ImdSite(server.Site):
+    requestFactory = LimitedRequest
+
+    def __init__(self, root: resource.Resource, max_request_body: int, **kw):
+        super().__init__(root, **kw)
+        self.max_request_body = max_request_body
+        self.noisy = False
+
+    def log(self, request):
+        # No per-request access log at info level: it would cost more than the request.
+        pass
+
+
+def build_root() -> resource.Resource:
+    root = resource.Resource()
+    root.putChild(b"", _Index())
+    return root
+
+
+class _Index(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"imd: multi-protocol instant-messaging daemon\n"
+
+
+def write_json(request: server.Request, obj: Any, status: int = 200) -> None:
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def arg(request: server.Request, name: str) -> str | None:
+    """A query or form parameter as text, or None; invalid UTF-8 counts as absent."""
+    values = request.args.get(name.encode())
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def public_base(request: server.Request, configured: str) -> str:
+    """The base URL clients use to reach this web port."""
+    if configured:
+        return configured.rstrip("/")
+    host = request.getHeader(b"host") or f"{request.getHost().host}:{request.getHost().port}"
+    scheme = "https" if request.isSecure() else "http"
+    return f"{scheme}://{host}"
+
+
+class AsyncJSONResource(resource.Resource):
+    """A leaf whose handler is ``async def handle(request) -> (status, obj)``.
+
+    Exceptions become a 500 JSON reply with a logged traceback; a client that went away
+    before the reply is not written to.
+    """
+
+    isLeaf = True
+    handler: Callable
+
+    def __init__(self, handler: Callable):
+        super().__init__()
+        self.handler = handler
+
+    def render(self, request):
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = defer.ensureDeferred(self.handler(request))
+
+        def reply(result):
+            if not gone:
+                status, obj = result
+                write_json(request, obj, status)
+
+        def failed(failure):
+            log.failure("error handling {uri}", failure, uri=request.uri)
+            if not gone:
+                write_json(request, {"code": 500, "message": "internal error"}, 500)
+
+        d.addCallbacks(reply, failed)
+        return server.NOT_DONE_YET
