@@ -143,7 +143,8 @@ class ImdService(service.MultiService):
         root.putChild(b"entry", entry_resource(self.boss))
         boss_http.mount(root, self.boss)
         boss_uploads.mount(root, self.boss, self.data_dir)
-        site = ImdSite(root, max_request_body=max(config.max_body, config.max_upload))
+        site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
+                       upload_paths=boss_uploads.UPLOAD_PATHS)
         for description in config.web:
             await self._listen(description, site,
                                "web (66boss WebSocket /entry, group API, uploads)")

@@ -8,6 +8,7 @@ mount their resources on the root this module builds.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -15,17 +16,22 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 log = Logger()
+_HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
 class LimitedRequest(server.Request):
-    """A Request whose body may not exceed ``channel.site.max_request_body`` bytes."""
+    """A Request whose body may not exceed the site's limit for its path."""
 
     _received = 0
     _too_large = False
+    _limit = 0
 
     def gotLength(self, length):
-        limit = self.channel.site.max_request_body
-        if length is not None and length > limit:
+        # The request line has been read (the channel keeps the path) but the Request has
+        # not been told yet; without it, fall back to the largest limit.
+        path = getattr(self.channel, "_path", None)
+        self._limit = self.channel.site.body_limit(path)
+        if length is not None and length > self._limit:
             self._refuse()
             return
         super().gotLength(length)
@@ -34,7 +40,7 @@ class LimitedRequest(server.Request):
         if self._too_large:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_request_body:
+        if self._received > self._limit:
             self._refuse()
             return
         super().handleContentChunk(data)
@@ -51,10 +57,22 @@ class LimitedRequest(server.Request):
 class ImdSite(server.Site):
     requestFactory = LimitedRequest
 
-    def __init__(self, root: resource.Resource, max_request_body: int, **kw):
+    def __init__(self, root: resource.Resource, max_body: int, max_upload: int,
+                 upload_paths: tuple[bytes, ...] = (), **kw):
         super().__init__(root, **kw)
-        self.max_request_body = max_request_body
+        self.max_body = max_body
+        self.max_upload = max_upload
+        self.upload_paths = upload_paths
         self.noisy = False
+
+    def body_limit(self, path: bytes | None) -> int:
+        """Uploads may be larger than other request bodies."""
+        if path is None:
+            return max(self.max_body, self.max_upload)
+        path = path.split(b"?", 1)[0]
+        if any(p in path for p in self.upload_paths):
+            return self.max_upload
+        return self.max_body
 
     def log(self, request):
         # No per-request access log at info level: it would cost more than the request.
@@ -101,7 +119,10 @@ def public_base(request: server.Request, configured: str) -> str:
     """The base URL clients use to reach this web port."""
     if configured:
         return configured.rstrip("/")
-    host = request.getHeader(b"host") or f"{request.getHost().host}:{request.getHost().port}"
+    host = (request.getHeader(b"host") or b"").decode("latin-1")
+    if not _HOST_RE.match(host):
+        local = request.getHost()
+        host = f"{getattr(local, 'host', 'localhost')}:{getattr(local, 'port', 80)}"
     scheme = "https" if request.isSecure() else "http"
     return f"{scheme}://{host}"
 

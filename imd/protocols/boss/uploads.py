@@ -22,6 +22,7 @@ from imd.web import AsyncJSONResource, arg, public_base
 
 ACCEPTS = {"writev1": ("audio",), "writev2": ("image", "audio"), "writev3": ("video",)}
 FILES_PATH = "/upload/files/"
+UPLOAD_PATHS = tuple(f"/{name}".encode() for name in ACCEPTS)  # the bodies that may be big
 
 
 def _write(path: Path, data: bytes) -> None:

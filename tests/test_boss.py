@@ -1,0 +1,293 @@
+"""66boss over the wire: WebSocket /entry and the TCP line listener against a real daemon."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+import pytest_twisted
+
+from tests.conftest import unique
+from tests.wire import CLOSED, get, line_connect, ws_connect
+
+
+async def logged_in(daemon, via: str = "ws", account: str | None = None):
+    """A new user and a connection logged in as them: (id, token, client)."""
+    uid, token = await daemon.user(account or unique())
+    client = await (ws_connect(daemon.web) if via == "ws" else line_connect(daemon.line))
+    client.send(f"login_{uid}_{token}")
+    assert await client.next() == "ok"
+    return uid, token, client
+
+
+def receive_fields(signal: str) -> list[str]:
+    """Split a receive signal whose body has no '_'."""
+    return signal.split("_")
+
+
+@pytest_twisted.ensureDeferred
+async def test_unicast_text_in_receive_format(daemon):
+    a, _, ca = await logged_in(daemon)
+    b, _, cb = await logged_in(daemon)
+    before = int(time.time())
+    ca.send(f"text_{b}_hello_unicast_ext1")
+    kind, frm, body, ctype, fromgroup, timet, ext = receive_fields(await cb.next())
+    assert (kind, frm, body, ctype, fromgroup, ext) == ("text", str(a), "hello", "unicast",
+                                                        str(a), "ext1")
+    assert before - 1 <= int(timet) <= int(time.time()) + 1  # seconds, not milliseconds
+    await ca.nothing()  # no echo to the sender
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_kind_round_trips(daemon):
+    a, _, ca = await logged_in(daemon)
+    b, _, cb = await logged_in(daemon)
+    for kind, body in [("text", "hi"), ("emotion", "[smile]"),
+                       ("picture", "http://x/1-2x3.jpg"), ("audio", "http://x/a-3.amr"),
+                       ("video", "http://x/v-640x330.mp4")]:
+        ca.send(f"{kind}_{b}_{body}_unicast_e")
+        got = await cb.next()
+        assert got.startswith(f"{kind}_{a}_{body}_unicast_{a}_"), got
+        assert got.endswith("_e")
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_with_underscores_and_android_extension(daemon):
+    a, _, ca = await logged_in(daemon)
+    b, _, cb = await logged_in(daemon)
+    ext = base64.b64encode(json.dumps({"sender": "张三", "senderAvartar": "x",
+                                       "conversation": "c", "conversationAvartar": "y"},
+                                      ensure_ascii=False).encode()).decode()
+    body = "a_b__c_ login_1 _"
+    ca.send(f"text_{b}_{body}_unicast_{ext}")
+    got = await cb.next()
+    head = f"text_{a}_"
+    assert got.startswith(head)
+    rest = got[len(head):]
+    got_body, tail = rest[:len(body)], rest[len(body):]
+    assert got_body == body
+    assert tail.startswith(f"_unicast_{a}_") and tail.endswith("_" + ext)
+    # The connection is still bound to the same user after a body mentioning login.
+    ca.send(f"text_{b}_again_unicast_x")
+    assert (await cb.next()).startswith(f"text_{a}_again_")
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_errors_and_signals_before_login(daemon):
+    uid, token = await daemon.user(unique())
+    other, _ = await daemon.user(unique())
+    c = await ws_connect(daemon.web)
+    c.send(f"text_{other}_sneaky_unicast_x")
+    assert (await c.next()).startswith("error_text_not logged in")
+    c.send(f"login_{uid}_wrongtoken")
+    assert (await c.next()).startswith("error_login_")
+    c.send(f"login_{uid}")  # bare login needs --boss-auth=trust
+    assert (await c.next()).startswith("error_login_")
+    c.send("login_notanumber_x")
+    assert (await c.next()).startswith("error_login_")
+    c.send(f"login_{other}_{token}")  # somebody else's token
+    assert (await c.next()).startswith("error_login_")
+    c.send(f"login_{uid}_{token}")
+    assert await c.next() == "ok"
+    # The message sent before login was never delivered or queued.
+    co = await ws_connect(daemon.web)
+    _, other_token = other, await (await daemon.store()).issue_token(other, 60)
+    co.send(f"login_{other}_{other_token}")
+    assert await co.next() == "ok"
+    await co.nothing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_signals_get_one_error_and_keep_the_binding(daemon):
+    a, _, ca = await logged_in(daemon)
+    b, _, cb = await logged_in(daemon)
+    for bad, prefix in [("text_abc_hi_unicast_x", "error_text_bad id"),
+                        (f"text_{b}_hi_broadcast_x", "error_text_type must be"),
+                        (f"text_{b}", "error_text_expected"),
+                        ("dance_1_2_3_4", "error_dance_unknown signal"),
+                        ("", "error_unknown_unknown signal"),
+                        (f"text_{b}_hi_group_x", "error_text_no such group"),
+                        ("text_999999999_hi_unicast_x", "error_text_no such user"),
+                        ("members_abc", "error_members_bad id"),
+                        ("records_x_1", "error_records_bad id")]:
+        ca.send(bad)
+        got = await ca.next()
+        assert got.startswith(prefix), (bad, got)
+        await ca.nothing(0.05)
+    ca.send(f"text_{b}_still here_unicast_x")
+    assert (await cb.next()).startswith(f"text_{a}_still here_unicast_")
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_frames_and_oversized_frames(daemon):
+    a, _, ca = await logged_in(daemon)
+    b, _, cb = await logged_in(daemon)
+    ca.send_binary(f"text_{b}_as binary_unicast_x".encode())
+    assert (await cb.next()).startswith(f"text_{a}_as binary_")
+    ca.send_binary(b"\xff\xfe not utf-8")
+    assert (await ca.next()).startswith("error_frame_")
+    ca.send(f"text_{b}_{'x' * 5000}_unicast_x")  # over --max-frame 4096
+    assert await ca.next() == CLOSED
+    assert ca.proto.close_code in (1009, 1006)
+    # b and the daemon are unharmed.
+    c, _, cc = await logged_in(daemon)
+    cc.send(f"text_{b}_after_unicast_x")
+    assert (await cb.next()).startswith(f"text_{c}_after_")
+
+
+@pytest_twisted.ensureDeferred
+async def test_line_protocol_talks_to_websocket_users(daemon):
+    a, _, line = await logged_in(daemon, via="line")
+    b, _, ws = await logged_in(daemon, via="ws")
+    line.send(f"text_{b}_from line_unicast_x")
+    assert (await ws.next()).startswith(f"text_{a}_from line_unicast_{a}_")
+    ws.send(f"text_{a}_two\nlines \\ here_unicast_x")
+    got = await line.next()
+    assert got.startswith(f"text_{b}_two\\nlines \\\\ here_unicast_{b}_")
+    line.send(f"text_{b}_esc\\naped_unicast_x")
+    assert (await ws.next()).startswith(f"text_{a}_esc\naped_unicast_")
+    line.send_raw(b"text_1_\xff\xfe_unicast_x\r\n")
+    assert (await line.next()).startswith("error_line_not valid UTF-8")
+
+
+@pytest_twisted.ensureDeferred
+async def test_line_too_long_is_refused_and_closed(daemon):
+    a, _, line = await logged_in(daemon, via="line")
+    line.send_raw(b"x" * 5000)
+    assert (await line.next()).startswith("error_line_line too long")
+    assert await line.next() == CLOSED
+
+
+async def make_group(daemon, creator: int, token: str, members: list[int]) -> str:
+    r = (await get(daemon.web, "/creategrp", creator=creator,
+                   members=",".join(map(str, members)), name="g", token=token)).json()
+    assert r["code"] == 1, r
+    return r["data"]["groupid"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_fan_out_skips_sender(daemon):
+    a, ta, ca = await logged_in(daemon)
+    b, _, cb = await logged_in(daemon, via="line")
+    c, _, cc = await logged_in(daemon)
+    outsider, _, co = await logged_in(daemon)
+    gid = await make_group(daemon, a, ta, [b, c])
+    ca.send(f"picture_{gid}_http://x/p-1x1.png_group_e")
+    for client in (cb, cc):
+        kind, frm, body, ctype, fromgroup, timet, ext = receive_fields(await client.next())
+        assert (kind, frm, body, ctype, fromgroup, ext) == (
+            "picture", str(a), "http://x/p-1x1.png", "group", gid, "e")
+        assert abs(int(timet) - time.time()) < 5
+    await ca.nothing()
+    await co.nothing(0.05)
+    co.send(f"text_{gid}_let me in_group_x")
+    assert (await co.next()).startswith("error_text_not a member")
+    ca.send(f"text_{b}_unicast to b only_unicast_x")
+    assert (await cb.next()).startswith(f"text_{a}_unicast to b only_")
+    await cc.nothing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_members_and_records_queries(daemon):
+    a, ta, ca = await logged_in(daemon)
+    b, _, cb = await logged_in(daemon)
+    outsider, _, co = await logged_in(daemon)
+    gid = await make_group(daemon, a, ta, [b])
+    ca.send(f"members_{gid}")
+    assert await ca.next() == f"members_{gid}_{min(a, b)},{max(a, b)}"
+    co.send(f"members_{gid}")
+    assert (await co.next()).startswith("error_members_not a member")
+    since = int(time.time()) - 1
+    ca.send(f"text_{b}_one_unicast_x")
+    ca.send(f"text_{b}_two_has_underscores_unicast_x")
+    ca.send(f"text_{gid}_in group_group_x")
+    for _ in range(3):
+        await cb.next()
+    cb.send(f"records_{a}_{since}")
+    assert await cb.next() == f"records_{a}_{since}_2"
+    first, second = await cb.next(), await cb.next()
+    assert first.startswith(f"text_{a}_one_unicast_{a}_")
+    assert second.startswith(f"text_{a}_two_has_underscores_unicast_{a}_")
+    cb.send(f"records_{gid}_{since}")
+    assert await cb.next() == f"records_{gid}_{since}_1"
+    assert (await cb.next()).startswith(f"text_{a}_in group_group_{gid}_")
+    cb.send(f"records_{a}_{int(time.time()) + 100}")
+    assert await cb.next() == f"records_{a}_{int(time.time()) + 100}_0"
+    co.send(f"records_{gid}_0")
+    assert (await co.next()).startswith("error_records_not a member")
+
+
+@pytest_twisted.ensureDeferred
+async def test_offline_messages_arrive_after_login_in_order_once(daemon):
+    a, _, ca = await logged_in(daemon)
+    b, tb = await daemon.user(unique())
+    for i in range(5):
+        ca.send(f"text_{b}_queued {i}_unicast_x")
+    ca.send(f"records_{b}_0")  # a round trip: the sends above are stored by now
+    assert (await ca.next()).startswith(f"records_{b}_0_5")
+    for _ in range(5):
+        await ca.next()
+    cb = await ws_connect(daemon.web)
+    cb.send(f"login_{b}_{tb}")
+    assert await cb.next() == "ok"
+    for i in range(5):
+        assert (await cb.next()).startswith(f"text_{a}_queued {i}_unicast_")
+    ca.send(f"text_{b}_live_unicast_x")
+    assert (await cb.next()).startswith(f"text_{a}_live_")
+    cb.close()
+    await cb.inbox.closed
+    cb2 = await ws_connect(daemon.web)
+    cb2.send(f"login_{b}_{tb}")
+    assert await cb2.next() == "ok"
+    await cb2.nothing()  # delivered exactly once
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_connections_of_one_user_both_receive(daemon):
+    a, _, ca = await logged_in(daemon)
+    b, tb, cb1 = await logged_in(daemon)
+    cb2 = await line_connect(daemon.line)
+    cb2.send(f"login_{b}_{tb}")
+    assert await cb2.next() == "ok"
+    ca.send(f"text_{b}_both_unicast_x")
+    assert (await cb1.next()).startswith(f"text_{a}_both_")
+    assert (await cb2.next()).startswith(f"text_{a}_both_")
+    cb1.send(f"text_{a}_reply_unicast_x")
+    assert (await ca.next()).startswith(f"text_{b}_reply_")
+    await cb2.nothing()  # own messages are not echoed to the user's other connections
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_unbinds_and_closes(daemon):
+    a, _, ca = await logged_in(daemon)
+    b, tb, cb = await logged_in(daemon)
+    cb.send(f"logout_{b}")
+    assert await cb.next() == CLOSED
+    ca.send(f"text_{b}_after logout_unicast_x")
+    await ca.nothing()
+    cb2 = await ws_connect(daemon.web)
+    cb2.send(f"login_{b}_{tb}")
+    assert await cb2.next() == "ok"
+    assert (await cb2.next()).startswith(f"text_{a}_after logout_")  # it was queued
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_is_sent(daemon):
+    _, _, ws = await logged_in(daemon)
+    _, _, line = await logged_in(daemon, via="line")
+    for client in (ws, line):
+        got = await client.next(heartbeats=True, timeout=3)
+        assert got.startswith("heartbeat_")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_websocket_client_is_dropped(daemon):
+    # A client that never answers pings (autobahn's client answers them; turn that off).
+    _, _, ws = await logged_in(daemon)
+    ws.proto.onPing = lambda payload: None
+    ws.proto._sendAutoPong = False
+    code = await ws.inbox.closed.addTimeout(8, __import__("twisted.internet.reactor",
+                                                          fromlist=["reactor"]))
+    assert code is not None

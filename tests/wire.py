@@ -1,0 +1,216 @@
+"""Real network clients for the tests: WebSocket, TCP lines and HTTP, all on the reactor."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from urllib.parse import urlencode
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+CLOSED = object()
+TIMEOUT = 5.0
+
+
+class Inbox:
+    """Received signals, read in order with a timeout; heartbeats skipped unless wanted."""
+
+    def __init__(self):
+        self.queue = defer.DeferredQueue()
+        self.closed = defer.Deferred()
+
+    async def next(self, timeout: float = TIMEOUT, heartbeats: bool = False):
+        while True:
+            d = self.queue.get()
+            d.addTimeout(timeout, reactor)
+            item = await d
+            if item is CLOSED:
+                return CLOSED
+            if heartbeats or not item.startswith("heartbeat_"):
+                return item
+
+    async def nothing(self, wait: float = 0.3) -> None:
+        """Assert that nothing but heartbeats arrives within ``wait`` seconds."""
+        try:
+            item = await self.next(timeout=wait)
+        except defer.TimeoutError:
+            return
+        raise AssertionError(f"unexpected signal {item!r}")
+
+
+class _WS(WebSocketClientProtocol):
+    def onOpen(self):
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        self.inbox.queue.put(payload.decode("utf-8"))
+
+    def onClose(self, wasClean, code, reason):
+        self.close_code = code
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(reason))
+        self.inbox.queue.put(CLOSED)
+        if not self.inbox.closed.called:
+            self.inbox.closed.callback(code)
+
+
+class WSClient:
+    def __init__(self, proto: _WS):
+        self.proto = proto
+        self.inbox = proto.inbox
+
+    def send(self, text: str) -> None:
+        self.proto.sendMessage(text.encode("utf-8"))
+
+    def send_binary(self, data: bytes) -> None:
+        self.proto.sendMessage(data, isBinary=True)
+
+    async def next(self, **kw):
+        return await self.inbox.next(**kw)
+
+    async def nothing(self, wait: float = 0.3):
+        await self.inbox.nothing(wait)
+
+    def close(self) -> None:
+        self.proto.sendClose()
+
+    def drop(self) -> None:
+        self.proto.transport.abortConnection()
+
+
+async def ws_connect(port: int, path: str = "/entry", **options) -> WSClient:
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
+    factory.protocol = _WS
+    factory.opened = defer.Deferred()
+    if options:
+        factory.setProtocolOptions(**options)
+    inbox = Inbox()
+
+    def build(addr):
+        p = WebSocketClientFactory.buildProtocol(factory, addr)
+        p.inbox = inbox
+        return p
+
+    factory.buildProtocol = build
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    proto = await factory.opened
+    return WSClient(proto)
+
+
+class _Lines(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = 10 * 1024 * 1024
+
+    def lineReceived(self, line):
+        self.inbox.queue.put(line.decode("utf-8"))
+
+    def connectionLost(self, reason):
+        self.inbox.queue.put(CLOSED)
+        if not self.inbox.closed.called:
+            self.inbox.closed.callback(None)
+
+
+class LineClient:
+    def __init__(self, proto: _Lines):
+        self.proto = proto
+        self.inbox = proto.inbox
+
+    def send(self, text: str) -> None:
+        self.proto.transport.write(text.encode("utf-8") + b"\n")
+
+    def send_raw(self, data: bytes) -> None:
+        self.proto.transport.write(data)
+
+    async def next(self, **kw):
+        return await self.inbox.next(**kw)
+
+    async def nothing(self, wait: float = 0.3):
+        await self.inbox.nothing(wait)
+
+    def close(self) -> None:
+        self.proto.transport.loseConnection()
+
+
+async def line_connect(port: int) -> LineClient:
+    inbox = Inbox()
+
+    class Factory(protocol.Factory):
+        def buildProtocol(self, addr):
+            p = _Lines()
+            p.inbox = inbox
+            p.factory = self
+            return p
+
+    proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory())
+    return LineClient(proto)
+
+
+@implementer(IBodyProducer)
+class _Body:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def stopProducing(self):
+        pass
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+
+class Response:
+    def __init__(self, status: int, headers, body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+
+async def http(method: str, url: str, body: bytes | None = None,
+               headers: dict[str, str] | None = None) -> Response:
+    hdrs = Headers({k: [v] for k, v in (headers or {}).items()})
+    response = await Agent(reactor).request(method.encode(), url.encode(), hdrs,
+                                            _Body(body) if body is not None else None)
+    data = await readBody(response)
+    return Response(response.code, response.headers, data)
+
+
+async def get(port: int, path: str, **params) -> Response:
+    query = ("?" + urlencode(params)) if params else ""
+    return await http("GET", f"http://127.0.0.1:{port}{path}{query}")
+
+
+async def post_form(port: int, path: str, **params) -> Response:
+    return await http("POST", f"http://127.0.0.1:{port}{path}", urlencode(params).encode(),
+                      {"Content-Type": "application/x-www-form-urlencoded"})
+
+
+async def post_file(port: int, path: str, data: bytes, filename: str = "f.bin",
+                    field: str = "file", query: str = "",
+                    content_type: str = "application/octet-stream") -> Response:
+    boundary = "imdtest" + secrets.token_hex(8)
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
+    body += data + f"\r\n--{boundary}--\r\n".encode()
+    return await http("POST", f"http://127.0.0.1:{port}{path}{query}", body,
+                      {"Content-Type": f"multipart/form-data; boundary={boundary}"})
