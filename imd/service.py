@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from twisted.application import service
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -27,6 +27,7 @@ from imd.protocols.boss.connection import BossService
 from imd.protocols.boss.line import line_factory
 from imd.protocols.boss.ws import entry_resource
 from imd.store.connection import BadRedisURL, RedisAddress, connect_pool, connect_subscriber
+from imd.store.connection import endpoint_for
 from imd.store.connection import parse_redis_url
 from imd.store.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 from imd.store.redis import RedisStore
@@ -52,17 +53,26 @@ async def open_store(config: Config, embedded: EmbeddedRedis | None
         address = parse_redis_url(embedded.url)
     else:
         address = parse_redis_url(config.redis)
+    advice = "check that it runs and that the URL and password are right"
+    try:
+        # One plain attempt first, for a clear reason; the pool itself retries forever.
+        probe = protocol.Factory.forProtocol(protocol.Protocol)
+        probe.noisy = False
+        (await endpoint_for(address).connect(probe)).transport.loseConnection()
+    except Exception as e:
+        raise StartupError(f"cannot connect to Redis at {address.display} ({e}): "
+                           f"{advice}") from None
     factory = connect_pool(address, poolsize=1)
-    timeout = reactor.callLater(15, factory.deferred.cancel) if factory.deferred else None
+    timeout = reactor.callLater(15, factory.deferred.cancel)
     try:
         redis = await factory.deferred
     except Exception as e:
         factory.disconnect()
-        raise StartupError(
-            f"cannot connect to Redis at {address.display} ({e.__class__.__name__}: {e}): "
-            "check that it runs and the URL and password are right") from None
+        reason = "timed out" if isinstance(e, defer.CancelledError) else str(e)
+        raise StartupError(f"cannot use Redis at {address.display} ({reason}): "
+                           f"{advice}") from None
     finally:
-        if timeout is not None and timeout.active():
+        if timeout.active():
             timeout.cancel()
     store = RedisStore(redis, history_limit=config.history_limit,
                        queue_limit=config.max_queue)

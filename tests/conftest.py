@@ -87,6 +87,8 @@ class Daemon:
 
     @property
     def redis_url(self) -> str:
+        if "--redis" in self.args:
+            return self.args[self.args.index("--redis") + 1]
         return f"unix://{self.data_dir.resolve()}/redis.sock"
 
     async def store(self) -> RedisStore:
