@@ -1,0 +1,157 @@
+"""The Redis store and the hub in-process, on a real embedded redis-server."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from imd.hub import Hub, HubError
+from imd.model import GROUP, TEXT, UNICAST, Message
+from imd.passwords import check_verifier, make_verifier, md5hex
+from imd.store.connection import connect_pool, parse_redis_url
+from imd.store.embedded import EmbeddedRedis
+from imd.store.redis import AccountTaken, RedisStore
+
+
+@pytest_twisted.async_yield_fixture
+async def store(tmp_path):
+    embedded = EmbeddedRedis(str(tmp_path / "data"))
+    await embedded.start()
+    factory = connect_pool(parse_redis_url(embedded.url), poolsize=1)
+    redis = await factory.deferred
+    yield RedisStore(redis, history_limit=5, queue_limit=3)
+    await factory.disconnect()
+    await embedded.stop()
+
+
+class FakeSession:
+    """A hub Session that records what it is given."""
+
+    def __init__(self, user_id: int):
+        self.user_id = user_id
+        self.got: list[Message] = []
+
+    def deliver(self, message: Message) -> None:
+        self.got.append(message)
+
+
+async def users(store: RedisStore, n: int) -> list[int]:
+    return [(await store.create_user(f"acct{i}", f"name{i}", "v")).id for i in range(n)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_and_groups_share_one_id_counter(store):
+    a, b = await users(store, 2)
+    group = await store.create_group(a, "g", [b])
+    c = (await store.create_user("later", "Later", "v")).id
+    assert a < b < group.id < c
+    assert group.members == (a, b)
+    with pytest.raises(AccountTaken):
+        await store.create_user("acct0", "again", "v")
+    assert await store.find_account("acct1") == b
+    assert [u.account for u in await store.list_users()] == ["acct0", "acct1", "later"]
+    assert await store.users_exist([a, 999999]) == [999999]
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_verifier_is_salted_scrypt_of_md5(store):
+    v1, v2 = await make_verifier(md5hex("pw")), await make_verifier(md5hex("pw"))
+    assert v1 != v2 and v1.startswith("scrypt$")
+    assert "pw" not in v1 and md5hex("pw") not in v1
+    assert await check_verifier(v1, md5hex("pw"))
+    assert await check_verifier(v1, md5hex("pw").upper())  # md5hex compares case-blind
+    assert not await check_verifier(v1, md5hex("wrong"))
+    assert not await check_verifier("garbage", md5hex("pw"))
+    assert not await check_verifier(None, md5hex("pw"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_expire_and_are_revocable(store):
+    a, = await users(store, 1)
+    token = await store.issue_token(a, 100)
+    assert len(token) == 32 and await store.check_token(token) == a
+    assert 0 < await store.redis.ttl(f"imd:tok:{token}") <= 100
+    await store.revoke_token(token)
+    assert await store.check_token(token) is None
+    assert await store.check_token("") is None and await store.check_token("x" * 500) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_is_drained_once_and_capped(store):
+    a, b = await users(store, 2)
+    for i in range(5):
+        await store.post(Message(sender=a, to=b, ctype=UNICAST, kind=TEXT, body=f"m{i}"), "n1")
+    queued = await store.attach(b, "n1")
+    assert [m.body for m in queued] == ["m2", "m3", "m4"]  # queue_limit=3 keeps the newest
+    assert await store.attach(b, "n1") == []
+    history = await store.history(f"{a}&{b}" if a < b else f"{b}&{a}")
+    assert [m.body for m in history] == ["m0", "m1", "m2", "m3", "m4"]
+    ids = [m.id for m in history]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_is_capped_and_filtered_by_time(store):
+    a, b = await users(store, 2)
+    group = await store.create_group(a, "g", [b])
+    for i in range(7):
+        await store.post(Message(sender=a, to=group.id, ctype=GROUP, kind=TEXT, body=str(i)),
+                         "n1")
+    history = await store.history(f"g:{group.id}")
+    assert [m.body for m in history] == ["2", "3", "4", "5", "6"]  # history_limit=5
+    assert await store.history(f"g:{group.id}", since_ms=history[-1].ts + 1) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_hub_delivers_queued_messages_before_live_ones(store):
+    a, b = await users(store, 2)
+    hub = Hub(store, reactor, node_id="n1")
+    await hub.start()
+    sa, sb = FakeSession(a), FakeSession(b)
+    await hub.login(sa)
+    await hub.send(sa, UNICAST, b, TEXT, "queued")
+    login = hub.login(sb)
+    # A message from another node arrives (over pub/sub) before the queue is drained: it
+    # waits behind the queued one.
+    live = Message(sender=a, to=b, ctype=UNICAST, kind=TEXT, body="live", id=10**9, ts=1)
+    hub.remote_delivery("chan", f"{b}|{live.to_json()}")
+    assert sb.got == []
+    await login
+    assert [m.body for m in sb.got] == ["queued", "live"]
+    assert sa.got == []  # not echoed to the session it came from
+    await hub.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hub_refusals_store_nothing(store):
+    a, b, c = await users(store, 3)
+    group = await store.create_group(a, "g", [b])
+    hub = Hub(store, reactor, node_id="n1", max_body=10)
+    await hub.start()
+    sc = FakeSession(c)
+    for args, reason in [((UNICAST, 999999, TEXT, "x"), "no such user"),
+                         ((GROUP, 999999, TEXT, "x"), "no such group"),
+                         ((GROUP, group.id, TEXT, "x"), "not a member"),
+                         ((UNICAST, a, "sticker", "x"), "unknown message kind"),
+                         ((UNICAST, a, TEXT, "x" * 11), "too long"),
+                         (("broadcast", a, TEXT, "x"), "unknown conversation type")]:
+        with pytest.raises(HubError, match=reason):
+            await hub.send(sc, *args)
+    assert await store.history(f"g:{group.id}") == []
+    assert await store.attach(a, "n1") == []
+    await hub.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivery_for_a_user_who_left_is_requeued(store):
+    a, b = await users(store, 2)
+    hub = Hub(store, reactor, node_id="n1")
+    await hub.start()
+    message = Message(sender=a, to=b, ctype=UNICAST, kind=TEXT, body="late", id=7, ts=1)
+    hub.remote_delivery("chan", f"{b}|{message.to_json()}")  # b has no session here
+    from twisted.internet import task
+
+    await task.deferLater(reactor, 0.1, lambda: None)
+    assert [m.body for m in await store.attach(b, "n1")] == ["late"]
+    await hub.stop()
