@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from imd.hub import Hub, HubError
 from imd.model import GROUP, TEXT, UNICAST, Message
@@ -111,7 +111,7 @@ async def test_hub_delivers_queued_messages_before_live_ones(store):
     sa, sb = FakeSession(a), FakeSession(b)
     await hub.login(sa)
     await hub.send(sa, UNICAST, b, TEXT, "queued")
-    login = hub.login(sb)
+    login = defer.ensureDeferred(hub.login(sb))
     # A message from another node arrives (over pub/sub) before the queue is drained: it
     # waits behind the queued one.
     live = Message(sender=a, to=b, ctype=UNICAST, kind=TEXT, body="live", id=10**9, ts=1)

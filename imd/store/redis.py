@@ -189,9 +189,9 @@ redis.call('DEL', q)
 return msgs
 """)
 
-# Puts messages back at the head of a queue (a delivery that found no session any more).
+# Puts messages back in a queue (a delivery that found no session any more).
 _REQUEUE = Script("""
-for i = #ARGV, 3, -1 do redis.call('LPUSH', ARGV[1]..'q:'..ARGV[2], ARGV[i]) end
+for i = 3, #ARGV do redis.call('RPUSH', ARGV[1]..'q:'..ARGV[2], ARGV[i]) end
 return 1
 """)
 
@@ -341,9 +341,12 @@ class RedisStore:
         return msgs[-limit:] if limit else msgs
 
     async def attach(self, uid: int, node: str) -> list[Message]:
-        """Mark ``uid`` live on ``node`` and take its offline queue, atomically."""
+        """Mark ``uid`` live on ``node`` and take its offline queue, atomically.
+
+        Sorted by message id: a requeued message may have been appended after newer ones.
+        """
         raw = await _ATTACH(self.redis, [], [self.p, node, int(uid)])
-        return [Message.from_json(r) for r in raw]
+        return sorted((Message.from_json(r) for r in raw), key=lambda m: m.id)
 
     async def detach(self, uid: int, node: str) -> None:
         await self.redis.srem(f"{self.p}loc:{int(uid)}", node)
