@@ -1,0 +1,814 @@
+"""Load test for imd's 66boss WebSocket endpoint (run by hand; never from CI or pytest).
+
+What it does:
+
+1. Creates bench users (``bench-<run id>-<i>``) and login tokens straight in the daemon's Redis
+   with ``imd.store.redis.RedisStore`` (one password verifier computed once), so setup takes
+   seconds even for 10,000 users.
+2. Starts ``--clients`` load-client processes (this same file with ``--worker``), each owning a
+   share of the connections.  Every process opens its connections with autobahn's Twisted
+   WebSocket client (the daemon's own stack) and logs them in with ``login_<uid>_<token>``.
+   Optional ``--idle`` connections are opened and logged in first (they only receive
+   heartbeats), so the daemon's RSS per idle connection can be measured.
+3. Sends ``--messages`` one-to-one text messages.  Message ``seq`` goes from sender
+   ``seq % connections`` (every sender gets the same share) to a random other user of the same
+   client process; its body is ``<seq>.<monotonic ns at send>``, so the receiver computes the
+   latency (CLOCK_MONOTONIC is system-wide, so it is comparable across processes).
+   - ``--rate 0`` (full speed): each sender keeps at most ``--window`` messages in flight
+     (sent, not yet received by their recipient) and sends the next one when one arrives.
+   - ``--rate R``: a timer sends the due messages every ``--tick`` seconds to hold R msg/s
+     overall (R/K per process), in sequence order.
+4. Checks that every message arrived exactly once at the right recipient from the right
+   sender (missing, duplicate and misrouted counts; the exit status is 1 if any is nonzero,
+   a login failed, or ``--timeout`` expired), waiting ``--grace`` seconds after the last one
+   for late duplicates.
+5. Prints messages/s delivered (first send to last receive), latency percentiles, logins/s,
+   and with ``--daemon-pid`` the daemon's RSS (before any connection, after the idle ones,
+   after all, after the messages), its RSS per idle connection, and the CPU used during the
+   send phase by the daemon, its redis-server and the load clients.
+
+Usage (see bench/README.md for a full session)::
+
+    ulimit -n 65536   # or as high as the hard limit allows, in the daemon's shell too
+    /work/venv/bin/python bench/boss_load.py --redis unix://./imd-data/redis.sock \\
+        --connections 200 --messages 50000 --daemon-pid $(pgrep -f 'twistd.*imd' | head -1)
+
+Notes:
+
+- ``--redis`` is only used to create users and tokens; the load goes through ``--url``.
+- Each run adds bench accounts and their history to the daemon's Redis; use a throw-away
+  data directory.
+- With ``--clients K`` the connections are partitioned: a message goes between two
+  connections of the same process, so each process checks its own messages; the parent adds
+  up the counts and merges the latencies.
+- The load clients compete with the daemon for the same cores; the CPU figures at the end say
+  how the time was split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import secrets
+import sys
+import tempfile
+import time
+from array import array
+
+MONO = time.monotonic_ns
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def emit(obj: dict) -> None:
+    """One result line from a worker to the parent (blocking write on the pipe)."""
+    sys.stdout.write("@@" + json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+# =========================================================================================
+# Worker: one load-client process
+# =========================================================================================
+
+def worker_main(config_path: str) -> None:
+    from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+    from twisted.internet import reactor, stdio, task
+    from twisted.protocols.basic import LineReceiver
+
+    with open(config_path) as f:
+        cfg = json.load(f)
+    raise_nofile()
+
+    class Conn(WebSocketClientProtocol):
+        idx = -1        # index among this worker's active users; -1 for idle ones
+        ready = False   # logged in
+        resolved = False  # login refused (or connection lost) and counted as a failure
+        worker: "Worker"
+
+        def onOpen(self):
+            w = self.factory.worker
+            self.worker = w
+            self.user = w.take_user(self)
+            if self.user is None:  # should not happen; nothing left to log in
+                self.transport.abortConnection()
+                return
+            self.sendMessage(b"login_%d_%s" % (self.user[0], self.user[1].encode()))
+
+        def onMessage(self, payload, isBinary):
+            if self.ready:
+                if payload[:5] == b"text_":
+                    self.worker.delivered(self, payload)
+                elif payload[:10] != b"heartbeat_":
+                    self.worker.other(self, payload)
+            elif payload == b"ok":
+                self.ready = True
+                self.worker.logged_in(self)
+            elif payload[:10] != b"heartbeat_":
+                self.worker.login_failed(self, payload)
+
+        def onClose(self, wasClean, code, reason):
+            w = self.factory.worker
+            if not w.quitting:
+                w.closed(self, code, reason)
+
+    class Factory(WebSocketClientFactory):
+        protocol = Conn
+
+        def clientConnectionFailed(self, connector, reason):
+            self.worker.connect_failed(reason)
+
+    class Worker:
+        def __init__(self):
+            self.quitting = False
+            self.factory = Factory(cfg["url"].rstrip("/") + "/entry")
+            self.factory.worker = self
+            self.factory.setProtocolOptions(
+                utf8validateIncoming=False, openHandshakeTimeout=60, closeHandshakeTimeout=5,
+                tcpNoDelay=True, autoFragmentSize=0)
+            self.active = [tuple(u) for u in cfg["active"]]   # (uid, token)
+            self.idle = [tuple(u) for u in cfg["idle"]]
+            self.n = len(self.active)
+            self.conns: list = [None] * self.n
+            self.idle_conns: list = []
+            self.unexpected_closes = 0
+            self.close_samples: list[str] = []
+            self.other_count = 0
+            self.other_samples: list[str] = []
+            self._phase = None
+            self.window = 0
+            self.errors_released = 0
+            self.ticker = None
+
+        # -- connecting ------------------------------------------------------------------
+
+        def connect_all(self, users, is_active: bool, reply: str) -> None:
+            self._phase = {"users": users, "next": 0, "pending": 0, "ok": 0, "failed": 0,
+                           "is_active": is_active, "reply": reply, "t0": MONO(),
+                           "t_last": None, "failures": [], "done": False,
+                           "queue": list(range(len(users)))[::-1]}
+            self._pump_connects()
+            if not users:
+                self._connect_phase_done()
+
+        def _pump_connects(self) -> None:
+            ph = self._phase
+            limit = cfg["connect_concurrency"]
+            users = ph["users"]
+            while ph["pending"] < limit and ph["next"] < len(users):
+                ph["pending"] += 1
+                ph["next"] += 1
+                reactor.connectTCP(self.factory.host, self.factory.port, self.factory,
+                                   timeout=30)
+
+        def take_user(self, conn):
+            ph = self._phase
+            queue = ph["queue"]
+            if not queue:
+                return None
+            i = queue.pop()
+            conn.pos = i
+            if ph["is_active"]:
+                conn.idx = i
+            return ph["users"][i]
+
+        def logged_in(self, conn) -> None:
+            ph = self._phase
+            ph["ok"] += 1
+            ph["t_last"] = MONO()
+            if ph["is_active"]:
+                self.conns[conn.idx] = conn
+            else:
+                self.idle_conns.append(conn)
+            self._one_done()
+
+        def login_failed(self, conn, payload) -> None:
+            conn.resolved = True
+            self._fail(f"login refused: {payload[:120]!r}")
+            conn.transport.abortConnection()
+
+        def connect_failed(self, reason) -> None:
+            self._fail(f"connect failed: {reason.getErrorMessage()}")
+
+        def _fail(self, why: str) -> None:
+            ph = self._phase
+            ph["failed"] += 1
+            if len(ph["failures"]) < 5:
+                ph["failures"].append(why)
+            self._one_done()
+
+        def _one_done(self) -> None:
+            ph = self._phase
+            ph["pending"] -= 1
+            self._pump_connects()
+            if ph["ok"] + ph["failed"] == len(ph["users"]):
+                self._connect_phase_done()
+
+        def _connect_phase_done(self) -> None:
+            ph = self._phase
+            if ph["done"]:
+                return
+            ph["done"] = True
+            emit({"event": ph["reply"], "ok": ph["ok"], "failed": ph["failed"],
+                  "t0": ph["t0"], "t_last": ph["t_last"], "failures": ph["failures"]})
+
+        def closed(self, conn, code, reason) -> None:
+            if not conn.ready:
+                if not conn.resolved and self._phase and not self._phase["done"]:
+                    conn.resolved = True
+                    self._fail(f"closed before login: code={code} reason={reason}")
+                return
+            self.unexpected_closes += 1
+            if len(self.close_samples) < 5:
+                self.close_samples.append(f"code={code} reason={reason}")
+
+        def other(self, conn, payload) -> None:
+            """A signal other than a delivery or a heartbeat: normally an error_ line."""
+            self.other_count += 1
+            if len(self.other_samples) < 5:
+                self.other_samples.append(payload[:200].decode("utf-8", "replace"))
+            if payload[:6] == b"error_" and self.window:
+                # the refused message will never arrive: give the sender its slot back
+                self.inflight[conn.idx] -= 1
+                self.errors_released += 1
+                self._pump(conn.idx)
+                self._check_done()
+
+        # -- sending ---------------------------------------------------------------------
+
+        def start_sending(self) -> None:
+            import random
+
+            n, m = self.n, cfg["messages"]
+            self.m = m
+            rnd = random.Random(cfg["seed"])
+            self.dest = dest = array("i", bytes(4 * m))
+            for seq in range(m):
+                d = rnd.randrange(n - 1)
+                s = seq % n
+                dest[seq] = d + 1 if d >= s else d
+            uids = [u[0] for u in self.active]
+            self.uid_bytes = [b"%d" % u for u in uids]
+            self.prefix = [b"text_%d_" % u for u in uids]
+            self.got = bytearray(m)
+            self.lat = array("q", bytes(8 * m))
+            self.received = self.dups = self.wrong = self.bad = 0
+            self.errors_released = 0
+            self.sent = 0
+            self.inflight = [0] * n
+            self.next_seq = list(range(n))  # full speed: sender s sends s, s+n, s+2n, ...
+            self.window = cfg["window"] if not cfg["rate"] else 0
+            self.t_first_send = self.t_last_send = self.t_last_recv = None
+            self.finished = False
+            self.behind_ticks = 0
+            self.cpu0 = self._cpu()
+            self.timeout_call = reactor.callLater(cfg["timeout"], self._finish, True)
+            self.t_first_send = MONO()
+            if m == 0:
+                self._finish(False)
+                return
+            if self.window:
+                for s in range(n):
+                    self._pump(s)
+            else:
+                self.rate_per_ns = cfg["rate"] / 1e9
+                self.max_inflight = cfg["max_inflight"]
+                self.ticker = task.LoopingCall(self._tick)
+                self.ticker.start(cfg["tick"], now=True)
+
+        def _pump(self, s: int) -> None:
+            window, m, n = self.window, self.m, self.n
+            inflight = self.inflight
+            seq = self.next_seq[s]
+            if inflight[s] >= window or seq >= m:
+                return
+            send = self.conns[s].sendMessage
+            dest, prefix = self.dest, self.prefix
+            while inflight[s] < window and seq < m:
+                send(prefix[dest[seq]] + b"%d.%d_unicast_b" % (seq, MONO()))
+                inflight[s] += 1
+                seq += n
+                self.sent += 1
+            self.next_seq[s] = seq
+            self.t_last_send = MONO()
+
+        def _tick(self) -> None:
+            now = MONO()
+            due = min(self.m, int((now - self.t_first_send) * self.rate_per_ns) + 1)
+            seq = self.sent
+            if seq >= due:
+                return
+            if seq - self.received > self.max_inflight:
+                self.behind_ticks += 1
+                return
+            due = min(due, self.received + self.max_inflight + 1)
+            conns, dest, prefix, n = self.conns, self.dest, self.prefix, self.n
+            while seq < due:
+                conns[seq % n].sendMessage(prefix[dest[seq]] + b"%d.%d_unicast_b"
+                                           % (seq, MONO()))
+                seq += 1
+            self.sent = seq
+            self.t_last_send = MONO()
+            if seq >= self.m:
+                self.ticker.stop()
+
+        def delivered(self, conn, payload: bytes) -> None:
+            now = MONO()
+            try:
+                _, frm, body, _ = payload.split(b"_", 3)
+                dot = body.index(b".")
+                seq = int(body[:dot])
+                t = int(body[dot + 1:])
+            except ValueError:
+                self.bad += 1
+                return
+            if not 0 <= seq < self.m:
+                self.bad += 1
+                return
+            if self.got[seq]:
+                self.dups += 1
+                return
+            self.got[seq] = 1
+            s = seq % self.n
+            if self.dest[seq] != conn.idx or frm != self.uid_bytes[s]:
+                self.wrong += 1
+            self.lat[seq] = now - t
+            self.received += 1
+            self.t_last_recv = now
+            if self.window:
+                self.inflight[s] -= 1
+                if self.next_seq[s] < self.m:
+                    self._pump(s)
+            if self.received + self.errors_released >= self.m:
+                self._check_done()
+
+        def _check_done(self) -> None:
+            if not self.finished and self.sent >= self.m and \
+                    self.received + self.errors_released >= self.m:
+                self.finished = True
+                reactor.callLater(cfg["grace"], self._finish, False)
+
+        def _finish(self, timed_out: bool) -> None:
+            if getattr(self, "reported", False):
+                return
+            self.reported = True
+            self.finished = True
+            if self.timeout_call.active():
+                self.timeout_call.cancel()
+            if self.ticker is not None and self.ticker.running:
+                self.ticker.stop()
+            got, lat = self.got, self.lat
+            lats = [lat[i] // 1000 for i in range(self.m) if got[i]]  # microseconds
+            emit({"event": "sent", "timed_out": timed_out, "messages": self.m,
+                  "sent": self.sent, "received": self.received, "dups": self.dups,
+                  "wrong": self.wrong, "bad": self.bad, "missing": self.sent - self.received,
+                  "unsent": self.m - self.sent,
+                  "other": self.other_count, "other_samples": self.other_samples,
+                  "closes": self.unexpected_closes, "close_samples": self.close_samples,
+                  "behind_ticks": self.behind_ticks,
+                  "t_first_send": self.t_first_send, "t_last_send": self.t_last_send,
+                  "t_last_recv": self.t_last_recv, "cpu": self._cpu() - self.cpu0,
+                  "lat_us": lats})
+
+        @staticmethod
+        def _cpu() -> float:
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            return r.ru_utime + r.ru_stime
+
+    worker = Worker()
+
+    class Commands(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line):
+            cmd = line.decode().strip()
+            if cmd == "idle":
+                worker.connect_all(worker.idle, False, "idle")
+            elif cmd == "connect":
+                worker.connect_all(worker.active, True, "connected")
+            elif cmd == "send":
+                worker.start_sending()
+            elif cmd == "quit":
+                worker.quitting = True
+                sys.stdout.flush()
+                os._exit(0)
+
+        def connectionLost(self, reason):
+            os._exit(0)  # the parent went away
+
+    stdio.StandardIO(Commands(), stdout=os.open(os.devnull, os.O_WRONLY))
+    emit({"event": "ready", "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0]})
+    reactor.run()
+
+
+# =========================================================================================
+# Parent: setup, orchestration, report
+# =========================================================================================
+
+def proc_rss_kb(pid: int | None) -> int | None:
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def proc_cpu_s(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def find_child(ppid: int, name: str) -> int | None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        if int(text.rsplit(")", 1)[1].split()[1]) == ppid and comm.startswith(name):
+            return int(entry)
+    return None
+
+
+def normalise_redis_url(url: str) -> str:
+    """``unix://./x.sock`` and ``unix://x.sock`` mean a path relative to the current
+    directory (imd's parser would take the first segment for a host)."""
+    if url.startswith("unix://") and not url.startswith("unix:///"):
+        path, _, query = url[len("unix://"):].partition("?")
+        url = "unix://" + os.path.abspath(path) + (f"?{query}" if query else "")
+    return url
+
+
+def percentile(sorted_values: list, p: float):
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values), max(1, math.ceil(p / 100 * len(sorted_values))))
+    return sorted_values[k - 1]
+
+
+async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int) -> list:
+    from twisted.internet import defer
+
+    from imd.passwords import make_verifier, md5hex
+    from imd.store.connection import connect_pool, parse_redis_url
+    from imd.store.redis import RedisStore
+
+    factory = connect_pool(parse_redis_url(redis_url), poolsize=4)
+    try:
+        store = RedisStore(await factory.deferred)
+        verifier = await make_verifier(md5hex("bench-" + run_id))
+
+        async def one(i: int):
+            account = f"bench-{run_id}-{i}"
+            user = await store.create_user(account, account, verifier)
+            return user.id, await store.issue_token(user.id, token_ttl)
+
+        users: list = []
+        chunk = 1000
+        for start in range(0, count, chunk):
+            ds = [defer.ensureDeferred(one(i)) for i in range(start, min(count, start + chunk))]
+            users += await defer.gatherResults(ds, consumeErrors=True)
+        return users
+    finally:
+        await factory.disconnect()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Load test for imd's 66boss WebSocket endpoint (see the module docstring).")
+    p.add_argument("--url", default="ws://127.0.0.1:8000",
+                   help="WebSocket base URL of the daemon's web port (/entry is appended)")
+    p.add_argument("--redis", default="unix://./imd-data/redis.sock",
+                   help="URL of the daemon's Redis; used only to create bench users and tokens")
+    p.add_argument("--connections", "-n", type=int, default=200,
+                   help="active connections (one bench user each) exchanging messages")
+    p.add_argument("--messages", "-m", type=int, default=50000,
+                   help="total one-to-one messages to send")
+    p.add_argument("--rate", "-r", type=float, default=0,
+                   help="messages/s overall; 0 = as fast as the window allows")
+    p.add_argument("--window", type=int, default=50,
+                   help="full speed: messages in flight per sender")
+    p.add_argument("--idle", type=int, default=0,
+                   help="extra idle logged-in connections, opened before the active ones")
+    p.add_argument("--clients", "-k", type=int, default=1,
+                   help="load-client processes to spread the connections over")
+    p.add_argument("--daemon-pid", type=int, help="pid of the imd daemon, to report RSS and CPU")
+    p.add_argument("--redis-pid", type=int,
+                   help="pid of redis-server (default: the daemon's redis-server child)")
+    p.add_argument("--connect-concurrency", type=int, default=50,
+                   help="connections being opened/logged in at once, per client process; "
+                        "above the daemon's listen backlog (Twisted's default is 50; set "
+                        "backlog= in its --web endpoint) SYNs get dropped and retried 1 s later")
+    p.add_argument("--timeout", type=float, default=300,
+                   help="seconds the send phase may take before the missing ones count as lost")
+    p.add_argument("--grace", type=float, default=1.0,
+                   help="seconds to wait after the last delivery for duplicates")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="seconds to wait before each RSS reading")
+    p.add_argument("--tick", type=float, default=0.01,
+                   help="fixed rate: seconds between send batches")
+    p.add_argument("--max-inflight", type=int, default=0,
+                   help="fixed rate: per-process cap on messages in flight "
+                        "(default connections*window)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for the recipients")
+    p.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.clients < 1:
+        p.error("--clients must be at least 1")
+    if args.connections < 2 * args.clients:
+        p.error("--connections must be at least 2 per client process")
+    if args.window < 1:
+        p.error("--window must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+
+    from twisted.internet import defer, protocol, reactor
+
+    raise_nofile()
+    redis_url = normalise_redis_url(args.redis)
+    run_id = secrets.token_hex(3)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    k = args.clients
+    result: dict = {"code": 1}
+    redis_pid = args.redis_pid
+    if args.daemon_pid and not redis_pid:
+        redis_pid = find_child(args.daemon_pid, "redis-server")
+
+    def say(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    class WorkerProcess(protocol.ProcessProtocol):
+        def __init__(self, i: int):
+            self.i = i
+            self.buf = b""
+            self.waiting: dict[str, defer.Deferred] = {}
+            self.ended = defer.Deferred()
+
+        def expect(self, event: str) -> defer.Deferred:
+            d = self.waiting[event] = defer.Deferred()
+            return d
+
+        def command(self, cmd: str) -> None:
+            self.transport.write(cmd.encode() + b"\n")
+
+        def outReceived(self, data: bytes) -> None:
+            self.buf += data
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                if not line.startswith(b"@@"):
+                    sys.stderr.write(f"[client {self.i}] {line.decode(errors='replace')}\n")
+                    continue
+                msg = json.loads(line[2:])
+                d = self.waiting.pop(msg["event"], None)
+                if d is not None:
+                    d.callback(msg)
+
+        def processEnded(self, reason) -> None:
+            for d in list(self.waiting.values()):
+                d.errback(RuntimeError(f"load client {self.i} exited: "
+                                       f"{reason.getErrorMessage()}"))
+            self.waiting.clear()
+            self.ended.callback(None)
+
+    async def sleep(seconds: float) -> None:
+        d = defer.Deferred()
+        reactor.callLater(seconds, d.callback, None)
+        await d
+
+    async def all_of(workers, event: str, cmd: str | None = None) -> list:
+        ds = [w.expect(event) for w in workers]
+        if cmd:
+            for w in workers:
+                w.command(cmd)
+        return list(await defer.gatherResults(ds, consumeErrors=True))
+
+    def rss() -> tuple:
+        return proc_rss_kb(args.daemon_pid), proc_rss_kb(redis_pid)
+
+    async def run() -> None:
+        total = args.connections + args.idle
+        say(f"run {run_id}: creating {total} bench users in {redis_url}")
+        t = time.monotonic()
+        users = await create_users(redis_url, run_id, total, 7 * 86400)
+        say(f"created {total} users and tokens in {time.monotonic() - t:.2f} s")
+        active, idle = users[:args.connections], users[args.connections:]
+
+        tmpdir = tempfile.mkdtemp(prefix="boss_load-")
+        workers = []
+        for i in range(k):
+            m_i = args.messages // k + (1 if i < args.messages % k else 0)
+            active_i = active[i::k]
+            cfg = {"url": args.url, "active": active_i, "idle": idle[i::k], "messages": m_i,
+                   "rate": args.rate / k, "window": args.window, "tick": args.tick,
+                   "max_inflight": args.max_inflight or len(active_i) * args.window,
+                   "timeout": args.timeout, "grace": args.grace, "seed": seed + i,
+                   "connect_concurrency": args.connect_concurrency}
+            path = os.path.join(tmpdir, f"client{i}.json")
+            with open(path, "w") as f:
+                json.dump(cfg, f)
+            w = WorkerProcess(i)
+            ready = w.expect("ready")
+            reactor.spawnProcess(w, sys.executable,
+                                 [sys.executable, os.path.abspath(__file__), "--worker", path],
+                                 env=os.environ, childFDs={0: "w", 1: "r", 2: 2})
+            workers.append(w)
+            w.ready = ready
+        try:
+            readies = await defer.gatherResults([w.ready for w in workers], consumeErrors=True)
+            say(f"{k} load client(s) up (open-file limit {readies[0]['nofile']})")
+            await sleep(args.settle if args.daemon_pid else 0)
+            figures: dict = {"rss_before": rss()}
+
+            if idle:
+                say(f"opening {len(idle)} idle connections")
+                replies = await all_of(workers, "idle", "idle")
+                figures["idle"] = replies
+                await sleep(args.settle if args.daemon_pid else 0)
+                figures["rss_idle"] = rss()
+            say(f"opening {len(active)} active connections")
+            replies = await all_of(workers, "connected", "connect")
+            figures["active"] = replies
+            await sleep(args.settle if args.daemon_pid else 0)
+            figures["rss_active"] = rss()
+            failed = sum(r["failed"] for r in replies)
+            if failed:
+                say(f"{failed} active connection(s) failed to log in: "
+                    f"{[f for r in replies for f in r['failures']]}")
+                figures["aborted"] = True
+            else:
+                say(f"sending {args.messages} messages"
+                    + (f" at {args.rate:g}/s" if args.rate else " at full speed"))
+                cpu0 = (proc_cpu_s(args.daemon_pid), proc_cpu_s(redis_pid))
+                t0 = MONO()
+                figures["sent"] = await all_of(workers, "sent", "send")
+                figures["cpu_wall"] = (MONO() - t0) / 1e9
+                cpu1 = (proc_cpu_s(args.daemon_pid), proc_cpu_s(redis_pid))
+                figures["cpu"] = tuple(b - a if a is not None and b is not None else None
+                                       for a, b in zip(cpu0, cpu1))
+                await sleep(args.settle if args.daemon_pid else 0)
+                figures["rss_after"] = rss()
+            result["code"] = report(args, run_id, figures, redis_pid)
+        finally:
+            for w in workers:
+                if w.transport is not None and w.transport.pid is not None:
+                    w.command("quit")
+            await defer.gatherResults([w.ended for w in workers], consumeErrors=True)
+            for name in os.listdir(tmpdir):
+                os.unlink(os.path.join(tmpdir, name))
+            os.rmdir(tmpdir)
+
+    def failed(failure):
+        say(f"bench failed: {failure.getTraceback()}")
+        result["code"] = 2
+
+    d = defer.ensureDeferred(run())
+    d.addErrback(failed)
+    d.addBoth(lambda _: reactor.stop())
+    reactor.run()
+    return result["code"]
+
+
+def report(args, run_id: str, f: dict, redis_pid) -> int:
+    def mb(kb):
+        return "n/a" if kb is None else f"{kb / 1024:.1f} MB"
+
+    def span_rate(count, t0, t1):
+        if not count or t0 is None or t1 is None or t1 <= t0:
+            return "n/a", 0.0
+        s = (t1 - t0) / 1e9
+        return f"{count / s:,.0f}", s
+
+    lines = [f"== imd 66boss load test, run {run_id} ==",
+             f"setup          {args.connections} active + {args.idle} idle connections, "
+             f"{args.clients} client process(es), "
+             + (f"rate {args.rate:g} msg/s" if args.rate else f"full speed, window "
+                f"{args.window}/sender")]
+    code = 0
+
+    def logins(label, replies):
+        nonlocal code
+        ok = sum(r["ok"] for r in replies)
+        failed = sum(r["failed"] for r in replies)
+        t0 = min(r["t0"] for r in replies)
+        lasts = [r["t_last"] for r in replies if r["t_last"] is not None]
+        rate, secs = span_rate(ok, t0, max(lasts) if lasts else None)
+        lines.append(f"{label:<15}{ok} ok, {failed} failed in {secs:.2f} s = {rate} logins/s")
+        if failed:
+            code = 1
+            for r in replies:
+                for why in r["failures"]:
+                    lines.append(f"               ! {why}")
+
+    if "idle" in f:
+        logins("logins (idle)", f["idle"])
+    logins("logins", f["active"])
+
+    if "sent" in f:
+        res = f["sent"]
+        tot = {key: sum(r[key] for r in res)
+               for key in ("messages", "sent", "received", "missing", "unsent", "dups",
+                           "wrong", "bad", "other", "closes", "behind_ticks")}
+        timed_out = any(r["timed_out"] for r in res)
+        t_first = min(r["t_first_send"] for r in res)
+        last_sends = [r["t_last_send"] for r in res if r["t_last_send"]]
+        last_recvs = [r["t_last_recv"] for r in res if r["t_last_recv"]]
+        deliv_rate, deliv_s = span_rate(tot["received"], t_first,
+                                        max(last_recvs) if last_recvs else None)
+        send_rate, send_s = span_rate(tot["sent"], t_first,
+                                      max(last_sends) if last_sends else None)
+        lats = sorted(x for r in res for x in r["lat_us"])
+        lines.append(f"messages       {tot['sent']} sent, {tot['received']} delivered, "
+                     f"{tot['missing']} missing, {tot['dups']} duplicate, {tot['wrong']} "
+                     f"misrouted, {tot['bad']} unparsable"
+                     + (f", {tot['unsent']} never sent" if tot["unsent"] else "")
+                     + (" (TIMED OUT)" if timed_out else ""))
+        lines.append(f"throughput     {deliv_rate} msg/s delivered ({tot['received']} in "
+                     f"{deliv_s:.2f} s, first send to last receive); sent at {send_rate} "
+                     f"msg/s over {send_s:.2f} s")
+        if lats:
+            pct = "  ".join(f"p{p:g} {percentile(lats, p) / 1000:.1f}" for p in (50, 95, 99))
+            lines.append(f"latency ms     {pct}  max {lats[-1] / 1000:.1f}  "
+                         f"(min {lats[0] / 1000:.2f}, mean {sum(lats) / len(lats) / 1000:.1f})")
+        if tot["behind_ticks"]:
+            lines.append(f"rate           {tot['behind_ticks']} ticks skipped: in-flight cap "
+                         f"reached (the daemon could not keep up with the rate)")
+        if tot["other"] or tot["closes"]:
+            others = [s for r in res for s in r["other_samples"]][:3]
+            closes = [s for r in res for s in r["close_samples"]][:3]
+            lines.append(f"other signals  {tot['other']} (e.g. {others}); "
+                         f"unexpected closes {tot['closes']} {closes}")
+        if tot["missing"] or tot["unsent"] or tot["dups"] or tot["wrong"] or tot["bad"] \
+                or timed_out:
+            code = 1
+        # CPU seconds used from the send command to the workers' reports, shown as a share
+        # of the busy span (first send to last receive; little is used in the grace period)
+        cpu_d, cpu_r = f["cpu"]
+        span = deliv_s or f["cpu_wall"]
+        cpu_c = sum(r["cpu"] for r in res)
+        parts = []
+        if cpu_d is not None:
+            parts.append(f"daemon {cpu_d:.1f} s ({100 * cpu_d / span:.0f}%)")
+        if cpu_r is not None:
+            parts.append(f"redis-server {cpu_r:.1f} s ({100 * cpu_r / span:.0f}%)")
+        parts.append(f"load clients {cpu_c:.1f} s ({100 * cpu_c / span:.0f}%)")
+        lines.append(f"CPU (send)     {', '.join(parts)}; % of one core over the "
+                     f"{span:.2f} s busy span")
+    else:
+        code = 1
+
+    if args.daemon_pid:
+        def rss_line(label, i):
+            values = [(name, f[k][i]) for name, k in
+                      (("before", "rss_before"), ("after idle", "rss_idle"),
+                       ("after active", "rss_active"), ("after messages", "rss_after"))
+                      if k in f]
+            return f"{label:<15}" + ", ".join(f"{name} {mb(v)}" for name, v in values)
+
+        lines.append(rss_line("daemon RSS", 0))
+        if redis_pid:
+            lines.append(rss_line("redis RSS", 1))
+        if args.idle and "rss_idle" in f and f["rss_idle"][0] and f["rss_before"][0]:
+            idle_ok = sum(r["ok"] for r in f["idle"]) or 1
+            per = (f["rss_idle"][0] - f["rss_before"][0]) / idle_ok
+            text = f"per idle conn  {per:.1f} KB in the daemon"
+            if redis_pid and f["rss_idle"][1] and f["rss_before"][1]:
+                text += (f" (+{(f['rss_idle'][1] - f['rss_before'][1]) / idle_ok:.2f} KB "
+                         f"in redis-server)")
+            lines.append(text + f"  [(RSS after idle - before) / {idle_ok}]")
+    lines.append("result         " + ("OK" if code == 0 else "FAILED"))
+    print("\n".join(lines), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
