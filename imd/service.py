@@ -76,6 +76,7 @@ async def open_store(config: Config, embedded: EmbeddedRedis | None
             timeout.cancel()
     store = RedisStore(redis, history_limit=config.history_limit,
                        queue_limit=config.max_queue)
+    await store.prepare()
     return address, factory, store
 
 

@@ -37,6 +37,7 @@ from imd.model import Group, Message, User
 
 PREFIX = "imd:"
 FIRST_ID = 10001
+MAX_BATCH = 256  # messages per post script call
 
 
 class StoreError(Exception):
@@ -63,11 +64,19 @@ _POST_ERRORS = {-1: NoSuchUser, -2: NoSuchGroup, -3: NotAMember}
 
 
 class Script:
-    """A Lua script run with EVALSHA, loaded on first use and after a SCRIPT FLUSH."""
+    """A Lua script run with EVALSHA.
+
+    ``RedisStore.prepare`` loads every script before the store is used: a script that is
+    missing (Redis restarted) is sent again with EVAL, but that reply comes later than the
+    commands sent meanwhile, so it must stay the exception.
+    """
+
+    all: list["Script"] = []
 
     def __init__(self, source: str):
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        Script.all.append(self)
 
     def __call__(self, redis, keys: list[str], args: list[Any]) -> defer.Deferred:
         d = redis.evalsha(self.sha, keys, args)
@@ -118,65 +127,76 @@ end
 return 1
 """)
 
-# ARGV: prefix, node, history cap, queue cap, conversation, JSON tail (",sender,...]"),
-#       sender, type ('unicast' | 'group'), to.
-# Checks the recipient (user exists; group exists and has the sender as a member), appends
-# to history, publishes to the other nodes of every recipient and of the sender (for the
-# sender's other sessions), queues for recipients live nowhere.
-# Returns {id, ts, queued count, uids live on the calling node...} or {error code}:
+# ARGV: prefix, node, history cap, queue cap, then 5 fields per message: conversation,
+#       JSON tail (",sender,...]"), sender, type ('unicast' | 'group'), to.
+# For each message: checks the recipient (user exists; group exists and has the sender as a
+# member), appends to history, publishes to the other nodes of every recipient and of the
+# sender (for the sender's other sessions), queues for recipients live nowhere.
+# Returns, per message, {id, ts, n, n uids live on the calling node} or {error code, 0, 0}:
 # -1 no such user, -2 no such group, -3 sender not a member.
 _POST = Script("""
 local p, node = ARGV[1], ARGV[2]
 local hcap, qcap = tonumber(ARGV[3]), tonumber(ARGV[4])
-local sender, ctype, to = ARGV[7], ARGV[8], ARGV[9]
-local targets
-if ctype == 'group' then
-  if redis.call('EXISTS', p..'g:'..to) == 0 then return {-2} end
-  if redis.call('SISMEMBER', p..'gm:'..to, sender) == 0 then return {-3} end
-  targets = redis.call('SMEMBERS', p..'gm:'..to)
-else
-  if redis.call('SISMEMBER', p..'users', to) == 0 then return {-1} end
-  targets = {to}
-  if to ~= sender then targets[2] = sender end
-end
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id = redis.call('INCR', p..'msgid')
-local msg = '['..id..','..ts..ARGV[6]
-local hkey = p..'h:'..ARGV[5]
-redis.call('RPUSH', hkey, msg)
-redis.call('LTRIM', hkey, -hcap, -1)
-local bynode, live, here = {}, {}, {}
-for _, uid in ipairs(targets) do
-  for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..uid)) do
-    if n == node then
-      live[uid] = true
-      here[#here + 1] = uid
-    elseif redis.call('EXISTS', p..'alive:'..n) == 1 then
-      bynode[n] = bynode[n] or {}
-      table.insert(bynode[n], uid)
-    else
-      redis.call('SREM', p..'loc:'..uid, n)
-    end
-  end
+local out = {}
+local alive = {}
+local function is_alive(n)
+  if alive[n] == nil then alive[n] = redis.call('EXISTS', p..'alive:'..n) == 1 end
+  return alive[n]
 end
-for n, uids in pairs(bynode) do
-  if redis.call('PUBLISH', p..'chan:'..n, table.concat(uids, ',')..'|'..msg) > 0 then
-    for _, uid in ipairs(uids) do live[uid] = true end
+for m = 5, #ARGV, 5 do
+  local conv, tail, sender, ctype, to = ARGV[m], ARGV[m+1], ARGV[m+2], ARGV[m+3], ARGV[m+4]
+  local targets, err
+  if ctype == 'group' then
+    if redis.call('EXISTS', p..'g:'..to) == 0 then err = -2
+    elseif redis.call('SISMEMBER', p..'gm:'..to, sender) == 0 then err = -3
+    else targets = redis.call('SMEMBERS', p..'gm:'..to) end
+  elseif redis.call('SISMEMBER', p..'users', to) == 0 then err = -1
   else
-    for _, uid in ipairs(uids) do redis.call('SREM', p..'loc:'..uid, n) end
+    targets = {to}
+    if to ~= sender then targets[2] = sender end
+  end
+  if err then
+    out[#out + 1] = err; out[#out + 1] = 0; out[#out + 1] = 0
+  else
+    local id = redis.call('INCR', p..'msgid')
+    local msg = '['..id..','..ts..tail
+    local hkey = p..'h:'..conv
+    redis.call('RPUSH', hkey, msg)
+    redis.call('LTRIM', hkey, -hcap, -1)
+    local bynode, live, here = {}, {}, {}
+    for _, uid in ipairs(targets) do
+      for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..uid)) do
+        if n == node then
+          live[uid] = true
+          here[#here + 1] = uid
+        elseif is_alive(n) then
+          bynode[n] = bynode[n] or {}
+          table.insert(bynode[n], uid)
+        else
+          redis.call('SREM', p..'loc:'..uid, n)
+        end
+      end
+    end
+    for n, uids in pairs(bynode) do
+      if redis.call('PUBLISH', p..'chan:'..n, table.concat(uids, ',')..'|'..msg) > 0 then
+        for _, uid in ipairs(uids) do live[uid] = true end
+      else
+        for _, uid in ipairs(uids) do redis.call('SREM', p..'loc:'..uid, n) end
+      end
+    end
+    for _, uid in ipairs(targets) do
+      if not live[uid] and uid ~= sender then
+        redis.call('RPUSH', p..'q:'..uid, msg)
+        redis.call('LTRIM', p..'q:'..uid, -qcap, -1)
+      end
+    end
+    out[#out + 1] = id; out[#out + 1] = ts; out[#out + 1] = #here
+    for _, uid in ipairs(here) do out[#out + 1] = tonumber(uid) end
   end
 end
-local result = {id, ts, 0}
-for _, uid in ipairs(targets) do
-  if not live[uid] and uid ~= sender then
-    redis.call('RPUSH', p..'q:'..uid, msg)
-    redis.call('LTRIM', p..'q:'..uid, -qcap, -1)
-    result[3] = result[3] + 1
-  end
-end
-for _, uid in ipairs(here) do result[#result + 1] = uid end
-return result
+return out
 """)
 
 # ARGV: prefix, node, uid, ttl ms.  Marks the user live on the node and drains the queue.
@@ -207,11 +227,21 @@ class RedisStore:
     """Persistence for users, tokens, groups, history, offline queues and presence."""
 
     def __init__(self, redis, history_limit: int = 1000, queue_limit: int = 10000,
-                 prefix: str = PREFIX):
+                 prefix: str = PREFIX, clock=None):
+        from twisted.internet import reactor
+
+        self._clock = clock or reactor
+        self._batch: list[tuple[Message, defer.Deferred]] = []
+        self._batch_node = ""
         self.redis = redis
         self.history_limit = history_limit
         self.queue_limit = queue_limit
         self.p = prefix
+
+    async def prepare(self) -> None:
+        """Load the Lua scripts (once per Redis server start)."""
+        for script in Script.all:
+            await self.redis.execute_command("SCRIPT", "LOAD", script.source)
 
     # -- users -------------------------------------------------------------------------
 
@@ -314,27 +344,60 @@ class RedisStore:
 
     # -- messages ----------------------------------------------------------------------
 
-    async def post(self, message: Message, node: str) -> list[int]:
-        """Check, store and route ``message`` in one round trip; fills in ``id`` and ``ts``.
+    def post(self, message: Message, node: str) -> defer.Deferred:
+        """Check, store and route ``message``; fills in ``id`` and ``ts``.
 
-        Returns the recipients (and the sender) that have a live session on ``node``: the
-        caller delivers to those itself.  Raises NoSuchUser, NoSuchGroup or NotAMember.
+        Deferred[list[int]]: the recipients (and the sender) with a live session on
+        ``node``, which the caller delivers to itself.  Fails with NoSuchUser, NoSuchGroup or
+        NotAMember.  The messages posted during one reactor turn go to Redis as one script
+        call, in order.
         """
-        tail = message.to_json()
-        tail = tail[tail.index(",", tail.index(",") + 1):]  # drop the "[id,ts" head
-        result = await _POST(self.redis, [], [
-            self.p, node, self.history_limit, self.queue_limit, message.conversation, tail,
-            message.sender, message.ctype, message.to])
-        code = int(result[0])
-        if code < 0:
-            raise _POST_ERRORS[code](message.to)
-        message.id, message.ts = code, int(result[1])
-        return [int(u) for u in result[3:]]
+        d = defer.Deferred()
+        self._batch_node = node
+        self._batch.append((message, d))
+        if len(self._batch) == 1:
+            self._clock.callLater(0, self._flush)
+        elif len(self._batch) >= MAX_BATCH:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        """Send the pending posts.  Also called before reads that must see them, since
+        commands on the one connection run in the order they are sent."""
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        args: list[Any] = [self.p, self._batch_node, self.history_limit, self.queue_limit]
+        for message, _ in batch:
+            tail = message.to_json()
+            tail = tail[tail.index(",", tail.index(",") + 1):]  # drop the "[id,ts" head
+            args += [message.conversation, tail, message.sender, message.ctype, message.to]
+        _POST(self.redis, [], args).addCallbacks(
+            self._posted, self._post_failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    @staticmethod
+    def _posted(result: list, batch: list) -> None:
+        i = 0
+        for message, d in batch:
+            code, ts, n = int(result[i]), int(result[i + 1]), int(result[i + 2])
+            here = result[i + 3:i + 3 + n]
+            i += 3 + n
+            if code < 0:
+                d.errback(_POST_ERRORS[code](message.to))
+            else:
+                message.id, message.ts = code, ts
+                d.callback([int(u) for u in here])
+
+    @staticmethod
+    def _post_failed(failure, batch: list) -> None:
+        for _, d in batch:
+            d.errback(failure)
 
     async def history(self, conversation: str, since_ms: int = 0,
                       limit: int = 100) -> list[Message]:
         """The newest ``limit`` messages of a conversation at or after ``since_ms``, oldest
         first."""
+        self._flush()
         raw = await self.redis.lrange(f"{self.p}h:{conversation}", -self.history_limit, -1)
         msgs = [Message.from_json(r) for r in raw]
         msgs = [m for m in msgs if m.ts >= since_ms]
@@ -345,6 +408,7 @@ class RedisStore:
 
         Sorted by message id: a requeued message may have been appended after newer ones.
         """
+        self._flush()
         raw = await _ATTACH(self.redis, [], [self.p, node, int(uid)])
         return sorted((Message.from_json(r) for r in raw), key=lambda m: m.id)
 
