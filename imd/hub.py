@@ -119,25 +119,27 @@ class Hub:
 
     # -- messages ----------------------------------------------------------------------
 
-    async def send(self, origin: Session, ctype: str, to: int, kind: str, body: str,
-                   extension: str = "") -> Message:
+    def send(self, origin: Session, ctype: str, to: int, kind: str, body: str,
+             extension: str = "") -> defer.Deferred:
         """Check, store and deliver one message from ``origin``'s user.
 
-        Returns the stored message (with id and ts) once it is persisted; raises HubError
-        for a message that was refused and so not stored.
+        Deferred[Message]: the stored message (with id and ts) once it is persisted; fails
+        with HubError for a message that was refused and so not stored.  (A plain Deferred
+        chain, not a coroutine: this is the hot path.)
         """
         if ctype not in (UNICAST, GROUP):
-            raise HubError(f"unknown conversation type {ctype!r}")
+            return defer.fail(HubError(f"unknown conversation type {ctype!r}"))
         if kind not in KINDS:
-            raise HubError(f"unknown message kind {kind!r}")
+            return defer.fail(HubError(f"unknown message kind {kind!r}"))
         if len(body) > self.max_body:
-            raise HubError("message too long")
+            return defer.fail(HubError("message too long"))
         message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
                           body=body, extension=extension)
-        try:
-            here = await self.store.post(message, self.node)
-        except Exception as e:
-            raise HubError(_refusal(e)) from None
+        d = self.store.post(message, self.node)
+        d.addCallbacks(self._posted, _refused, callbackArgs=(message, origin))
+        return d
+
+    def _posted(self, here: list[int], message: Message, origin: Session) -> Message:
         for uid in here:
             self._deliver_local(uid, message, origin)
         return message
@@ -196,10 +198,10 @@ _REFUSALS = {NoSuchUser: "no such user", NoSuchGroup: "no such group",
              NotAMember: "not a member of this group"}
 
 
-def _refusal(error: Exception) -> str:
-    """The client-facing reason for a failed post; logs the unexpected ones."""
-    reason = _REFUSALS.get(type(error))
+def _refused(failure) -> None:
+    """Turn a failed post into a HubError with a client-facing reason; log the unexpected."""
+    reason = _REFUSALS.get(type(failure.value))
     if reason is None:
-        log.failure("message could not be stored")
+        log.failure("message could not be stored", failure)
         reason = "message could not be stored"
-    return reason
+    raise HubError(reason)

@@ -50,14 +50,14 @@ class Group:
     members: tuple[int, ...] = ()
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """One stored message.
 
     ``to`` is the recipient user id for unicast and the group id for group messages.
     ``ts`` is the server timestamp in milliseconds, ``id`` the store-assigned increasing id.
-    ``wire`` caches the encoded form per protocol so that fan-out encodes once per protocol,
-    not once per recipient.
+    ``wire`` caches the encoded form per protocol (created on first use) so that fan-out
+    encodes once per protocol, not once per recipient.
     """
 
     sender: int
@@ -68,7 +68,7 @@ class Message:
     extension: str = ""
     id: int = 0
     ts: int = 0
-    wire: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    wire: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def conversation(self) -> str:

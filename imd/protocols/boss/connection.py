@@ -174,9 +174,8 @@ class BossConnection:
         command = text.partition("_")[0]
         self._require_login(command)
         send = signals.parse_send(text)
-        d = defer.ensureDeferred(self.service.hub.send(
-            self, send.ctype, send.to, send.kind, send.body, send.extension))
-        d.addErrback(self._refused, command)
+        self.service.hub.send(self, send.ctype, send.to, send.kind, send.body,
+                              send.extension).addErrback(self._refused, command)
 
     def _refused(self, failure, command: str) -> None:
         if failure.check(SignalError):

@@ -57,6 +57,8 @@ def parse_send(signal: str) -> Send:
 
 def render(message: Message) -> str:
     """The receive signal of a message, encoded once and cached on the message."""
+    if message.wire is None:
+        message.wire = {}
     text = message.wire.get("boss")
     if text is None:
         fromgroup = message.to if message.ctype == GROUP else message.sender

@@ -30,6 +30,12 @@ class BossWebSocket(WebSocketServerProtocol):
             text = payload.decode("utf-8")  # autobahn has validated text frames
         self.conn.signal_received(text)
 
+    def onMessageEnd(self):
+        # Autobahn's version also "fires" a message event to observers, creating a future
+        # per message; nothing observes it here, and it cost ~10% of a message's CPU time.
+        if not self.failedByMe:
+            self.onMessage(b"".join(self.message_data), self.message_is_binary)
+
     def onClose(self, wasClean, code, reason):
         if self.conn is not None:
             self.conn.closed()
