@@ -9,7 +9,7 @@ the other nodes, whose hubs deliver from ``remote_delivery``.  The hub never bui
 from __future__ import annotations
 
 import secrets
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -186,12 +186,6 @@ class Hub:
             conversation = Message(sender=user_id, to=peer, ctype=UNICAST, kind="text",
                                    body="").conversation
         return await self.store.history(conversation, since_ms, limit)
-
-    async def online(self, uids: Iterable[int]) -> dict[int, bool]:
-        result = {}
-        for uid in uids:
-            result[uid] = self.is_local(uid) or await self.store.is_online(uid)
-        return result
 
 
 _REFUSALS = {NoSuchUser: "no such user", NoSuchGroup: "no such group",

@@ -115,6 +115,15 @@ def arg(request: server.Request, name: str) -> str | None:
         return None
 
 
+def request_token(request: server.Request) -> str | None:
+    """The token of a request: ``token`` parameter or ``Authorization: Bearer``."""
+    token = arg(request, "token")
+    header = request.getHeader(b"authorization") or b""
+    if not token and header[:7].lower() == b"bearer ":
+        token = header[7:].decode("latin-1").strip()
+    return token or None
+
+
 def public_base(request: server.Request, configured: str) -> str:
     """The base URL clients use to reach this web port."""
     if configured:

@@ -291,3 +291,41 @@ async def test_dead_websocket_client_is_dropped(daemon):
     code = await ws.inbox.closed.addTimeout(8, __import__("twisted.internet.reactor",
                                                           fromlist=["reactor"]))
     assert code is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_rebinding_and_foreign_logout_are_refused(daemon):
+    a, ta, ca = await logged_in(daemon)
+    b, tb = await daemon.user(unique())
+    ca.send(f"login_{b}_{tb}")
+    assert (await ca.next()).startswith(f"error_login_already logged in as {a}")
+    ca.send(f"login_{a}_{ta}")  # the same user again is harmless
+    assert await ca.next() == "ok"
+    ca.send(f"logout_{b}")
+    assert (await ca.next()).startswith("error_logout_not logged in as that user")
+    ca.send(f"text_{a}_note to self_unicast_x")  # still bound to a
+    ca.send(f"records_{a}_0")
+    assert await ca.next() == f"records_{a}_0_1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_does_not_read_is_dropped(fresh_daemon):
+    d = fresh_daemon("--max-outbuf", "50000").start()
+    a, _, ca = await logged_in(d, via="line")
+    b, _, cb = await logged_in(d, via="line")
+    cb.proto.transport.pauseProducing()  # b stops reading
+    body = "y" * 8000
+    for i in range(1500):  # ~12 MB: more than the kernel's socket buffers hold
+        ca.send(f"text_{b}_{i} {body}_unicast_x")
+    ca.send(f"records_{a}_0")
+    assert (await ca.next(timeout=30)).startswith(f"records_{a}_0_")
+    cb.proto.transport.resumeProducing()
+    received = 0
+    while (await cb.next(timeout=10)) is not CLOSED:
+        received += 1
+    assert received < 1500  # dropped, not buffered without limit
+    assert "Traceback" not in d.log()
+    c, _, cc = await logged_in(d)  # the daemon is fine
+    cc.send(f"text_{a}_still up_unicast_x")
+    assert (await ca.next()).startswith(f"text_{c}_still up_")
+    await d.close_store()

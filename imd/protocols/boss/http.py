@@ -19,7 +19,7 @@ from twisted.web import resource, server
 from imd.groups import GroupError, GroupNotFound, NotAllowed
 from imd.model import Group, User
 from imd.protocols.boss.connection import BossService
-from imd.web import AsyncJSONResource, arg
+from imd.web import AsyncJSONResource, arg, request_token
 
 OK = {"code": 1, "message": "OK"}
 
@@ -89,10 +89,7 @@ class BossApi:
 
     async def caller(self, request: server.Request, claimed: str = "userid") -> int | None:
         """The user making the request; None for a trusted anonymous caller."""
-        token = arg(request, "token")
-        header = request.getHeader(b"authorization") or b""
-        if not token and header[:7].lower() == b"bearer ":
-            token = header[7:].decode("latin-1").strip()
+        token = request_token(request)
         if token:
             uid = await self.service.accounts.user_for_token(token)
             if uid is None:

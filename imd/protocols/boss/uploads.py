@@ -18,7 +18,7 @@ from twisted.web import resource, server, static
 
 from imd import media
 from imd.protocols.boss.connection import BossService
-from imd.web import AsyncJSONResource, arg, public_base
+from imd.web import AsyncJSONResource, public_base, request_token
 
 ACCEPTS = {"writev1": ("audio",), "writev2": ("image", "audio"), "writev3": ("video",)}
 FILES_PATH = "/upload/files/"
@@ -40,10 +40,7 @@ class Uploads:
     async def _caller_ok(self, request: server.Request) -> bool:
         if self.service.config.boss_auth == "trust":
             return True
-        token = arg(request, "token")
-        header = request.getHeader(b"authorization") or b""
-        if not token and header[:7].lower() == b"bearer ":
-            token = header[7:].decode("latin-1").strip()
+        token = request_token(request)
         return bool(token) and await self.service.accounts.user_for_token(token) is not None
 
     def handler(self, endpoint: str):
