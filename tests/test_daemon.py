@@ -166,3 +166,16 @@ def test_imdctl_without_a_daemon_uses_the_embedded_store(tmp_path):
     pid = int((tmp_path / "data" / "redis.pid").read_text()) if (
         tmp_path / "data" / "redis.pid").exists() else None
     assert pid is None or not alive(pid)  # the server it started is gone again
+
+
+def test_embedded_redis_that_cannot_start_is_one_clear_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "appendonly.aof").write_bytes(b"*3\r\n$3\r\nSET\r\nthis is not a valid AOF")
+    result = run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(data),
+                  "--web", "tcp:0", "--boss-line", "none"])
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if "imd: error:" in line]
+    assert len(errors) == 1 and "embedded redis-server exited at start" in errors[0], output
+    assert "Traceback" not in output
