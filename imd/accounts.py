@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 
-from imd.model import User
+from imd.model import PROFILE_FIELDS, User
 from imd.passwords import check_verifier, make_verifier, md5hex
 from imd.store.redis import AccountTaken, RedisStore
 
 ACCOUNT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+MAX_AVATAR = 256 * 1024  # minami sends pictures inline, base64
+MAX_FIELD = 256
 
 
 class AccountError(Exception):
@@ -24,7 +26,8 @@ class Accounts:
         self.token_ttl = token_ttl
 
     async def create(self, account: str, password: str, name: str = "",
-                     avatar: str = "") -> User:
+                     avatar: str = "", **profile: str) -> User:
+        """A new user; ``profile`` may hold sex, birthday, sign and mail."""
         if not ACCOUNT_RE.match(account or ""):
             raise AccountError("account must be 1-64 letters, digits or ._@- "
                                "and start with a letter or digit")
@@ -33,9 +36,14 @@ class Accounts:
         name = (name or account).strip()
         if len(name) > 64:
             raise AccountError("name must be at most 64 characters")
+        if len(avatar) > MAX_AVATAR:
+            raise AccountError(f"picture must be at most {MAX_AVATAR} bytes")
+        for key, value in profile.items():
+            if key not in PROFILE_FIELDS or len(value or "") > MAX_FIELD:
+                raise AccountError(f"{key} must be at most {MAX_FIELD} characters")
         verifier = await make_verifier(md5hex(password))
         try:
-            return await self.store.create_user(account, name, verifier, avatar)
+            return await self.store.create_user(account, name, verifier, avatar, **profile)
         except AccountTaken:
             raise AccountError("account already exists") from None
 

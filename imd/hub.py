@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from imd.model import GROUP, KINDS, UNICAST, Message
+from imd.model import GROUP, KINDS, UNICAST, Event, Message
 from imd.store.redis import NoSuchGroup, NoSuchUser, NotAMember, RedisStore
 
 log = Logger()
@@ -29,6 +29,10 @@ class Session(Protocol):
     def deliver(self, message: Message) -> None:
         """Write a message (sent by anyone, including this user elsewhere) in the
         adapter's own dialect."""
+
+    def notice(self, event: Event) -> None:
+        """Act on a notice (friend request, friend offline, newer login); adapters ignore
+        the kinds their protocol has no way to show."""
 
 
 class HubError(Exception):
@@ -102,9 +106,28 @@ class Hub:
                 session.deliver(message)
 
     async def logout(self, session: Session) -> None:
+        """Forget a session; when its user is then offline everywhere, tell their friends."""
         self._attaching.pop(session, None)
         if self._remove(session) and not self.stopping:
-            await self.store.detach(session.user_id, self.node)
+            uid = session.user_id
+            await self.store.detach(uid, self.node)
+            if not await self.store.is_online(uid):
+                friends = await self.store.friends(uid)
+                if friends:
+                    await self.notify(friends, Event("offline", {"user": uid}))
+
+    async def is_online(self, uid: int) -> bool:
+        """Whether the user has a live session on any node, in any protocol."""
+        return uid in self.sessions or await self.store.is_online(uid)
+
+    async def notify(self, uids, event: Event, exclude: Session | None = None) -> None:
+        """Give a notice to every session of ``uids`` on every node (never stored)."""
+        uids = [int(u) for u in uids]
+        for uid in uids:
+            for session in list(self.sessions.get(uid, ())):
+                if session is not exclude:
+                    session.notice(event)
+        await self.store.notify(self.node, uids, event)
 
     def _remove(self, session: Session) -> bool:
         """Forget a session; True when it was its user's last one on this node."""
@@ -162,9 +185,16 @@ class Hub:
                 session.deliver(message)
 
     def remote_delivery(self, channel: str, payload: str) -> None:
-        """A message published by another node for users with sessions here."""
+        """A message (or, prefixed with '!', a notice) published by another node for users
+        with sessions here."""
         try:
             uids, raw = payload.split("|", 1)
+            if uids.startswith("!"):
+                event = Event.from_json(raw)
+                for uid in uids[1:].split(","):
+                    for session in list(self.sessions.get(int(uid), ())):
+                        session.notice(event)
+                return
             message = Message.from_json(raw)
             for uid in uids.split(","):
                 self._deliver_local(int(uid), message)

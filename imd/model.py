@@ -32,12 +32,38 @@ def one2one_gid(a: int, b: int) -> str:
     return f"{low}&{high}"
 
 
+PROFILE_FIELDS = ("sex", "birthday", "sign", "mail")
+
+
 @dataclass(frozen=True)
 class User:
+    """A user; ``avatar`` is a URL or a data string (minami sends base64 pictures)."""
+
     id: int
     account: str
     name: str
     avatar: str = ""
+    sex: str = ""
+    birthday: str = ""
+    sign: str = ""
+    mail: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A protocol-neutral notice for sessions that is never stored: a friend request, a
+    friend going offline, a newer login of the same user (``kind``), with its details."""
+
+    kind: str
+    data: dict
+
+    def to_json(self) -> str:
+        return _encode([self.kind, self.data])
+
+    @classmethod
+    def from_json(cls, text: str) -> "Event":
+        kind, data = json.loads(text)
+        return cls(kind, data)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ Keys (all under the ``imd:`` prefix):
     u:<id>                    hash  account, name, avatar, verifier, created
     acct:<account>            string -> user id (account names are unique)
     users                     set of user ids
+    name:<name>               set of user ids with that display name
+    fr:<uid>                  hash  friend id -> the alias the user gave that friend
+    frq:<uid>                 hash  requester id -> JSON {name, note}: pending friend requests
     tok:<token>               string -> user id, expires
     g:<gid>                   hash  creator, name, notice, snap, created
     gm:<gid>                  set of member ids
@@ -15,7 +18,8 @@ Keys (all under the ``imd:`` prefix):
     q:<uid>                   list of message JSON waiting for the user's next login, capped
     loc:<uid>                 set of node ids holding a live session of the user
     alive:<node>              string, expires unless the node refreshes it
-    chan:<node>               pub/sub channel of one node (deliveries to its sessions)
+    chan:<node>               pub/sub channel of one node: "<uids>|<message JSON>" deliveries
+                              and "!<uids>|<event JSON>" notices to its sessions
 
 A message send is one round trip: the ``post`` script assigns id and timestamp, appends to
 history, publishes to every other node with a live session of a recipient, and queues the
@@ -26,6 +30,7 @@ counts as "not live", so a message is queued rather than lost.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from typing import Any, Iterable
@@ -33,7 +38,7 @@ from typing import Any, Iterable
 import txredisapi
 from twisted.internet import defer
 
-from imd.model import Group, Message, User
+from imd.model import PROFILE_FIELDS, Event, Group, Message, User
 
 PREFIX = "imd:"
 FIRST_ID = 10001
@@ -97,8 +102,10 @@ if id < tonumber(ARGV[6]) then
 end
 redis.call('HSET', p..'u:'..id, 'account', ARGV[2], 'name', ARGV[3], 'verifier', ARGV[4],
            'avatar', ARGV[5], 'created', ARGV[7])
+for i = 8, #ARGV, 2 do redis.call('HSET', p..'u:'..id, ARGV[i], ARGV[i + 1]) end
 redis.call('SET', p..'acct:'..ARGV[2], id)
 redis.call('SADD', p..'users', id)
+redis.call('SADD', p..'name:'..ARGV[3], id)
 return id
 """)
 
@@ -199,6 +206,44 @@ end
 return out
 """)
 
+# ARGV: prefix, node, payload, user ids.  Publishes a notice to the other nodes that hold
+# sessions of those users; returns nothing (notices are never queued).
+_NOTIFY = Script("""
+local p, node = ARGV[1], ARGV[2]
+local bynode = {}
+for i = 4, #ARGV do
+  for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..ARGV[i])) do
+    if n ~= node then
+      bynode[n] = bynode[n] or {}
+      table.insert(bynode[n], ARGV[i])
+    end
+  end
+end
+for n, uids in pairs(bynode) do
+  redis.call('PUBLISH', p..'chan:'..n, '!'..table.concat(uids, ',')..'|'..ARGV[3])
+end
+return 1
+""")
+
+# ARGV: prefix, a, b, a's alias for b, b's alias for a.  Friends both ways; pending
+# requests between the two are gone.
+_BEFRIEND = Script("""
+local p, a, b = ARGV[1], ARGV[2], ARGV[3]
+redis.call('HSET', p..'fr:'..a, b, ARGV[4])
+redis.call('HSET', p..'fr:'..b, a, ARGV[5])
+redis.call('HDEL', p..'frq:'..a, b)
+redis.call('HDEL', p..'frq:'..b, a)
+return 1
+""")
+
+# ARGV: prefix, a, b.  Returns 1 when they were friends (now removed both ways).
+_UNFRIEND = Script("""
+local p, a, b = ARGV[1], ARGV[2], ARGV[3]
+local was = redis.call('HDEL', p..'fr:'..a, b)
+redis.call('HDEL', p..'fr:'..b, a)
+return was
+""")
+
 # ARGV: prefix, node, uid, ttl ms.  Marks the user live on the node and drains the queue.
 _ATTACH = Script("""
 local p = ARGV[1]
@@ -216,11 +261,13 @@ return 1
 """)
 
 
+_USER_FIELDS = ("account", "name", "avatar", *PROFILE_FIELDS)
+
+
 def _user(uid: int, fields: dict) -> User | None:
     if not fields:
         return None
-    return User(id=int(uid), account=fields.get("account", ""), name=fields.get("name", ""),
-                avatar=fields.get("avatar", ""))
+    return User(id=int(uid), **{k: fields.get(k) or "" for k in _USER_FIELDS})
 
 
 class RedisStore:
@@ -246,12 +293,15 @@ class RedisStore:
     # -- users -------------------------------------------------------------------------
 
     async def create_user(self, account: str, name: str, verifier: str,
-                          avatar: str = "") -> User:
+                          avatar: str = "", **profile: str) -> User:
+        """A new user; ``profile`` takes the fields of PROFILE_FIELDS."""
+        extra = [x for k in PROFILE_FIELDS for x in (k, profile.get(k) or "")]
         uid = await _CREATE_USER(self.redis, [], [
-            self.p, account, name, verifier, avatar, FIRST_ID, int(time.time())])
+            self.p, account, name, verifier, avatar, FIRST_ID, int(time.time()), *extra])
         if not uid:
             raise AccountTaken(account)
-        return User(id=int(uid), account=account, name=name, avatar=avatar)
+        return User(id=int(uid), account=account, name=name, avatar=avatar,
+                    **{k: profile.get(k) or "" for k in PROFILE_FIELDS})
 
     async def get_user(self, uid: int) -> User | None:
         return _user(uid, await self.redis.hgetall(f"{self.p}u:{int(uid)}"))
@@ -261,14 +311,18 @@ class RedisStore:
         uids = [int(u) for u in uids]
         if not uids:
             return {}
-        rows = await self._pipeline([("HMGET", f"{self.p}u:{u}", "account", "name", "avatar")
+        rows = await self._pipeline([("HMGET", f"{self.p}u:{u}", *_USER_FIELDS)
                                      for u in uids])
         found = {}
         for uid, row in zip(uids, rows):
             if row and row[0] is not None:
-                found[uid] = User(id=uid, account=row[0], name=row[1] or "",
-                                  avatar=row[2] or "")
+                found[uid] = _user(uid, dict(zip(_USER_FIELDS, row)))
         return found
+
+    async def find_by_name(self, name: str) -> list[User]:
+        ids = sorted(int(u) for u in await self.redis.smembers(f"{self.p}name:{name}"))
+        users = await self.get_users(ids)
+        return [users[u] for u in ids if u in users]
 
     async def find_account(self, account: str) -> int | None:
         uid = await self.redis.get(f"{self.p}acct:{account}")
@@ -341,6 +395,38 @@ class RedisStore:
 
     async def user_groups(self, uid: int) -> list[int]:
         return sorted(int(g) for g in await self.redis.smembers(f"{self.p}ug:{int(uid)}"))
+
+    # -- friends -----------------------------------------------------------------------
+
+    async def friends(self, uid: int) -> dict[int, str]:
+        """The user's friends: id -> the alias the user gave them."""
+        return {int(k): v for k, v in (await self.redis.hgetall(f"{self.p}fr:{int(uid)}")).items()}
+
+    async def are_friends(self, a: int, b: int) -> bool:
+        return bool(await self.redis.hexists(f"{self.p}fr:{int(a)}", int(b)))
+
+    async def add_friend_request(self, frm: int, to: int, name: str, note: str) -> None:
+        await self.redis.hset(f"{self.p}frq:{int(to)}", int(frm),
+                              json.dumps({"name": name, "note": note}, ensure_ascii=False))
+
+    async def friend_requests(self, uid: int) -> dict[int, dict]:
+        """Pending requests to the user: requester id -> {name, note}."""
+        raw = await self.redis.hgetall(f"{self.p}frq:{int(uid)}")
+        return {int(k): json.loads(v) for k, v in raw.items()}
+
+    async def befriend(self, a: int, b: int, alias_of_b: str, alias_of_a: str) -> None:
+        await _BEFRIEND(self.redis, [], [self.p, int(a), int(b), alias_of_b, alias_of_a])
+
+    async def unfriend(self, a: int, b: int) -> bool:
+        return bool(int(await _UNFRIEND(self.redis, [], [self.p, int(a), int(b)])))
+
+    # -- notices -----------------------------------------------------------------------
+
+    async def notify(self, node: str, uids: Iterable[int], event: Event) -> None:
+        """Send a notice to the sessions of ``uids`` on other nodes (never stored)."""
+        uids = [int(u) for u in uids]
+        if uids:
+            await _NOTIFY(self.redis, [], [self.p, node, event.to_json(), *uids])
 
     # -- messages ----------------------------------------------------------------------
 

@@ -107,6 +107,9 @@ class BossConnection:
         if message.sender != self.user_id:
             self.write(signals.render(message))
 
+    def notice(self, event) -> None:
+        pass  # 66boss has no friends, presence or kick signals
+
     # -- signals -------------------------------------------------------------------------
 
     def _require_login(self, command: str) -> int:
