@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from imd.accounts import Accounts
 from imd.config import Config
+from imd.friends import Friends
 from imd.groups import Groups
 from imd.hub import Hub
 from imd.protocols.boss import http as boss_http
@@ -26,6 +27,8 @@ from imd.protocols.boss import uploads as boss_uploads
 from imd.protocols.boss.connection import BossService
 from imd.protocols.boss.line import line_factory
 from imd.protocols.boss.ws import entry_resource
+from imd.protocols.minami import routes as minami_routes
+from imd.protocols.minami.ws import MinamiService
 from imd.store.connection import BadRedisURL, RedisAddress, connect_pool, connect_subscriber
 from imd.store.connection import endpoint_for
 from imd.store.connection import parse_redis_url
@@ -144,6 +147,7 @@ class ImdService(service.MultiService):
         log.info("node {node} using Redis at {redis}", node=hub.node, redis=address.display)
 
         accounts = Accounts(store, config.token_ttl)
+        minami = MinamiService(hub, accounts, Friends(hub), config)
         self.boss = BossService(hub, accounts, Groups(store), config, reactor)
         self.boss.start()
         if config.boss_auth == "trust":
@@ -154,11 +158,12 @@ class ImdService(service.MultiService):
         root.putChild(b"entry", entry_resource(self.boss))
         boss_http.mount(root, self.boss)
         boss_uploads.mount(root, self.boss, self.data_dir)
+        minami_routes.mount(root, minami)
         site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
                        upload_paths=boss_uploads.UPLOAD_PATHS)
         for description in config.web:
             await self._listen(description, site,
-                               "web (66boss WebSocket /entry, group API, uploads)")
+                               "web (66boss /entry, group API, uploads; minami /im/)")
         if config.boss_line.lower() != "none":
             await self._listen(config.boss_line, line_factory(self.boss), "66boss line protocol")
 

@@ -1,0 +1,222 @@
+"""minami over WebSocket: ``login?account=&password=`` then the tunnel.
+
+The first frame is the login reply (profile, friends, requests, token) or 505 and a close.
+Then each client frame ``{id, toFriend, payload}`` is answered with ``{code: 200, ..., id}``
+once the message is stored, or an error code; frames are handled in order.  The friend gets
+``{from, payload}``.  One minami session per account: a newer login sends 513 to the older
+one and closes it.  A token issued at login is revoked when the connection closes.
+
+What other protocols send appears in ``payload`` as text: a text message as it is, other
+kinds as ``[<kind>] <body>`` (``[image] http://…/x-10x10.png``, ``[emoticon] smile``).
+minami has no groups, so group messages are not shown here (they stay in the group's history).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from imd.accounts import Accounts
+from imd.config import Config
+from imd.friends import Friends
+from imd.hub import Hub, HubError
+from imd.model import GROUP, TEXT, UNICAST, Event, Message
+from imd.passwords import md5hex
+from imd.protocols.flow import pending_bytes, tune_socket
+from imd.protocols.minami.codes import encode, reply
+from imd.protocols.minami.http import parse_id, profile_json
+
+log = Logger()
+MAX_EARLY_FRAMES = 64
+
+
+class MinamiService:
+    def __init__(self, hub: Hub, accounts: Accounts, friends: Friends, config: Config):
+        self.hub = hub
+        self.accounts = accounts
+        self.friends = friends
+        self.config = config
+
+
+def _id_value(value) -> str | None:
+    """A JSON string or number as id text; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    return str(value)
+
+
+class MinamiWebSocket(WebSocketServerProtocol):
+    user_id: int | None = None
+
+    def onConnect(self, request):
+        params = request.params
+        self._account = (params.get("account") or [""])[0].strip()
+        self._password = (params.get("password") or [""])[0].strip()
+        return None
+
+    def onOpen(self):
+        service: MinamiService = self.factory.service
+        tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
+        self.nonce = secrets.token_hex(8)
+        self.token: str | None = None
+        self._early: list[bytes] | None = []
+        self._chain = defer.succeed(None)
+        self._gone = False
+        defer.ensureDeferred(self._login()).addErrback(self._login_failed)
+
+    async def _login(self) -> None:
+        service: MinamiService = self.factory.service
+        account, password = self._account, self._password
+        self._password = ""
+        user = None
+        if account and password:
+            user = await service.accounts.authenticate(account, md5hex(password))
+        if user is None:
+            self._send(reply(505))
+            self.sendClose(1000)
+            return
+        self.token = await service.accounts.issue_token(user.id)
+        friends = await service.friends.list(user.id)
+        requests = await service.friends.requests(user.id)
+        if self._gone:
+            await service.accounts.revoke(self.token)
+            return
+        self._send(reply(
+            200, profile=profile_json(user),
+            friends=[{**profile_json(f.user), "name": f.alias, "online": f.online}
+                     for f in friends] or None,
+            requests=[{"id": str(r.requester), "name": r.name, "to": str(r.to),
+                       "note": r.note} for r in requests] or None,
+            token=self.token))
+        self.user_id = user.id
+        await service.hub.notify([user.id], Event("login", {"protocol": "minami",
+                                                           "session": self.nonce}),
+                                 exclude=self)
+        await service.hub.login(self)
+        early, self._early = self._early or [], None
+        for frame in early:
+            self._queue_frame(frame)
+
+    def _login_failed(self, failure) -> None:
+        log.failure("minami login failed", failure)
+        self._send(reply(500))
+        self.sendClose(1000)
+
+    def onMessage(self, payload: bytes, isBinary: bool):
+        if isBinary:
+            self._send(reply(403))
+            return
+        if self._early is not None:
+            if len(self._early) >= MAX_EARLY_FRAMES:
+                self.dropConnection(abort=True)
+            else:
+                self._early.append(payload)
+            return
+        self._queue_frame(payload)
+
+    def _queue_frame(self, payload: bytes) -> None:
+        self._chain.addCallback(lambda _: defer.ensureDeferred(self._tunnel(payload)))
+        self._chain.addErrback(self._frame_failed)
+
+    def _frame_failed(self, failure) -> None:
+        log.failure("minami frame failed", failure)
+        self._send(reply(500))
+
+    async def _tunnel(self, payload: bytes) -> None:
+        if self._gone or self.user_id is None:
+            return
+        try:
+            frame = json.loads(payload)
+        except ValueError:
+            frame = None
+        if not isinstance(frame, dict):
+            self._send(reply(403))
+            return
+        ident, to = frame.get("id"), frame.get("toFriend")
+        text = frame.get("payload")
+        if ident is not None and _id_value(ident) is None or \
+                to is not None and _id_value(to) is None or \
+                text is not None and not isinstance(text, str):
+            self._send(reply(403))
+            return
+        if not to:
+            self._send(reply(510))
+            return
+        if not text:
+            self._send(reply(511))
+            return
+        service: MinamiService = self.factory.service
+        friend = parse_id(_id_value(to))
+        if friend is None or not await service.friends.are_friends(self.user_id, friend):
+            self._send(reply(512))
+            return
+        if ident is None or ident == "":
+            self._send(reply(506))
+            return
+        if not await service.hub.is_online(friend):
+            self._send(reply(508, id=ident))
+            return
+        try:
+            await service.hub.send(self, UNICAST, friend, TEXT, text)
+        except HubError:
+            self._send(reply(507, id=ident))
+            return
+        self._send(reply(200, id=ident))
+
+    # -- hub Session ---------------------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        if message.sender == self.user_id or message.ctype == GROUP:
+            return
+        body = message.body if message.kind == TEXT else f"[{message.kind}] {message.body}"
+        self._send({"from": str(message.sender), "payload": body})
+
+    def notice(self, event: Event) -> None:
+        data = event.data
+        if event.kind == "friend_request":
+            self._send(reply(520, id=str(data["from"]), name=data["name"], to=str(data["to"]),
+                             note=data["note"]))
+        elif event.kind == "offline":
+            self._send(reply(300, id=str(data["user"])))
+        elif event.kind == "login" and data.get("protocol") == "minami" and \
+                data.get("session") != self.nonce:
+            self._send(reply(513))
+            self.sendClose(1000)
+
+    # -- transport -----------------------------------------------------------------------
+
+    def _send(self, obj) -> None:
+        if self._gone or self.transport is None:
+            return
+        if pending_bytes(self.transport) > self.factory.service.config.max_outbuf:
+            self.dropConnection(abort=True)
+            return
+        self.sendMessage(encode(obj))
+
+    def onClose(self, wasClean, code, reason):
+        self._gone = True
+        service: MinamiService = self.factory.service
+        if getattr(self, "token", None):
+            defer.ensureDeferred(service.accounts.revoke(self.token)).addErrback(
+                lambda f: log.failure("token revoke failed", f))
+        if self.user_id is not None:
+            defer.ensureDeferred(service.hub.logout(self)).addErrback(
+                lambda f: log.failure("minami logout failed", f))
+            self.user_id = None
+
+
+def login_resource(service: MinamiService) -> WebSocketResource:
+    config = service.config
+    factory = WebSocketServerFactory()
+    factory.protocol = MinamiWebSocket
+    factory.service = service
+    factory.setProtocolOptions(
+        maxFramePayloadSize=config.max_frame, maxMessagePayloadSize=config.max_frame,
+        autoPingInterval=config.heartbeat, autoPingTimeout=config.heartbeat_timeout,
+        openHandshakeTimeout=10, closeHandshakeTimeout=5)
+    return WebSocketResource(factory)
