@@ -281,3 +281,28 @@ async def test_queued_messages_from_other_protocols_arrive_after_login(daemon):
     m2, first = await connect(daemon, account)
     assert first["code"] == 200
     assert await m2.next() == {"from": str(boss_id), "payload": "while you were away"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_is_never_stored_or_logged(daemon):
+    account, password = unique("secret"), "S3cr3t-" + unique("pw")
+    assert await register(daemon, account=account, password=password, mail="m@x") == ok()
+    m, first = await connect(daemon, account, password=password)
+    assert first["code"] == 200
+    await connect(daemon, account, password=password + "-wrong")
+    store = await daemon.store()
+    record = await store.redis.hgetall(f"imd:u:{m.id}")
+    assert password not in json.dumps(record) and "verifier" in record
+    import hashlib
+
+    assert hashlib.md5(password.encode()).hexdigest() not in json.dumps(record)
+    assert password not in daemon.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_are_random_and_expire(daemon):
+    _, a = await new_user(daemon)
+    _, b = await new_user(daemon)
+    assert a.token != b.token and len(bytes.fromhex(a.token)) >= 16
+    ttl = await (await daemon.store()).redis.ttl(f"imd:tok:{a.token}")
+    assert 0 < ttl <= 30 * 86400
