@@ -232,19 +232,21 @@ async def test_bad_frames_do_not_break_the_session(daemon):
     _, a = await new_user(daemon)
     _, b = await new_user(daemon)
     await befriend(daemon, a, b)
-    a.ws.proto.sendMessage(b"\xff\xfe", isBinary=False)  # invalid UTF-8 text: closed
+    a.ws.proto.sendMessage(b"\xff\xfe{", isBinary=False)  # a text frame that is not UTF-8
+    assert await a.next() == ok(403)
+    a.send({"id": "big", "toFriend": b.id, "payload": "x" * 5000})  # over --max-frame 4096
+    assert await a.next() == ok(403)
+    a.send({"id": "1", "toFriend": b.id, "payload": "still fine"})
+    assert await a.next() == ok(id="1")
+    assert await b.next() == {"from": a.id, "payload": "still fine"}
+    a.send("x" * 150_000)  # over the hard limit (--max-body 100000): closed, 1009
     assert await a.next() is CLOSED
+    assert a.ws.proto.close_code in (1009, 1006)
     assert await b.next() == ok(300, id=a.id)
-    _, c = await new_user(daemon)
+    _, c = await new_user(daemon)  # the daemon is fine
     await befriend(daemon, c, b)
-    c.send({"id": "big", "toFriend": b.id, "payload": "x" * 5000})  # over --max-frame
-    assert await c.next() is CLOSED
-    assert await b.next() == ok(300, id=c.id)
-    _, d = await new_user(daemon)
-    await befriend(daemon, d, b)
-    d.send({"id": "1", "toFriend": b.id, "payload": "still fine"})
-    assert await d.next() == ok(id="1")
-    assert await b.next() == {"from": d.id, "payload": "still fine"}
+    c.send({"id": "2", "toFriend": b.id, "payload": "hello"})
+    assert await c.next() == ok(id="2")
 
 
 @pytest_twisted.ensureDeferred

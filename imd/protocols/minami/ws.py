@@ -108,7 +108,15 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self.sendClose(1000)
 
     def onMessage(self, payload: bytes, isBinary: bool):
-        if isBinary:
+        # Like the original server, a bad frame gets an error reply and the session goes on:
+        # binary, over --max-frame (up to the hard limit of --max-body, where the
+        # connection is closed with 1009), or not UTF-8 (validated here, not by autobahn).
+        if isBinary or len(payload) > self.factory.service.config.max_frame:
+            self._send(reply(403))
+            return
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
             self._send(reply(403))
             return
         if self._early is not None:
@@ -215,8 +223,10 @@ def login_resource(service: MinamiService) -> WebSocketResource:
     factory = WebSocketServerFactory()
     factory.protocol = MinamiWebSocket
     factory.service = service
+    hard_limit = max(config.max_frame, config.max_body)
     factory.setProtocolOptions(
-        maxFramePayloadSize=config.max_frame, maxMessagePayloadSize=config.max_frame,
+        maxFramePayloadSize=hard_limit, maxMessagePayloadSize=hard_limit,
+        utf8validateIncoming=False,
         autoPingInterval=config.heartbeat, autoPingTimeout=config.heartbeat_timeout,
         openHandshakeTimeout=10, closeHandshakeTimeout=5)
     return WebSocketResource(factory)
