@@ -77,7 +77,7 @@ class Hub:
         """After the pub/sub link came back: re-mark our users live and deliver whatever
         was queued for them while other nodes could not reach us."""
         for uid in list(self.sessions):
-            queued = await self.store.attach(uid, self.node)
+            _, queued = await self.store.attach(uid, self.node)
             for message in queued:
                 self._deliver_local(uid, message)
 
@@ -92,7 +92,7 @@ class Hub:
         self.sessions.setdefault(uid, []).append(session)
         self._attaching[session] = []
         try:
-            queued = await self.store.attach(uid, self.node)
+            was_live, queued = await self.store.attach(uid, self.node)
         except Exception:
             self._attaching.pop(session, None)
             self._remove(session)
@@ -104,6 +104,10 @@ class Hub:
         for message in live:
             if message.id not in seen:
                 session.deliver(message)
+        if not was_live:
+            friends = await self.store.friends(uid)
+            if friends:
+                await self.notify(friends, Event("online", {"user": uid}))
 
     async def logout(self, session: Session) -> None:
         """Forget a session; when its user is then offline everywhere, tell their friends."""

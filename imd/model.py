@@ -74,6 +74,7 @@ class Group:
     notice: str = ""
     snap: str = ""
     members: tuple[int, ...] = ()
+    public: bool = False
 
 
 @dataclass(slots=True)
@@ -94,6 +95,7 @@ class Message:
     extension: str = ""
     id: int = 0
     ts: int = 0
+    style: str = ""
     wire: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -104,10 +106,10 @@ class Message:
 
     def to_json(self) -> str:
         return _encode([self.id, self.ts, self.sender, self.to, self.ctype, self.kind,
-                        self.body, self.extension])
+                        self.body, self.extension, self.style])
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Message":
-        mid, ts, sender, to, ctype, kind, body, ext = json.loads(text)
+        mid, ts, sender, to, ctype, kind, body, ext, *rest = json.loads(text)
         return cls(sender=sender, to=to, ctype=ctype, kind=kind, body=body, extension=ext,
-                   id=mid, ts=ts)
+                   id=mid, ts=ts, style=rest[0] if rest else "")

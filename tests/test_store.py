@@ -82,9 +82,10 @@ async def test_queue_is_drained_once_and_capped(store):
     a, b = await users(store, 2)
     for i in range(5):
         await store.post(Message(sender=a, to=b, ctype=UNICAST, kind=TEXT, body=f"m{i}"), "n1")
-    queued = await store.attach(b, "n1")
+    was_live, queued = await store.attach(b, "n1")
     assert [m.body for m in queued] == ["m2", "m3", "m4"]  # queue_limit=3 keeps the newest
-    assert await store.attach(b, "n1") == []
+    assert not was_live
+    assert await store.attach(b, "n1") == (False, [])  # node n1 has no liveness key
     history = await store.history(f"{a}&{b}" if a < b else f"{b}&{a}")
     assert [m.body for m in history] == ["m0", "m1", "m2", "m3", "m4"]
     ids = [m.id for m in history]
@@ -139,7 +140,7 @@ async def test_hub_refusals_store_nothing(store):
         with pytest.raises(HubError, match=reason):
             await hub.send(sc, *args)
     assert await store.history(f"g:{group.id}") == []
-    assert await store.attach(a, "n1") == []
+    assert (await store.attach(a, "n1"))[1] == []
     await hub.stop()
 
 
@@ -153,5 +154,5 @@ async def test_delivery_for_a_user_who_left_is_requeued(store):
     from twisted.internet import task
 
     await task.deferLater(reactor, 0.1, lambda: None)
-    assert [m.body for m in await store.attach(b, "n1")] == ["late"]
+    assert [m.body for m in (await store.attach(b, "n1"))[1]] == ["late"]
     await hub.stop()

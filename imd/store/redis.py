@@ -10,6 +10,7 @@ Keys (all under the ``imd:`` prefix):
     name:<name>               set of user ids with that display name
     fr:<uid>                  hash  friend id -> the alias the user gave that friend
     frq:<uid>                 hash  requester id -> JSON {name, note}: pending friend requests
+    hc:<uid>                  hash  conversation -> last message id the user cleared
     tok:<token>               string -> user id, expires
     g:<gid>                   hash  creator, name, notice, snap, created
     gm:<gid>                  set of member ids
@@ -245,12 +246,19 @@ return was
 """)
 
 # ARGV: prefix, node, uid, ttl ms.  Marks the user live on the node and drains the queue.
+# Returns {1 if the user was already live on a living node else 0, queued messages...}.
 _ATTACH = Script("""
 local p = ARGV[1]
-redis.call('SADD', p..'loc:'..ARGV[3], ARGV[2])
+local loc = p..'loc:'..ARGV[3]
+local was = 0
+for _, n in ipairs(redis.call('SMEMBERS', loc)) do
+  if redis.call('EXISTS', p..'alive:'..n) == 1 then was = 1 end
+end
+redis.call('SADD', loc, ARGV[2])
 local q = p..'q:'..ARGV[3]
 local msgs = redis.call('LRANGE', q, 0, -1)
 redis.call('DEL', q)
+table.insert(msgs, 1, was)
 return msgs
 """)
 
@@ -324,6 +332,15 @@ class RedisStore:
         users = await self.get_users(ids)
         return [users[u] for u in ids if u in users]
 
+    async def set_user_fields(self, uid: int, **fields: str) -> None:
+        """Per-user settings kept beside the profile (webim show, status, setting)."""
+        if fields:
+            await self.redis.hmset(f"{self.p}u:{int(uid)}", fields)
+
+    async def user_fields(self, uid: int, *names: str) -> dict[str, str]:
+        values = await self.redis.hmget(f"{self.p}u:{int(uid)}", list(names))
+        return {n: v or "" for n, v in zip(names, values)}
+
     async def find_account(self, account: str) -> int | None:
         uid = await self.redis.get(f"{self.p}acct:{account}")
         return int(uid) if uid else None
@@ -378,7 +395,8 @@ class RedisStore:
         fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
         return Group(id=int(gid), creator=int(fields["creator"]), name=fields.get("name", ""),
                      notice=fields.get("notice", ""), snap=fields.get("snap", ""),
-                     members=tuple(sorted(int(m) for m in members)))
+                     members=tuple(sorted(int(m) for m in members)),
+                     public=fields.get("public") == "1")
 
     async def group_members(self, gid: int) -> list[int]:
         return sorted(int(m) for m in await self.redis.smembers(f"{self.p}gm:{int(gid)}"))
@@ -392,6 +410,9 @@ class RedisStore:
     async def edit_group(self, gid: int, **fields: str) -> None:
         if fields:
             await self.redis.hmset(f"{self.p}g:{int(gid)}", fields)
+
+    async def set_public(self, gid: int, public: bool) -> None:
+        await self.redis.hset(f"{self.p}g:{int(gid)}", "public", "1" if public else "0")
 
     async def user_groups(self, uid: int) -> list[int]:
         return sorted(int(g) for g in await self.redis.smembers(f"{self.p}ug:{int(uid)}"))
@@ -489,14 +510,26 @@ class RedisStore:
         msgs = [m for m in msgs if m.ts >= since_ms]
         return msgs[-limit:] if limit else msgs
 
-    async def attach(self, uid: int, node: str) -> list[Message]:
+    async def clear_history(self, uid: int, conversation: str) -> None:
+        """Hide a conversation's history so far from one user (the others keep theirs)."""
+        self._flush()
+        last = await self.redis.get(f"{self.p}msgid")
+        await self.redis.hset(f"{self.p}hc:{int(uid)}", conversation, int(last or 0))
+
+    async def history_cleared(self, uid: int, conversation: str) -> int:
+        """The id of the last message the user cleared from the conversation (0: none)."""
+        return int(await self.redis.hget(f"{self.p}hc:{int(uid)}", conversation) or 0)
+
+    async def attach(self, uid: int, node: str) -> tuple[bool, list[Message]]:
         """Mark ``uid`` live on ``node`` and take its offline queue, atomically.
 
-        Sorted by message id: a requeued message may have been appended after newer ones.
+        Returns whether the user was already live somewhere, and the queued messages, sorted
+        by id (a requeued message may have been appended after newer ones).
         """
         self._flush()
-        raw = await _ATTACH(self.redis, [], [self.p, node, int(uid)])
-        return sorted((Message.from_json(r) for r in raw), key=lambda m: m.id)
+        was, *raw = await _ATTACH(self.redis, [], [self.p, node, int(uid)])
+        return bool(int(was)), sorted((Message.from_json(r) for r in raw),
+                                      key=lambda m: m.id)
 
     async def detach(self, uid: int, node: str) -> None:
         await self.redis.srem(f"{self.p}loc:{int(uid)}", node)
