@@ -8,7 +8,8 @@ setup(
     description="Multi-protocol instant-messaging daemon: webim, xuanxuan, minami, 66boss",
     python_requires=">=3.11",
     packages=find_packages(include=["imd", "imd.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["imd_plugin.py"], "imd.protocols.minami": ["www/*"]},
+    package_data={"twisted.plugins": ["imd_plugin.py"], "imd.protocols.minami": ["www/*"],
+                  "imd.protocols.webim": ["www/*"]},
     install_requires=[
         "Twisted[tls]>=23.10",
         "autobahn>=23.1",

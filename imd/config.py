@@ -41,6 +41,12 @@ _OPTIONS = [
     ("max-outbuf", 4 * 1024 * 1024, int,
      "bytes waiting to be sent to one slow client before it is dropped"),
     ("history-limit", 1000, int, "messages kept per conversation"),
+    ("webim-secret", "", str,
+     "secret shared with a host site that signs webim 'auth' values; empty = none accepted"),
+    ("poll-timeout", 28.0, float, "seconds a webim long-poll is held when nothing is waiting"),
+    ("ticket-timeout", 8.0, float, "seconds a webim ticket lives without a poll"),
+    ("offline-grace", 8.0, float,
+     "seconds after its last ticket before a webim user counts as offline"),
 ]
 _DEFAULTS = {name: default for name, default, _, _ in _OPTIONS}
 _COERCE = {name: coerce for name, _, coerce, _ in _OPTIONS}
@@ -70,6 +76,10 @@ class Config:
     max_queue: int = 10000
     max_outbuf: int = 4 * 1024 * 1024
     history_limit: int = 1000
+    webim_secret: str = ""
+    poll_timeout: float = 28.0
+    ticket_timeout: float = 8.0
+    offline_grace: float = 8.0
 
 
 class Options(usage.Options):
@@ -136,6 +146,7 @@ def _check(config: Config) -> None:
     if config.boss_auth not in ("token", "trust"):
         raise ConfigError("--boss-auth must be 'token' or 'trust'")
     for name in ("heartbeat", "heartbeat_timeout", "node_timeout", "token_ttl", "max_frame",
-                 "max_body", "max_upload", "max_queue", "max_outbuf", "history_limit"):
+                 "max_body", "max_upload", "max_queue", "max_outbuf", "history_limit",
+                 "poll_timeout", "ticket_timeout", "offline_grace"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")

@@ -6,6 +6,7 @@ Rules:
 - any member may add members (who must exist);
 - only the creator may rename the group, change its notice or remove members; a member may
   remove (only) themselves; the creator cannot be removed;
+- anyone may join a public group (webim join, xuanxuan joinchat);
 - only members may read a group's details; ``caller=None`` means a trusted caller (closed
   networks, ``--boss-auth=trust`` without a caller id) and skips the caller checks.
 """
@@ -68,6 +69,16 @@ class Groups:
         if len(set(group.members) | set(members)) > MAX_MEMBERS:
             raise GroupError(f"at most {MAX_MEMBERS} members")
         await self.store.add_members(gid, members)
+        return group
+
+    async def join(self, gid: int, uid: int) -> Group:
+        """A user joins a group: already a member, or the group is public."""
+        group = await self.get(gid)
+        if uid not in group.members:
+            if not group.public:
+                raise NotAllowed("this group is not public")
+            await self.store.add_members(gid, [uid])
+            group = await self.get(gid)
         return group
 
     async def remove_members(self, gid: int, members: Iterable[int],

@@ -147,7 +147,7 @@ class Hub:
     # -- messages ----------------------------------------------------------------------
 
     def send(self, origin: Session, ctype: str, to: int, kind: str, body: str,
-             extension: str = "") -> defer.Deferred:
+             extension: str = "", style: str = "") -> defer.Deferred:
         """Check, store and deliver one message from ``origin``'s user.
 
         Deferred[Message]: the stored message (with id and ts) once it is persisted; fails
@@ -161,7 +161,7 @@ class Hub:
         if len(body) > self.max_body:
             return defer.fail(HubError("message too long"))
         message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
-                          body=body, extension=extension)
+                          body=body, extension=extension, style=style)
         d = self.store.post(message, self.node)
         d.addCallbacks(self._posted, _refused, callbackArgs=(message, origin))
         return d

@@ -29,6 +29,9 @@ from imd.protocols.boss.line import line_factory
 from imd.protocols.boss.ws import entry_resource
 from imd.protocols.minami import routes as minami_routes
 from imd.protocols.minami.ws import MinamiService
+from imd.protocols.webim import routes as webim_routes
+from imd.protocols.webim.actions import WebimActions
+from imd.protocols.webim.tickets import Tickets
 from imd.store.connection import BadRedisURL, RedisAddress, connect_pool, connect_subscriber
 from imd.store.connection import endpoint_for
 from imd.store.connection import parse_redis_url
@@ -94,6 +97,7 @@ class ImdService(service.MultiService):
         self._factories: list = []
         self.hub: Hub | None = None
         self.boss: BossService | None = None
+        self.tickets: Tickets | None = None
         self.check()
 
     def check(self) -> None:
@@ -147,8 +151,13 @@ class ImdService(service.MultiService):
         log.info("node {node} using Redis at {redis}", node=hub.node, redis=address.display)
 
         accounts = Accounts(store, config.token_ttl)
-        minami = MinamiService(hub, accounts, Friends(hub), config)
-        self.boss = BossService(hub, accounts, Groups(store), config, reactor)
+        friends, groups = Friends(hub), Groups(store)
+        minami = MinamiService(hub, accounts, friends, config)
+        self.boss = BossService(hub, accounts, groups, config, reactor)
+        self.tickets = Tickets(hub, reactor, config.poll_timeout, config.ticket_timeout,
+                               config.offline_grace, config.max_queue)
+        webim = WebimActions(hub, accounts, friends, groups, self.tickets,
+                             config.webim_secret, config.public_url, config.token_ttl)
         self.boss.start()
         if config.boss_auth == "trust":
             log.warn("--boss-auth=trust: 66boss clients may log in as any user id without a "
@@ -159,11 +168,12 @@ class ImdService(service.MultiService):
         boss_http.mount(root, self.boss)
         boss_uploads.mount(root, self.boss, self.data_dir)
         minami_routes.mount(root, minami)
+        webim_routes.mount(root, webim, self.tickets)
         site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
                        upload_paths=boss_uploads.UPLOAD_PATHS)
         for description in config.web:
             await self._listen(description, site,
-                               "web (66boss /entry, group API, uploads; minami /im/)")
+                               "web (66boss /entry, group API, uploads; minami /im/; webim /webim/)")
         if config.boss_line.lower() != "none":
             await self._listen(config.boss_line, line_factory(self.boss), "66boss line protocol")
 
@@ -189,6 +199,8 @@ class ImdService(service.MultiService):
         self.ports = []
         if self.boss is not None:
             self.boss.stop()
+        if self.tickets is not None:
+            self.tickets.close_all()
         if self.hub is not None:
             try:
                 await self.hub.stop()

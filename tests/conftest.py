@@ -122,7 +122,8 @@ def daemon(tmp_path_factory):
     """One daemon shared by the tests that don't restart or reconfigure it."""
     d = Daemon(tmp_path_factory.mktemp("shared") / "data", "--heartbeat", "1",
                "--heartbeat-timeout", "1", "--max-frame", "4096", "--max-upload", "300000",
-               "--max-body", "100000")
+               "--max-body", "100000", "--poll-timeout", "2", "--ticket-timeout", "2",
+               "--offline-grace", "1")
     d.start()
     yield d
     run_blocking(d.close_store())

@@ -1,0 +1,361 @@
+"""The webim actions, as the shipped plugin served them, with the seed drafts' names too.
+
+Every action takes its parameters from the query string or a form body, answers JSON, or JSONP
+when ``callback`` is given.  A plain success is the JSON string ``"ok"``; a failure is
+``{"success": false, "error_msg": "..."}``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+
+from twisted.web import server
+
+from imd.accounts import Accounts
+from imd.friends import Friends
+from imd.groups import GroupError, Groups
+from imd.hub import Hub, HubError
+from imd.model import GROUP, TEXT, UNICAST, Event, Group, Message, User
+from imd.protocols.webim.auth import caller, set_cookie
+from imd.protocols.webim.tickets import Ticket, Tickets
+from imd.web import arg, public_base
+
+HISTORY_SIZE = 30
+MAX_IDS = 200
+SHOWS = ("available", "away", "chat", "dnd", "busy", "invisible", "unavailable")
+
+
+class ActionError(Exception):
+    """A refused action; the text goes to ``error_msg``."""
+
+
+def ids_param(request: server.Request, *names: str) -> list[int]:
+    """Comma-separated ids from the first of ``names`` present; non-ids are ignored."""
+    for name in names:
+        value = arg(request, name)
+        if value:
+            ids = [int(p) for p in value.split(",")
+                   if p.strip().isascii() and p.strip().isdigit() and len(p.strip()) <= 18]
+            return ids[:MAX_IDS]
+    return []
+
+
+def one_id(request: server.Request, *names: str) -> int:
+    ids = ids_param(request, *names)
+    if not ids:
+        raise ActionError(f"missing or bad parameter: {names[0]}")
+    return ids[0]
+
+
+class WebimActions:
+    def __init__(self, hub: Hub, accounts: Accounts, friends: Friends, groups: Groups,
+                 tickets: Tickets, secret: str, public_url: str, token_ttl: int):
+        self.hub = hub
+        self.store = hub.store
+        self.accounts = accounts
+        self.friends = friends
+        self.groups = groups
+        self.tickets = tickets
+        self.secret = secret
+        self.public_url = public_url
+        self.token_ttl = token_ttl
+        self.needs_ticket = {"message", "status", "presence", "join", "leave", "offline",
+                             "refresh"}
+        self.actions = {
+            "online": self.online, "offline": self.offline, "refresh": self.refresh,
+            "message": self.message, "presence": self.presence, "status": self.status,
+            "history": self.history, "histories": self.histories, "members": self.members,
+            "join": self.join, "leave": self.leave, "buddies": self.buddies,
+            "rooms": self.rooms, "clear_history": self.clear_history,
+            "setting": self.setting, "notifications": self.notifications,
+            "download_history": self.download_history, "login": self.login,
+            "logout": self.logout,
+        }
+
+    async def run(self, name: str, request: server.Request):
+        """The reply object of action ``name``; raises ActionError."""
+        handler = self.actions.get(name)
+        if handler is None:
+            raise ActionError("Unknown action")
+        if name == "login":
+            return await handler(request)
+        uid = await caller(request, self.accounts, self.secret)
+        if uid is None:
+            raise ActionError("Not Authorized")
+        if name in self.needs_ticket:
+            ticket = self.tickets.get(arg(request, "ticket"), uid)
+            if ticket is None:
+                raise ActionError("Not Authorized: unknown ticket")
+            return await handler(request, uid, ticket)
+        return await handler(request, uid)
+
+    # -- rendering -----------------------------------------------------------------------
+
+    async def _nicks(self, uids) -> dict[int, User]:
+        return await self.store.get_users(set(uids))
+
+    def _user_json(self, user: User, fields: dict) -> dict:
+        return {"id": str(user.id), "nick": user.name, "name": user.account,
+                "pic_url": user.avatar, "default_pic_url": "", "url": "",
+                "show": fields.get("show") or "available",
+                "status": fields.get("status", ""), "status_time": ""}
+
+    @staticmethod
+    def message_json(m: Message, users: dict[int, User]) -> dict:
+        sender = users.get(m.sender)
+        return {"from": str(m.sender), "nick": sender.name if sender else str(m.sender),
+                "to": str(m.to), "timestamp": m.ts,
+                "type": "multicast" if m.ctype == GROUP else "unicast",
+                "body": m.body if m.kind == TEXT else f"[{m.kind}] {m.body}", "style": m.style}
+
+    def log_item(self, m: Message, users: dict[int, User]) -> dict:
+        return {**self.message_json(m, users), "timestamp": str(m.ts)}
+
+    async def _buddy_json(self, uid: int, friends: dict[int, str]) -> dict | None:
+        user = (await self.store.get_users([uid])).get(uid)
+        if user is None:
+            return None
+        fields = await self.store.user_fields(uid, "show", "status")
+        online = await self.hub.is_online(uid)
+        return {**self._user_json(user, fields),
+                "nick": friends.get(uid) or user.name,
+                "group": "friend" if uid in friends else "stranger",
+                "presence": "online" if online else "offline",
+                "show": (fields.get("show") or "available") if online else "unavailable"}
+
+    async def _room_json(self, group: Group) -> dict:
+        users = await self.store.get_users(group.members)
+        online = [u for u in group.members if await self.hub.is_online(u)]
+        return {"id": str(group.id), "name": group.name, "nick": group.name,
+                "pic_url": group.snap, "default_pic_url": "", "url": "",
+                "all_count": len(group.members), "count": len(online), "blocked": False,
+                "members": [{"id": str(u), "nick": users[u].name if u in users else str(u)}
+                            for u in online]}
+
+    def _conversation(self, uid: int, peer: int, kind: str | None) -> str:
+        if kind == "multicast":
+            return f"g:{peer}"
+        return Message(sender=uid, to=peer, ctype=UNICAST, kind=TEXT, body="").conversation
+
+    async def _history(self, uid: int, peer: int, kind: str | None = None) -> list[dict]:
+        if kind is None:
+            kind = "multicast" if await self.store.get_group(peer) else "unicast"
+        if kind == "multicast":
+            group = await self.store.get_group(peer)
+            if group is None or (uid not in group.members and not group.public):
+                return []
+        conversation = self._conversation(uid, peer, kind)
+        cleared = await self.store.history_cleared(uid, conversation)
+        messages = [m for m in await self.store.history(conversation, limit=0)
+                    if m.id > cleared][-HISTORY_SIZE:]
+        users = await self._nicks(m.sender for m in messages)
+        return [self.log_item(m, users) for m in messages]
+
+    # -- actions ---------------------------------------------------------------------------
+
+    async def login(self, request: server.Request):
+        """Our login form: account + password -> the session cookie."""
+        if request.method != b"POST":
+            raise ActionError("use POST with account and password")
+        result = await self.accounts.login(arg(request, "account") or "",
+                                           arg(request, "password") or "")
+        if result is None:
+            raise ActionError("wrong account or password")
+        user, token = result
+        set_cookie(request, token, self.token_ttl)
+        return {"success": True, "user": {"id": str(user.id), "nick": user.name}}
+
+    async def logout(self, request: server.Request, uid: int):
+        request.addCookie(b"imd_webim", b"", path=b"/", max_age=b"0")
+        return "ok"
+
+    async def online(self, request: server.Request, uid: int):
+        show = arg(request, "show")
+        if show in SHOWS:
+            await self.store.set_user_fields(uid, show=show)
+        ticket, unseen = await self.tickets.open(uid)
+        user = await self.store.get_user(uid)
+        fields = await self.store.user_fields(uid, "show", "status", "webim_setting")
+        friends = await self.store.friends(uid)
+        asked = set(ids_param(request, "buddy_ids", "buddies", "presence_buddies"))
+        asked |= set(ids_param(request, "stranger_ids"))
+        senders = {m.sender for m in unseen if m.ctype == UNICAST and m.sender != uid}
+        active = asked | senders
+        buddies = []
+        for bid in sorted(set(friends) | active):
+            if bid == uid:
+                continue
+            info = await self._buddy_json(bid, friends)
+            if info is None or (info["presence"] != "online" and bid not in active):
+                continue
+            if bid in active:
+                info["history"] = await self._history(uid, bid, "unicast")
+            buddies.append(info)
+        asked_rooms = set(ids_param(request, "room_ids", "rooms", "presence_rooms"))
+        rooms = []
+        for gid in await self.store.user_groups(uid):
+            group = await self.store.get_group(gid)
+            if group is None:
+                continue
+            info = await self._room_json(group)
+            if gid in asked_rooms:
+                info["history"] = await self._history(uid, gid, "multicast")
+            rooms.append(info)
+        users = await self._nicks(m.sender for m in unseen)
+        base = public_base(request, self.public_url)
+        try:
+            setting = json.loads(fields.get("webim_setting") or "{}")
+        except ValueError:
+            setting = {}
+        return {
+            "success": True, "server_time": int(time.time() * 1000),
+            "user": {**self._user_json(user, fields), "presence": "online"},
+            "connection": {"ticket": ticket.id,
+                           "domain": arg(request, "domain") or base.split("://", 1)[1],
+                           "server": f"{base}/packets"},
+            "buddies": buddies, "rooms": rooms,
+            "new_messages": [self.message_json(m, users) for m in unseen],
+            "setting": setting,
+        }
+
+    async def offline(self, request, uid: int, ticket: Ticket):
+        self.tickets.unbind(ticket, grace=False)
+        return "ok"
+
+    async def refresh(self, request, uid: int, ticket: Ticket):
+        self.tickets.unbind(ticket, grace=True)
+        return "ok"
+
+    async def message(self, request, uid: int, ticket: Ticket):
+        kind = arg(request, "type") or "unicast"
+        if kind not in ("unicast", "multicast"):
+            raise ActionError("type must be unicast or multicast")
+        to = one_id(request, "to")
+        body = arg(request, "body")
+        if not body:
+            raise ActionError("missing parameter: body")
+        try:
+            await self.hub.send(ticket, GROUP if kind == "multicast" else UNICAST, to, TEXT,
+                                body, style=(arg(request, "style") or "")[:256])
+        except HubError as e:
+            raise ActionError(str(e)) from None
+        return "ok"
+
+    async def presence(self, request, uid: int, ticket: Ticket):
+        show = arg(request, "show") or "available"
+        if show not in SHOWS:
+            raise ActionError("bad show")
+        status = (arg(request, "status") or "")[:256]
+        await self.store.set_user_fields(uid, show=show, status=status)
+        friends = await self.store.friends(uid)
+        await self.hub.notify(friends, Event("presence", {"user": uid, "show": show,
+                                                         "status": status}))
+        return "ok"
+
+    async def status(self, request, uid: int, ticket: Ticket):
+        to = one_id(request, "to")
+        show = (arg(request, "show") or "typing")[:32]
+        if await self.hub.is_online(to):
+            await self.hub.notify([to], Event("status", {"user": uid, "to": to, "show": show}))
+        return "ok"
+
+    async def history(self, request, uid: int):
+        return await self._history(uid, one_id(request, "id", "ids"), arg(request, "type"))
+
+    async def histories(self, request, uid: int):
+        kind = arg(request, "type")
+        return {str(i): await self._history(uid, i, kind) for i in ids_param(request, "ids")}
+
+    async def clear_history(self, request, uid: int):
+        for peer in ids_param(request, "ids", "id"):
+            kind = "multicast" if await self.store.get_group(peer) else "unicast"
+            await self.store.clear_history(uid, self._conversation(uid, peer, kind))
+        return "ok"
+
+    async def members(self, request, uid: int):
+        try:
+            group = await self.groups.get(one_id(request, "id", "ids"))
+        except GroupError as e:
+            raise ActionError(str(e)) from None
+        if uid not in group.members and not group.public:
+            raise ActionError("not a member of this room")
+        users = await self.store.get_users(group.members)
+        return [{"id": str(m), "nick": users[m].name} for m in group.members if m in users]
+
+    async def join(self, request, uid: int, ticket: Ticket):
+        gid = one_id(request, "id")
+        try:
+            group = await self.groups.join(gid, uid)
+        except GroupError as e:
+            raise ActionError(str(e)) from None
+        others = [m for m in group.members if m != uid]
+        await self.hub.notify(others, Event("join", {"user": uid, "room": gid}))
+        return await self._room_json(group)
+
+    async def leave(self, request, uid: int, ticket: Ticket):
+        gid = one_id(request, "id")
+        try:
+            group = await self.groups.remove_members(gid, [uid], uid)
+        except GroupError as e:
+            raise ActionError(str(e)) from None
+        others = [m for m in group.members if m != uid]
+        await self.hub.notify(others, Event("leave", {"user": uid, "room": gid}))
+        return "ok"
+
+    async def buddies(self, request, uid: int):
+        friends = await self.store.friends(uid)
+        result = []
+        for bid in ids_param(request, "ids"):
+            info = await self._buddy_json(bid, friends)
+            if info is not None:
+                result.append(info)
+        return result
+
+    async def rooms(self, request, uid: int):
+        result = []
+        for gid in ids_param(request, "ids"):
+            group = await self.store.get_group(gid)
+            if group is not None and (uid in group.members or group.public):
+                result.append(await self._room_json(group))
+        return result
+
+    async def setting(self, request, uid: int):
+        data = arg(request, "data")
+        if data is None:
+            # The seed's draft sent the settings as separate parameters.
+            data = json.dumps({k.decode(): v[0].decode("utf-8", "replace")
+                               for k, v in request.args.items()
+                               if k not in (b"callback", b"ticket", b"token", b"auth",
+                                            b"webim_action", b"_")})
+        if len(data) > 8192:
+            raise ActionError("setting too large")
+        try:
+            json.loads(data)
+        except ValueError:
+            raise ActionError("data must be JSON") from None
+        await self.store.set_user_fields(uid, webim_setting=data)
+        return "ok"
+
+    async def notifications(self, request, uid: int):
+        return []
+
+    async def download_history(self, request, uid: int):
+        peer = one_id(request, "id")
+        items = await self._history(uid, peer, arg(request, "type"))
+        rows = "".join(
+            f"<tr><td>{html.escape(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(int(i['timestamp']) / 1000)))}"
+            f"</td><td>{html.escape(i['nick'])}</td><td>{html.escape(i['body'])}</td></tr>"
+            for i in items)
+        page = (f"<!doctype html><meta charset='utf-8'><title>History {peer}</title>"
+                f"<table>{rows}</table>").encode("utf-8")
+        return Download(page, f"history-{peer}.html")
+
+
+class Download:
+    """A reply that is a file, not JSON."""
+
+    def __init__(self, body: bytes, filename: str):
+        self.body = body
+        self.filename = filename

@@ -1,0 +1,177 @@
+"""webim on the web port: actions at ``/webim/<action>`` and ``/webim/im.php?webim_action=``,
+the long-poll at ``/packets`` and ``/webim/packets``, and the demo page at
+``/webim/demo.html``.
+
+JSONP: ``callback`` must be a plain JavaScript identifier path (``a.b_c.$d``); anything else
+is refused.  JSONP replies are ``application/javascript`` with ``X-Content-Type-Options:
+nosniff``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server, static
+
+from imd.protocols.webim.actions import ActionError, Download, WebimActions
+from imd.protocols.webim.tickets import Tickets
+from imd.web import arg
+
+log = Logger()
+CALLBACK_RE = re.compile(r"^[A-Za-z_$][\w$]{0,63}(?:\.[A-Za-z_$][\w$]{0,63}){0,7}$")
+WWW = Path(__file__).parent / "www"
+
+
+def reply(request: server.Request, obj, status: int = 200) -> None:
+    """Write JSON, or JSONP when a valid ``callback`` was given."""
+    callback = arg(request, "callback")
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"cache-control", b"no-store")
+    if callback is not None:
+        if not CALLBACK_RE.match(callback):
+            status, callback = 400, None
+            body = json.dumps({"success": False, "error_msg": "bad callback name"})
+    if callback:
+        data = f"{callback}({body});".encode("utf-8")
+        request.setHeader(b"content-type", b"application/javascript; charset=utf-8")
+    else:
+        data = body.encode("utf-8")
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-length", b"%d" % len(data))
+    request.write(data)
+    request.finish()
+
+
+class ActionResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, actions: WebimActions, name: str | None):
+        super().__init__()
+        self.actions = actions
+        self.name = name  # None: taken from webim_action (the im.php form)
+
+    def render(self, request):
+        name = self.name or arg(request, "webim_action") or ""
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = defer.ensureDeferred(self.actions.run(name, request))
+
+        def done(result):
+            if gone:
+                return
+            if isinstance(result, Download):
+                request.setHeader(b"content-type", b"text/html; charset=utf-8")
+                request.setHeader(b"content-disposition",
+                                  f'attachment; filename="{result.filename}"'.encode())
+                request.setHeader(b"x-content-type-options", b"nosniff")
+                request.write(result.body)
+                request.finish()
+            else:
+                reply(request, result)
+
+        def failed(failure):
+            if gone:
+                return
+            if failure.check(ActionError):
+                status = 404 if str(failure.value) == "Unknown action" else 200
+                reply(request, {"success": False, "error_msg": str(failure.value)}, status)
+            else:
+                log.failure("webim action {name} failed", failure, name=name)
+                reply(request, {"success": False, "error_msg": "internal error"}, 500)
+
+        d.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+
+class Actions(resource.Resource):
+    def __init__(self, actions: WebimActions, packets: resource.Resource):
+        super().__init__()
+        self.actions = actions
+        self.packets = packets
+        self.demo = static.File(str(WWW / "demo.html"), defaultType="text/html")
+
+    def getChild(self, name, request):
+        if name == b"im.php":
+            return ActionResource(self.actions, None)
+        if name == b"packets":
+            return self.packets
+        if name == b"demo.html":
+            return self.demo
+        return ActionResource(self.actions, name.decode("latin-1"))
+
+
+class Packets(resource.Resource):
+    """The JSONP long-poll: ``?ticket=T&callback=CB``."""
+
+    isLeaf = True
+
+    def __init__(self, actions: WebimActions, tickets: Tickets):
+        super().__init__()
+        self.actions = actions
+        self.tickets = tickets
+
+    def render(self, request):
+        callback = arg(request, "callback")
+        if callback is not None and not CALLBACK_RE.match(callback):
+            reply(request, {"status": "error", "error_msg": "bad callback name"}, 400)
+            return server.NOT_DONE_YET
+        ticket = self.tickets.get(arg(request, "ticket"))
+        if ticket is None:
+            reply(request, {"status": "stopped"})
+            return server.NOT_DONE_YET
+        answered: list[bool] = []
+        gone: list[bool] = []
+
+        def answer(stopped: bool):
+            answered.append(True)
+            if stopped:
+                reply(request, {"status": "stopped"})
+                return
+            packets = ticket.take()
+            defer.ensureDeferred(self._write(request, ticket, packets, gone))
+
+        def lost(_):
+            gone.append(True)
+            if not answered:
+                ticket.poll_gone(answer)
+
+        request.notifyFinish().addErrback(lost)
+        ticket.hold(answer)
+        return server.NOT_DONE_YET
+
+    async def _write(self, request, ticket, packets, gone: list) -> None:
+        messages, presences, statuses = packets
+        users = await self.actions.store.get_users(
+            {m.sender for m in messages} | {p["from"] for p in presences}
+            | {s["from"] for s in statuses})
+        if gone:
+            # The browser left before the answer: keep the packets for its next poll.
+            ticket.messages[:0], ticket.presences[:0], ticket.statuses[:0] = packets
+            return
+
+        def nick(uid):
+            return users[uid].name if uid in users else str(uid)
+
+        try:
+            reply(request, {
+                "status": "ok",
+                "messages": [self.actions.message_json(m, users) for m in messages],
+                "presences": [{**p, "from": str(p["from"]), "nick": nick(p["from"])}
+                              for p in presences],
+                "statuses": [{**s, "from": str(s["from"]), "nick": nick(s["from"])}
+                             for s in statuses],
+            })
+        except Exception:
+            log.failure("webim poll reply failed")
+
+
+def mount(root: resource.Resource, actions: WebimActions, tickets: Tickets) -> None:
+    packets = Packets(actions, tickets)
+    root.putChild(b"packets", packets)
+    root.putChild(b"webim", Actions(actions, packets))

@@ -1,0 +1,212 @@
+"""webim tickets: one per browser tab, each a hub Session with a packet queue and at most one
+held long-poll.
+
+- A poll is answered at once when packets wait, else held up to ``poll_timeout``; a newer poll
+  for the same ticket answers the held one with ``{"status":"stopped"}``.
+- A ticket not polled for ``ticket_timeout`` is unbound; so are tickets closed by ``refresh``.
+  An unbound ticket stays registered with the hub for ``offline_grace`` more seconds, so a page
+  refresh (a new ticket for the same user) causes no offline/online flicker and loses nothing:
+  what the old ticket still held is handed to the new one.  After the grace, a user with no
+  live ticket is logged out (buddies see an offline presence) and undelivered messages go back
+  to the user's offline queue.  ``offline`` unbinds and logs out at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from imd.hub import Hub
+from imd.model import Event, Message
+
+log = Logger()
+
+
+class Ticket:
+    """One browser tab of a user: a hub Session."""
+
+    def __init__(self, registry: "Tickets", user_id: int):
+        self.registry = registry
+        self.user_id = user_id
+        self.id = secrets.token_urlsafe(24)
+        self.messages: list[Message] = []
+        self.presences: list[dict] = []
+        self.statuses: list[dict] = []
+        self.bound = True
+        self.waiter: Callable[[bool], None] | None = None  # the held poll's answer
+        self._poll_timeout: IDelayedCall | None = None
+        self._expiry: IDelayedCall | None = None
+
+    # -- hub Session ---------------------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        self.messages.append(message)
+        self._queued()
+
+    def notice(self, event: Event) -> None:
+        data = event.data
+        if event.kind in ("online", "offline"):
+            self.presences.append({"from": data["user"], "type": event.kind,
+                                   "show": "available" if event.kind == "online"
+                                   else "unavailable", "status": ""})
+        elif event.kind == "presence":
+            self.presences.append({"from": data["user"], "type": "show",
+                                   "show": data["show"], "status": data["status"]})
+        elif event.kind in ("join", "leave"):
+            self.presences.append({"from": data["user"], "type": event.kind,
+                                   "show": "available", "status": str(data["room"])})
+        elif event.kind == "status":
+            self.statuses.append({"from": data["user"], "to": str(data["to"]),
+                                  "show": data["show"]})
+        else:
+            return
+        self._queued()
+
+    # -- packets and polls ---------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self.messages) + len(self.presences) + len(self.statuses)
+
+    def _queued(self) -> None:
+        if self.pending > self.registry.max_packets and self.bound:
+            log.warn("webim ticket of user {uid} overflowed; unbinding it", uid=self.user_id)
+            self.registry.unbind(self, grace=True)
+            return
+        if self.waiter is not None:
+            self.answer(stopped=False)
+
+    def take(self) -> tuple[list[Message], list[dict], list[dict]]:
+        packets = self.messages, self.presences, self.statuses
+        self.messages, self.presences, self.statuses = [], [], []
+        return packets
+
+    def hold(self, waiter: Callable[[bool], None]) -> None:
+        """Hold a poll; ``waiter(stopped)`` answers it exactly once."""
+        if self.waiter is not None:
+            self.answer(stopped=True)  # superseded by this newer poll
+        self._cancel_expiry()
+        self.waiter = waiter
+        if self.pending:
+            self.answer(stopped=False)
+        else:
+            self._poll_timeout = self.registry.clock.callLater(
+                self.registry.poll_timeout, self.answer, False)
+
+    def answer(self, stopped: bool) -> None:
+        waiter, self.waiter = self.waiter, None
+        if self._poll_timeout is not None and self._poll_timeout.active():
+            self._poll_timeout.cancel()
+        self._poll_timeout = None
+        if self.bound:
+            self._start_expiry()
+        if waiter is not None:
+            waiter(stopped)
+
+    def poll_gone(self, waiter) -> None:
+        """The client closed a held poll."""
+        if self.waiter is waiter:
+            self.waiter = None
+            if self._poll_timeout is not None and self._poll_timeout.active():
+                self._poll_timeout.cancel()
+            if self.bound:
+                self._start_expiry()
+
+    def _start_expiry(self) -> None:
+        self._cancel_expiry()
+        self._expiry = self.registry.clock.callLater(
+            self.registry.ticket_timeout, self.registry.unbind, self, True)
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+
+
+class Tickets:
+    def __init__(self, hub: Hub, clock: IReactorTime, poll_timeout: float = 28.0,
+                 ticket_timeout: float = 8.0, offline_grace: float = 8.0,
+                 max_packets: int = 1000):
+        self.hub = hub
+        self.clock = clock
+        self.poll_timeout = poll_timeout
+        self.ticket_timeout = ticket_timeout
+        self.offline_grace = offline_grace
+        self.max_packets = max_packets
+        self.by_id: dict[str, Ticket] = {}
+        self.unbound: dict[int, list[Ticket]] = {}
+
+    def get(self, ticket_id: str | None, user_id: int | None = None) -> Ticket | None:
+        """A bound ticket; with ``user_id``, only if it belongs to that user."""
+        ticket = self.by_id.get(ticket_id or "")
+        if ticket is None or not ticket.bound:
+            return None
+        if user_id is not None and ticket.user_id != user_id:
+            return None
+        return ticket
+
+    async def open(self, user_id: int) -> tuple[Ticket, list[Message]]:
+        """A new ticket and the messages the user has not seen yet (the offline queue, and
+        what an unbound ticket of the same user still held)."""
+        ticket = Ticket(self, user_id)
+        self.by_id[ticket.id] = ticket
+        await self.hub.login(ticket)
+        unseen = ticket.messages
+        ticket.messages = []
+        for old in self.unbound.pop(user_id, []):
+            unseen = old.messages + unseen
+            old.messages = []
+            await self._logout(old)
+        seen, messages = set(), []
+        for message in sorted(unseen, key=lambda m: m.id):
+            if message.id not in seen:
+                seen.add(message.id)
+                messages.append(message)
+        ticket._start_expiry()
+        return ticket, messages
+
+    def unbind(self, ticket: Ticket, grace: bool) -> None:
+        """Stop a ticket: its polls get 'stopped'; it leaves the hub now or after the grace."""
+        if not ticket.bound:
+            return
+        ticket.bound = False
+        ticket._cancel_expiry()
+        ticket.answer(stopped=True)
+        self.by_id.pop(ticket.id, None)
+        if grace:
+            self.unbound.setdefault(ticket.user_id, []).append(ticket)
+            self.clock.callLater(self.offline_grace, self._grace_over, ticket)
+        else:
+            self._finish(self._logout(ticket, requeue=True))
+
+    def _grace_over(self, ticket: Ticket) -> None:
+        waiting = self.unbound.get(ticket.user_id, [])
+        if ticket not in waiting:
+            return  # a new ticket took it over
+        waiting.remove(ticket)
+        if not waiting:
+            self.unbound.pop(ticket.user_id, None)
+        self._finish(self._logout(ticket, requeue=True))
+
+    async def _logout(self, ticket: Ticket, requeue: bool = False) -> None:
+        if requeue and ticket.messages and not self._has_live_ticket(ticket.user_id):
+            await self.hub.store.requeue(ticket.user_id, ticket.messages)
+        ticket.messages = []
+        await self.hub.logout(ticket)
+
+    def _has_live_ticket(self, user_id: int) -> bool:
+        return any(t.user_id == user_id for t in self.by_id.values())
+
+    @staticmethod
+    def _finish(coroutine) -> None:
+        defer.ensureDeferred(coroutine).addErrback(
+            lambda f: log.failure("webim ticket logout failed", f))
+
+    def close_all(self) -> None:
+        for ticket in list(self.by_id.values()):
+            ticket.bound = False
+            ticket.answer(stopped=True)
