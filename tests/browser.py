@@ -15,7 +15,6 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from tests.wire import http
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -40,15 +39,21 @@ class Browser:
                 if not chunk:
                     break
                 seen += chunk
-                m = re.search(rb"DevTools listening on ws://127\.0\.0\.1:(\d+)/", seen)
+                m = re.search(rb"DevTools listening on (ws://127\.0\.0\.1:(\d+)/\S+)", seen)
                 if m:
-                    return int(m.group(1))
+                    self.endpoint = m.group(1).decode()
+                    return int(m.group(2))
         self.close()
         raise RuntimeError(f"chromium did not start: {seen.decode(errors='replace')}")
 
     async def page(self, url: str) -> "Page":
-        target = (await http("PUT", f"http://127.0.0.1:{self.port}/json/new?{url}")).json()
-        return await Page.connect(self.port, target["webSocketDebuggerUrl"])
+        """A new tab in its own browser context (its own cookies), like a second browser."""
+        browser = await Page.connect(self.port, self.endpoint)
+        context = (await browser.call("Target.createBrowserContext"))["browserContextId"]
+        target = await browser.call("Target.createTarget", url=url, browserContextId=context)
+        browser.close()
+        return await Page.connect(
+            self.port, f"ws://127.0.0.1:{self.port}/devtools/page/{target['targetId']}")
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -1,0 +1,70 @@
+"""Our webim demo page in a real headless Chromium: two buddies log in, see each other,
+see the typing indicator, and chat (actions with the session cookie, JSONP long-poll)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+
+from tests.browser import CHROMIUM, Browser
+from tests.conftest import unique
+from tests.test_boss import make_group
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
+                                "(.ci/run installs it)")
+
+
+@pytest.fixture
+def browser():
+    b = Browser()
+    yield b
+    b.close()
+
+
+async def log_in(page, account: str) -> None:
+    await page.wait_for("document.getElementById('account') !== null")
+    await page.fill("account", account)
+    await page.fill("password", "pw")
+    await page.click("#login-submit")
+    await page.wait_for("!document.getElementById('app').classList.contains('hidden')")
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_buddies_chat_with_typing_indicator(daemon, browser):
+    alice_account, bob_account = unique("alice"), unique("bob")
+    alice_id, alice_token = await daemon.user(alice_account, password="pw", name="Alice")
+    bob_id, _ = await daemon.user(bob_account, password="pw", name="Bob")
+    store = await daemon.store()
+    await store.befriend(alice_id, bob_id, "Bob", "Alice")
+    gid = await make_group(daemon, alice_id, alice_token, [bob_id])
+
+    url = f"http://127.0.0.1:{daemon.web}/webim/demo.html"
+    alice, bob = await browser.page(url), await browser.page(url)
+    await log_in(alice, alice_account)
+    await log_in(bob, bob_account)
+    # Alice came online before Bob: she learns of him through a presence packet.
+    await alice.wait_for(f"document.querySelector('#buddies li[data-id=\"{bob_id}\"] .dot.on')"
+                         " !== null")
+    await alice.click(f"#buddies li[data-id='{bob_id}']")
+    await bob.click(f"#buddies li[data-id='{alice_id}']")
+    await alice.fill("message", "h")
+    await alice.js("document.getElementById('message').dispatchEvent(new Event('input'))")
+    await bob.wait_for("document.getElementById('typing').textContent.includes('Alice is typing')")
+    await alice.fill("message", "hello Bob <i>x</i>")
+    await alice.click("#send")
+    await bob.wait_for("document.getElementById('log').textContent.includes('hello Bob <i>x</i>')")
+    assert await bob.js("document.querySelector('#log i') === null")
+    assert await bob.text("#typing") == ""
+    await bob.fill("message", "hi Alice")
+    await bob.click("#send")
+    await alice.wait_for("document.getElementById('log').textContent.includes('hi Alice')")
+    # a room: the 66boss group both are in
+    await alice.click(f"#rooms li[data-id='{gid}']")
+    await bob.click(f"#rooms li[data-id='{gid}']")
+    await alice.fill("message", "hello room")
+    await alice.click("#send")
+    await bob.wait_for("document.getElementById('log').textContent.includes('hello room')")
+    alice.close()
+    bob.close()
