@@ -49,6 +49,8 @@ async def test_two_buddies_chat_with_typing_indicator(daemon, browser):
                          " !== null")
     await alice.click(f"#buddies li[data-id='{bob_id}']")
     await bob.click(f"#buddies li[data-id='{alice_id}']")
+    for page in (alice, bob):
+        await page.wait_for("!document.getElementById('message').disabled")
     await alice.fill("message", "h")
     await alice.js("document.getElementById('message').dispatchEvent(new Event('input'))")
     await bob.wait_for("document.getElementById('typing').textContent.includes('Alice is typing')")
