@@ -17,6 +17,8 @@ from twisted.python import usage
 _OPTIONS = [
     ("boss-line", "tcp:6061", str,
      "endpoint of the 66boss line protocol (one signal per line); 'none' disables it"),
+    ("xuanxuan", "tcp:8080", str,
+     "endpoint of the xuanxuan 1.0 socket (JSON lines); 'none' disables it"),
     ("redis", "", str,
      "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path.sock); "
      "empty = start the embedded redis-server"),
@@ -62,6 +64,7 @@ class Config:
 
     web: list[str] = field(default_factory=lambda: ["tcp:8000"])
     boss_line: str = "tcp:6061"
+    xuanxuan: str = "tcp:8080"
     redis: str = ""
     data_dir: str = "./imd-data"
     public_url: str = ""

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from imd.accounts import Accounts
 from imd.config import Config
+from imd.chats import Chats
 from imd.friends import Friends
 from imd.groups import Groups
 from imd.hub import Hub
@@ -32,6 +33,9 @@ from imd.protocols.minami.ws import MinamiService
 from imd.protocols.webim import routes as webim_routes
 from imd.protocols.webim.actions import WebimActions
 from imd.protocols.webim.tickets import Tickets
+from imd.protocols.xuanxuan import http as xuanxuan_http
+from imd.protocols.xuanxuan.http import XuanxuanHttp
+from imd.protocols.xuanxuan.socket import XuanxuanService, socket_factory
 from imd.store.connection import BadRedisURL, RedisAddress, connect_pool, connect_subscriber
 from imd.store.connection import endpoint_for
 from imd.store.connection import parse_redis_url
@@ -158,6 +162,8 @@ class ImdService(service.MultiService):
                                config.offline_grace, config.max_queue)
         webim = WebimActions(hub, accounts, friends, groups, self.tickets,
                              config.webim_secret, config.public_url, config.token_ttl)
+        xuanxuan = XuanxuanService(hub, accounts, Chats(store, groups), config)
+        xuanxuan_port: list[int] = []
         self.boss.start()
         if config.boss_auth == "trust":
             log.warn("--boss-auth=trust: 66boss clients may log in as any user id without a "
@@ -169,15 +175,22 @@ class ImdService(service.MultiService):
         boss_uploads.mount(root, self.boss, self.data_dir)
         minami_routes.mount(root, minami)
         webim_routes.mount(root, webim, self.tickets)
+        xuanxuan_http.mount(root, XuanxuanHttp(xuanxuan, self.data_dir / "files",
+                                               lambda: xuanxuan_port[0] if xuanxuan_port else 0))
         site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
-                       upload_paths=boss_uploads.UPLOAD_PATHS)
+                       upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS)
         for description in config.web:
             await self._listen(description, site,
-                               "web (66boss /entry, group API, uploads; minami /im/; webim /webim/)")
+                               "web (66boss /entry, group API, uploads; minami /im/; webim /webim/; "
+                               "xuanxuan HTTP)")
         if config.boss_line.lower() != "none":
             await self._listen(config.boss_line, line_factory(self.boss), "66boss line protocol")
+        if config.xuanxuan.lower() != "none":
+            port = await self._listen(config.xuanxuan, socket_factory(xuanxuan),
+                                      "xuanxuan socket")
+            xuanxuan_port.append(getattr(port.getHost(), "port", 0))
 
-    async def _listen(self, description: str, factory, what: str) -> None:
+    async def _listen(self, description: str, factory, what: str):
         try:
             port = await serverFromString(reactor, description).listen(factory)
         except Exception as e:
@@ -185,6 +198,7 @@ class ImdService(service.MultiService):
         self.ports.append(port)
         log.info("{what} on {endpoint} ({address})", what=what, endpoint=description,
                  address=_address(port))
+        return port
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

@@ -7,6 +7,8 @@ mount their resources on the root this module builds.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import json
 import re
 from typing import Any, Callable
@@ -66,10 +68,10 @@ class ImdSite(server.Site):
         self.noisy = False
 
     def body_limit(self, path: bytes | None) -> int:
-        """Uploads may be larger than other request bodies."""
+        """Uploads (recognised by a marker in the path or query) may be larger than other
+        request bodies."""
         if path is None:
             return max(self.max_body, self.max_upload)
-        path = path.split(b"?", 1)[0]
         if any(p in path for p in self.upload_paths):
             return self.max_upload
         return self.max_body
@@ -113,6 +115,23 @@ def arg(request: server.Request, name: str) -> str | None:
         return values[0].decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def multipart_files(request: server.Request) -> list[tuple[str, str, bytes]]:
+    """The parts of a multipart/form-data body: (field name, file name, content)."""
+    ctype = request.getHeader(b"content-type") or b""
+    if not ctype.lower().startswith(b"multipart/form-data"):
+        return []
+    request.content.seek(0)
+    raw = b"Content-Type: " + ctype + b"\r\nMIME-Version: 1.0\r\n\r\n" + request.content.read()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
+    parts = []
+    for part in message.iter_parts() if message.is_multipart() else []:
+        name = part.get_param("name", header="content-disposition")
+        if name is None:
+            continue
+        parts.append((name, part.get_filename() or "", part.get_payload(decode=True) or b""))
+    return parts
 
 
 def request_token(request: server.Request) -> str | None:

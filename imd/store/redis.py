@@ -11,6 +11,16 @@ Keys (all under the ``imd:`` prefix):
     fr:<uid>                  hash  friend id -> the alias the user gave that friend
     frq:<uid>                 hash  requester id -> JSON {name, note}: pending friend requests
     hc:<uid>                  hash  conversation -> last message id the user cleared
+    xc:<gid>                  hash  a xuanxuan chat's settings (type, admins, committers,
+                              subject, created/edited by/date, group: its hub group id)
+    xg:<group id>             string -> the xuanxuan gid of a hub group made by xuanxuan
+    xu:<uid>                  hash  chat gid -> JSON of the user's flags (star, hide, mute)
+    xo:<uid>                  set of one-to-one chat gids the user has
+    system                    string -> id of the group that is xuanxuan's system chat
+    public                    set of the ids of public groups
+    fileid                    counter of xuanxuan file ids
+    xfile:<id>                hash  an uploaded file: gid, title, size, addedBy, date, name
+    xfiles:<gid>              list of the file ids of a chat
     tok:<token>               string -> user id, expires
     g:<gid>                   hash  creator, name, notice, snap, created
     gm:<gid>                  set of member ids
@@ -107,6 +117,11 @@ for i = 8, #ARGV, 2 do redis.call('HSET', p..'u:'..id, ARGV[i], ARGV[i + 1]) end
 redis.call('SET', p..'acct:'..ARGV[2], id)
 redis.call('SADD', p..'users', id)
 redis.call('SADD', p..'name:'..ARGV[3], id)
+local system = redis.call('GET', p..'system')
+if system then
+  redis.call('SADD', p..'gm:'..system, id)
+  redis.call('SADD', p..'ug:'..id, system)
+end
 return id
 """)
 
@@ -224,6 +239,27 @@ for n, uids in pairs(bynode) do
   redis.call('PUBLISH', p..'chan:'..n, '!'..table.concat(uids, ',')..'|'..ARGV[3])
 end
 return 1
+""")
+
+# ARGV: prefix, first id, now.  The system group: every user is a member.
+_SYSTEM_GROUP = Script("""
+local p = ARGV[1]
+local gid = redis.call('GET', p..'system')
+if gid then return tonumber(gid) end
+gid = redis.call('INCR', p..'nextid')
+if gid < tonumber(ARGV[2]) then
+  redis.call('SET', p..'nextid', ARGV[2]); gid = tonumber(ARGV[2])
+end
+redis.call('HSET', p..'g:'..gid, 'creator', 0, 'name', 'system', 'notice', '', 'snap', '',
+           'created', ARGV[3])
+for _, uid in ipairs(redis.call('SMEMBERS', p..'users')) do
+  redis.call('SADD', p..'gm:'..gid, uid)
+  redis.call('SADD', p..'ug:'..uid, gid)
+end
+redis.call('SET', p..'system', gid)
+redis.call('SET', p..'xg:'..gid, 'system')
+redis.call('HSET', p..'xc:system', 'type', 'system', 'group', gid)
+return gid
 """)
 
 # ARGV: prefix, a, b, a's alias for b, b's alias for a.  Friends both ways; pending
@@ -412,7 +448,12 @@ class RedisStore:
             await self.redis.hmset(f"{self.p}g:{int(gid)}", fields)
 
     async def set_public(self, gid: int, public: bool) -> None:
-        await self.redis.hset(f"{self.p}g:{int(gid)}", "public", "1" if public else "0")
+        await self._pipeline([
+            ("HSET", f"{self.p}g:{int(gid)}", "public", "1" if public else "0"),
+            ("SADD" if public else "SREM", f"{self.p}public", int(gid))])
+
+    async def public_groups(self) -> list[int]:
+        return sorted(int(g) for g in await self.redis.smembers(f"{self.p}public"))
 
     async def user_groups(self, uid: int) -> list[int]:
         return sorted(int(g) for g in await self.redis.smembers(f"{self.p}ug:{int(uid)}"))
@@ -440,6 +481,65 @@ class RedisStore:
 
     async def unfriend(self, a: int, b: int) -> bool:
         return bool(int(await _UNFRIEND(self.redis, [], [self.p, int(a), int(b)])))
+
+    # -- xuanxuan chat settings ---------------------------------------------------------
+
+    async def chat_meta(self, gid: str) -> dict[str, str]:
+        return await self.redis.hgetall(f"{self.p}xc:{gid}")
+
+    async def set_chat_meta(self, gid: str, **fields) -> None:
+        await self.redis.hmset(f"{self.p}xc:{gid}", {k: str(v) for k, v in fields.items()})
+
+    async def group_for_gid(self, gid: str) -> int | None:
+        meta = await self.redis.hget(f"{self.p}xc:{gid}", "group")
+        return int(meta) if meta else None
+
+    async def gid_for_group(self, group_id: int) -> str | None:
+        return await self.redis.get(f"{self.p}xg:{int(group_id)}")
+
+    async def link_gid(self, gid: str, group_id: int) -> None:
+        await self.redis.set(f"{self.p}xg:{int(group_id)}", gid)
+        await self.redis.hset(f"{self.p}xc:{gid}", "group", int(group_id))
+
+    async def chat_flags(self, uid: int) -> dict[str, dict]:
+        raw = await self.redis.hgetall(f"{self.p}xu:{int(uid)}")
+        return {gid: json.loads(v) for gid, v in raw.items()}
+
+    async def set_chat_flag(self, uid: int, gid: str, name: str, value: bool) -> None:
+        flags = (await self.chat_flags(uid)).get(gid, {})
+        flags[name] = bool(value)
+        await self.redis.hset(f"{self.p}xu:{int(uid)}", gid, json.dumps(flags))
+
+    async def one2one_chats(self, uid: int) -> list[str]:
+        return sorted(await self.redis.smembers(f"{self.p}xo:{int(uid)}"))
+
+    async def add_one2one(self, gid: str, a: int, b: int) -> None:
+        await self._pipeline([("SADD", f"{self.p}xo:{int(a)}", gid),
+                              ("SADD", f"{self.p}xo:{int(b)}", gid)])
+
+    async def add_file(self, gid: str, title: str, size: int, added_by: int,
+                       name: str) -> int:
+        fid = int(await self.redis.incr(f"{self.p}fileid"))
+        await self._pipeline([
+            ("HSET", f"{self.p}xfile:{fid}", "gid", gid, "title", title, "size", size,
+             "addedBy", added_by, "date", int(time.time()), "name", name),
+            ("RPUSH", f"{self.p}xfiles:{gid}", fid)])
+        return fid
+
+    async def get_file(self, fid: int) -> dict | None:
+        fields = await self.redis.hgetall(f"{self.p}xfile:{int(fid)}")
+        return {**fields, "id": int(fid), "size": int(fields["size"]),
+                "addedBy": int(fields["addedBy"])} if fields else None
+
+    async def chat_files(self, gid: str) -> list[dict]:
+        ids = await self.redis.lrange(f"{self.p}xfiles:{gid}", 0, -1)
+        files = [await self.get_file(int(i)) for i in ids]
+        return [f for f in files if f]
+
+    async def system_group(self) -> int:
+        """The group every user is in (xuanxuan's system chat), made on first use."""
+        gid = await _SYSTEM_GROUP(self.redis, [], [self.p, FIRST_ID, int(time.time())])
+        return int(gid)
 
     # -- notices -----------------------------------------------------------------------
 

@@ -1,0 +1,233 @@
+"""xuanxuan's chats over the hub's conversations: one-to-one chats, group chats (the hub's
+groups, so a xuanxuan group chat is a webim room and a 66boss group) and the system chat.
+
+A chat gid is resolved as: ``a&b`` (sorted user ids) a one-to-one chat; ``system`` the group
+every user is in; a gid a xuanxuan client made for a group chat (linked to its group); or the
+decimal id of a group made by another protocol.
+
+Rules (the seed's): only group chats can be joined, left or renamed; only public ones joined
+by non-members; only admins (or the creator) may remove members; when committers are set,
+only they may post; setAdmin is for system administrators (the ``admin`` profile field).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+
+from imd.groups import GroupError, Groups
+from imd.model import Group, one2one_gid
+from imd.store.redis import RedisStore
+
+
+class ChatError(Exception):
+    """A refused chat operation; the message is fit to show to the client."""
+
+
+@dataclass
+class Chat:
+    gid: str
+    type: str  # one2one | group | system
+    members: list[int]
+    group: Group | None = None
+    meta: dict | None = None
+    peer: int | None = None  # the other user of a one-to-one chat, seen from the caller
+
+    def csv(self, name: str) -> list[int]:
+        raw = (self.meta or {}).get(name, "")
+        return [int(x) for x in raw.split(",") if x.strip().isdigit()]
+
+
+class Chats:
+    def __init__(self, store: RedisStore, groups: Groups):
+        self.store = store
+        self.groups = groups
+
+    async def resolve(self, gid: str, uid: int | None = None) -> Chat:
+        gid = str(gid or "")
+        if "&" in gid:
+            parts = gid.split("&")
+            if len(parts) != 2 or not all(p.isdigit() and len(p) <= 18 for p in parts):
+                raise ChatError("bad chat gid")
+            a, b = int(parts[0]), int(parts[1])
+            if one2one_gid(a, b) != gid:
+                raise ChatError("bad chat gid")
+            if await self.store.users_exist([a, b]):
+                raise ChatError("no such user")
+            peer = None if uid is None else (b if uid == a else a)
+            return Chat(gid, "one2one", [a, b], meta=await self.store.chat_meta(gid),
+                        peer=peer)
+        if gid == "system":
+            group_id = await self.store.system_group()
+        else:
+            group_id = await self.store.group_for_gid(gid)
+            if group_id is None and gid.isdigit() and len(gid) <= 18:
+                group_id = int(gid)
+        group = await self.store.get_group(group_id) if group_id is not None else None
+        if group is None:
+            raise ChatError("no such chat")
+        meta = await self.store.chat_meta(gid)
+        return Chat(gid, "system" if gid == "system" else meta.get("type", "group"),
+                    list(group.members), group=group, meta=meta)
+
+    async def gid_of_group(self, group_id: int) -> str:
+        return await self.store.gid_for_group(group_id) or str(group_id)
+
+    def info(self, chat: Chat, uid: int, flags: dict[str, dict]) -> dict:
+        """The chat object of the 1.0 client (ints, Unix-second dates, comma strings)."""
+        meta = chat.meta or {}
+        mine = flags.get(chat.gid, {})
+        created = int(meta.get("createdDate") or 0)
+        name = meta.get("name") or (chat.group.name if chat.group else "")
+        return {
+            "id": chat.group.id if chat.group else _one2one_id(chat.gid),
+            "gid": chat.gid, "name": name, "type": chat.type,
+            "admins": meta.get("admins", ""), "committers": meta.get("committers", ""),
+            "subject": int(meta.get("subject") or 0),
+            "public": int(bool(chat.group and chat.group.public)),
+            "createdBy": meta.get("createdBy", str(chat.group.creator) if chat.group else ""),
+            "createdDate": created or "",
+            "editedBy": meta.get("editedBy", ""),
+            "editedDate": int(meta.get("editedDate") or 0) or "",
+            "lastActiveTime": int(meta.get("lastActiveTime") or 0) or "",
+            "star": int(bool(mine.get("star"))), "hide": int(bool(mine.get("hide"))),
+            "mute": int(bool(mine.get("mute"))),
+            "members": sorted(chat.members),
+        }
+
+    async def of_user(self, uid: int) -> list[Chat]:
+        chats = [await self.resolve("system", uid)]
+        for gid in await self.store.one2one_chats(uid):
+            try:
+                chats.append(await self.resolve(gid, uid))
+            except ChatError:
+                pass
+        for group_id in await self.store.user_groups(uid):
+            if group_id == chats[0].group.id:
+                continue
+            try:
+                chats.append(await self.resolve(await self.gid_of_group(group_id), uid))
+            except ChatError:
+                pass
+        return chats
+
+    async def create(self, uid: int, gid: str, name: str, kind: str, members: list[int],
+                     subject: int = 0, public: bool = False) -> tuple[Chat, bool]:
+        """The chat ``gid``, made if new; returns (chat, created)."""
+        try:
+            return await self.resolve(gid, uid), False
+        except ChatError:
+            pass
+        now = int(time.time())
+        meta = {"createdBy": uid, "createdDate": now, "subject": int(subject or 0),
+                "name": name or ""}
+        if kind == "one2one" or "&" in gid:
+            chat = await self.resolve(gid, uid)  # validates the gid and both users
+            if uid not in chat.members:
+                raise ChatError("not a member of this chat")
+            await self.store.set_chat_meta(gid, type="one2one", **meta)
+            await self.store.add_one2one(gid, *chat.members)
+            return await self.resolve(gid, uid), True
+        if not gid or len(gid) > 64 or gid == "system" or gid.isdigit():
+            raise ChatError("bad chat gid")
+        try:
+            group = await self.groups.create(uid, members, name or "group")
+        except GroupError as e:
+            raise ChatError(str(e)) from None
+        await self.store.set_chat_meta(gid, type="group", **meta)
+        await self.store.link_gid(gid, group.id)
+        if public:
+            await self.store.set_public(group.id, True)
+        return await self.resolve(gid, uid), True
+
+    async def join(self, uid: int, gid: str, join: bool) -> Chat:
+        chat = await self.resolve(gid, uid)
+        if chat.type != "group":
+            raise ChatError("only group chats can be joined or left")
+        try:
+            if join:
+                await self.groups.join(chat.group.id, uid)
+            else:
+                await self.groups.remove_members(chat.group.id, [uid], uid)
+        except GroupError as e:
+            raise ChatError(str(e)) from None
+        return await self.resolve(gid, uid)
+
+    async def rename(self, uid: int, gid: str, name: str) -> Chat:
+        chat = await self.resolve(gid, uid)
+        if chat.type != "group":
+            raise ChatError("only group chats can be renamed")
+        self.require_member(chat, uid)
+        if not name or len(name) > 64:
+            raise ChatError("name must be 1-64 characters")
+        await self.store.edit_group(chat.group.id, name=name)
+        await self.store.set_chat_meta(gid, name=name, editedBy=uid,
+                                       editedDate=int(time.time()))
+        return await self.resolve(gid, uid)
+
+    async def members_change(self, uid: int, gid: str, members: list[int], join: bool) -> Chat:
+        chat = await self.resolve(gid, uid)
+        if chat.type != "group":
+            raise ChatError("only group chats have members to change")
+        self.require_member(chat, uid)
+        if join:
+            try:
+                await self.groups.add_members(chat.group.id, members, uid)
+            except GroupError as e:
+                raise ChatError(str(e)) from None
+        else:
+            if uid not in chat.csv("admins") and uid != chat.group.creator:
+                raise ChatError("only admins may remove members")
+            if chat.group.creator in members:
+                raise ChatError("the creator cannot be removed")
+            await self.store.remove_members(chat.group.id, members)
+        return await self.resolve(gid, uid)
+
+    async def set_public(self, uid: int, gid: str, public: bool) -> Chat:
+        chat = await self.resolve(gid, uid)
+        if chat.type != "group":
+            raise ChatError("only group chats can be public")
+        self.require_admin(chat, uid)
+        await self.store.set_public(chat.group.id, public)
+        return await self.resolve(gid, uid)
+
+    async def set_list(self, uid: int, gid: str, field: str, members: list[int],
+                       add: bool) -> Chat:
+        chat = await self.resolve(gid, uid)
+        if chat.type == "one2one":
+            raise ChatError("one-to-one chats have no admins or committers")
+        self.require_admin(chat, uid)
+        current = set(chat.csv(field))
+        current = current | set(members) if add else current - set(members)
+        await self.store.set_chat_meta(gid, **{field: ",".join(map(str, sorted(current)))})
+        return await self.resolve(gid, uid)
+
+    async def public_list(self) -> list[Chat]:
+        chats = []
+        for group_id in await self.store.public_groups():
+            try:
+                chats.append(await self.resolve(await self.gid_of_group(group_id)))
+            except ChatError:
+                pass
+        return chats
+
+    @staticmethod
+    def require_member(chat: Chat, uid: int) -> None:
+        if uid not in chat.members:
+            raise ChatError("not a member of this chat")
+
+    @staticmethod
+    def require_admin(chat: Chat, uid: int) -> None:
+        if uid not in chat.csv("admins") and (chat.group is None or uid != chat.group.creator):
+            raise ChatError("only admins may do this")
+
+    @staticmethod
+    def may_post(chat: Chat, uid: int) -> bool:
+        committers = chat.csv("committers")
+        return uid in chat.members and (not committers or uid in committers)
+
+
+def _one2one_id(gid: str) -> int:
+    """A stable int id for a one-to-one chat (the client wants ints): a hash of the gid."""
+    return zlib.crc32(gid.encode()) & 0x7FFFFFFF

@@ -1,0 +1,180 @@
+"""xuanxuan's HTTP side on the web port: ``index.php?mode=getconfig`` (where the socket is),
+file upload and download (``sys/attach-upload.json``, ``sys/attach-download-<id>.json`` and
+the ``index.php?m=attach&f=upload|download`` forms, also under ``/sys/``).
+
+Files are only for members of the chat; the session id (``rid``, the ``sid`` of the socket
+login) says who is asking.  Stored names are generated; the title is the client's file name.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from pathlib import Path
+
+from twisted.internet import defer, threads
+from twisted.web import resource, server, static
+
+from imd.chats import ChatError
+from imd.protocols.xuanxuan.socket import XuanxuanService
+from imd.web import AsyncJSONResource, arg, multipart_files
+
+DOWNLOAD_RE = re.compile(rb"^attach-download-(\d{1,18})\.json$")
+UPLOAD_MARKERS = (b"attach-upload", b"f=upload")  # request bodies that may be uploads
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class XuanxuanHttp:
+    def __init__(self, service: XuanxuanService, directory: Path, socket_port):
+        self.service = service
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket_port = socket_port  # callable: the socket listener's port, or None
+
+    def _reply(self, method: str, result: str, data, message: str = "") -> tuple[int, dict]:
+        return 200, {"module": "attach", "method": method, "result": result,
+                     "message": message, "data": data}
+
+    async def getconfig(self, request: server.Request):
+        host = (request.getHeader(b"host") or b"").decode("latin-1").rsplit(":", 1)[0]
+        host = host.strip("[]") or request.getHost().host
+        now = int(time.time())
+        return 200, {
+            "version": "1.0.0", "requestType": "PATH_INFO", "requestFix": "-",
+            "moduleVar": "m", "methodVar": "f", "viewVar": "t", "sessionVar": "rid",
+            "sessionName": "rid", "sessionID": secrets.token_hex(16), "rand": now % 10000,
+            "expiredTime": 86400, "serverTime": now, "name": "ranzhi", "ip": host,
+            "port": self.socket_port(), "chatPort": self.socket_port()}
+
+    async def _user(self, request) -> int | None:
+        return await self.service.accounts.user_for_token(arg(request, "rid") or "")
+
+    async def upload(self, request: server.Request):
+        uid = await self._user(request)
+        if uid is None:
+            return self._reply("upload", "fail", "login first (rid)", "denied")
+        if request.method != b"POST":
+            return self._reply("upload", "fail", "POST a multipart form")
+        parts = multipart_files(request)
+        gid = next((d.decode("utf-8", "replace") for n, f, d in parts if n == "gid"),
+                   arg(request, "gid") or "")
+        files = [(f, d) for n, f, d in parts if n in ("files[]", "files") and f]
+        if not files:
+            return self._reply("upload", "fail", "no file in files[]")
+        try:
+            chat = await self.service.chats.resolve(gid, uid)
+            self.service.chats.require_member(chat, uid)
+        except ChatError as e:
+            return self._reply("upload", "fail", str(e))
+        stored = []
+        for filename, data in files:
+            if len(data) > self.service.config.max_upload:
+                return self._reply("upload", "fail", "file too large")
+            name = secrets.token_hex(16)
+            await threads.deferToThread(_write, self.directory / name, data)
+            title = Path(filename.replace("\\", "/")).name[:200] or "file"
+            fid = await self.service.store.add_file(chat.gid, title, len(data), uid, name)
+            stored.append({"id": fid, "title": title})
+        return self._reply("upload", "success", stored)
+
+    async def download_check(self, request: server.Request, fid: int) -> dict | None:
+        uid = await self._user(request)
+        info = await self.service.store.get_file(fid)
+        if uid is None or info is None:
+            return None
+        try:
+            chat = await self.service.chats.resolve(info["gid"], uid)
+            self.service.chats.require_member(chat, uid)
+        except ChatError:
+            return None
+        return info
+
+
+class Download(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, http: XuanxuanHttp, fid: int | None):
+        super().__init__()
+        self.http = http
+        self.fid = fid
+
+    def render_GET(self, request):
+        fid = self.fid
+        if fid is None:
+            text = arg(request, "fileID") or arg(request, "id") or ""
+            fid = int(text) if text.isdigit() and len(text) <= 18 else 0
+
+        async def serve():
+            info = await self.http.download_check(request, fid)
+            if info is None:
+                request.setResponseCode(404)
+                request.setHeader(b"content-type", b"application/json")
+                request.write(b'{"module":"attach","method":"download","result":"fail",'
+                              b'"message":"no such file, or not yours to read"}')
+                request.finish()
+                return
+            request.setHeader(b"content-disposition",
+                              f'attachment; filename="{_ascii(info["title"])}"'.encode())
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            static.File(str(self.http.directory / info["name"]),
+                        defaultType="application/octet-stream").render_GET(request)
+
+        defer.ensureDeferred(serve())
+        return server.NOT_DONE_YET
+
+
+def _ascii(title: str) -> str:
+    return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
+                   for c in title)
+
+
+class Index(resource.Resource):
+    """``index.php``: getconfig, or the m=attach&f=upload|download forms."""
+
+    isLeaf = True
+
+    def __init__(self, http: XuanxuanHttp):
+        super().__init__()
+        self.http = http
+        self.config = AsyncJSONResource(http.getconfig)
+        self.upload = AsyncJSONResource(http.upload)
+
+    def render(self, request):
+        if arg(request, "mode") == "getconfig":
+            return self.config.render(request)
+        if arg(request, "m") == "attach" and arg(request, "f") == "upload":
+            return self.upload.render(request)
+        if arg(request, "m") == "attach" and arg(request, "f") == "download":
+            return Download(self.http, None).render_GET(request)
+        request.setResponseCode(404)
+        return b'{"result":"fail","message":"unknown request"}'
+
+
+class Sys(resource.Resource):
+    def __init__(self, http: XuanxuanHttp, index: Index):
+        super().__init__()
+        self.http = http
+        self.index = index
+        self.upload = AsyncJSONResource(http.upload)
+
+    def getChild(self, name, request):
+        if name == b"index.php":
+            return self.index
+        if name == b"attach-upload.json":
+            return self.upload
+        m = DOWNLOAD_RE.match(name)
+        if m:
+            return Download(self.http, int(m.group(1)))
+        return resource.NoResource()
+
+
+def mount(root: resource.Resource, http: XuanxuanHttp) -> None:
+    index = Index(http)
+    root.putChild(b"index.php", index)
+    root.putChild(b"sys", Sys(http, index))

@@ -1,0 +1,482 @@
+"""xuanxuan 1.0 over TCP: one JSON object + ``\\n`` per request, response and push.
+
+Requests ``{module, method, params, sid}`` are handled in order; method names are matched
+case-insensitively and answered with the method name as sent.  Responses carry ``result``
+``success`` or ``fail`` (with ``message``, and the reason in ``data``).  Pushes are one JSON
+array of ``{id, module, method, data}``.  A line over ``--max-frame`` gets a fail reply and a
+close; a line that is not a JSON object gets a fail reply.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from imd.accounts import Accounts
+from imd.chats import Chat, ChatError, Chats
+from imd.config import Config
+from imd.hub import Hub, HubError
+from imd.model import (AUDIO, EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, VIDEO, Event,
+                       Message, User, one2one_gid)
+from imd.protocols.flow import pending_bytes, tune_socket
+
+log = Logger()
+STATUSES = ("online", "away", "busy")
+CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
+CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
+PAGE_MAX = 200
+
+
+class XuanxuanService:
+    def __init__(self, hub: Hub, accounts: Accounts, chats: Chats, config: Config):
+        self.hub = hub
+        self.store = hub.store
+        self.accounts = accounts
+        self.chats = chats
+        self.config = config
+        self.connections: set["XuanxuanProtocol"] = set()
+
+    async def user_json(self, user: User, online: bool | None = None) -> dict:
+        fields = await self.store.user_fields(user.id, "xstatus", "admin")
+        if online is None:
+            online = await self.hub.is_online(user.id)
+        return {"id": user.id, "account": user.account, "realname": user.name,
+                "avatar": user.avatar, "role": "", "dept": 0,
+                "status": (fields["xstatus"] or "online") if online else "offline",
+                "admin": fields["admin"] or "no", "gender": user.sex, "email": user.mail,
+                "mobile": "", "site": "", "phone": ""}
+
+    async def everyone(self) -> list[int]:
+        return [u.id for u in await self.store.list_users()]
+
+
+def param(params, index: int, name: str, default=None):
+    """A positional (list) or named (dict) parameter."""
+    if isinstance(params, list):
+        return params[index] if index < len(params) else default
+    if isinstance(params, dict):
+        return params.get(name, default)
+    return default
+
+
+def id_list(value) -> list[int]:
+    """Member ids given as [1, 2], [{"id": 1}], "1,2" or 1."""
+    if isinstance(value, (int, str)):
+        value = str(value).split(",")
+    ids = []
+    for item in value if isinstance(value, list) else []:
+        if isinstance(item, dict):
+            item = item.get("id")
+        text = str(item).strip()
+        if text.isdigit() and len(text) <= 18:
+            ids.append(int(text))
+    return ids
+
+
+def truthy(value, default: bool = True) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value.lower() not in ("", "0", "false", "no")
+    return bool(value)
+
+
+class Refused(Exception):
+    pass
+
+
+class XuanxuanProtocol(LineOnlyReceiver):
+    delimiter = b"\n"
+    user_id: int | None = None
+
+    def connectionMade(self):
+        self.service: XuanxuanService = self.factory.service
+        self.MAX_LENGTH = self.service.config.max_frame
+        tune_socket(self.transport, self.service.config.heartbeat
+                    + self.service.config.heartbeat_timeout)
+        self.nonce = secrets.token_hex(8)
+        self.sid: str | None = None
+        self._chain = defer.succeed(None)
+        self._out = defer.succeed(None)
+        self._collect: list[Message] | None = None
+        self._push_serial = 0
+        self.service.connections.add(self)
+
+    # -- framing ---------------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes):
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            return
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            request = None
+        if not isinstance(request, dict):
+            self._reply({}, "fail", "request must be one JSON object")
+            return
+        self._chain.addCallback(lambda _: defer.ensureDeferred(self._handle(request)))
+        self._chain.addErrback(self._failed, request)
+
+    def lineLengthExceeded(self, line):
+        self._reply({}, "fail", "request too long")
+        self.transport.loseConnection()
+
+    def _write(self, obj) -> None:
+        if pending_bytes(self.transport) > self.service.config.max_outbuf:
+            self.transport.abortConnection()
+            return
+        self.transport.write(json.dumps(obj, ensure_ascii=False,
+                                        separators=(",", ":")).encode("utf-8") + b"\n")
+
+    def _reply(self, request: dict, result: str, message: str = "", data=None, **extra):
+        obj = {"module": request.get("module", ""), "method": request.get("method", ""),
+               "result": result, "message": message, "sid": self.sid or ""}
+        obj["data"] = message if data is None and result == "fail" else data
+        obj.update(extra)
+        self._write(obj)
+
+    def _packet(self, module: str, method: str, data) -> dict:
+        self._push_serial += 1
+        return {"id": self._push_serial, "module": module, "method": method, "data": data}
+
+    def push(self, *packets: dict) -> None:
+        self._write(list(packets))
+
+    def _failed(self, failure, request):
+        log.failure("xuanxuan request failed", failure)
+        self._reply(request, "fail", "server error")
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _handle(self, request: dict) -> None:
+        module = str(request.get("module") or "").lower()
+        method = str(request.get("method") or "").lower()
+        params = request.get("params")
+        if (module, method) == ("chat", "ping"):
+            self._reply(request, "success")
+            return
+        if (module, method) == ("chat", "login"):
+            await self._login(request, params)
+            return
+        if self.user_id is None:
+            self._reply(request, "fail", "login first")
+            return
+        handler = METHODS.get((module, method))
+        if handler is None:
+            self._reply(request, "fail", f"unknown method {module}/{method}")
+            return
+        try:
+            await handler(self, request, params)
+        except (Refused, ChatError, HubError) as e:
+            self._reply(request, "fail", str(e))
+
+    async def _login(self, request, params) -> None:
+        service = self.service
+        account, password = param(params, 0, "account"), param(params, 1, "password")
+        status = param(params, 2, "status", "online")
+        if not isinstance(account, str) or not isinstance(password, str):
+            self._reply(request, "fail", "login takes [account, md5(password), status]")
+            return
+        if self.user_id is not None:
+            self._reply(request, "fail", "already logged in")
+            return
+        user = await service.accounts.authenticate(account, password.strip().lower())
+        if user is None:
+            self._reply(request, "fail", "wrong account or password")
+            return
+        await service.store.set_user_fields(
+            user.id, xstatus=status if status in STATUSES else "online")
+        self.sid = await service.accounts.issue_token(user.id)
+        self.user_id = user.id
+        me = await service.user_json(user, online=True)
+        await service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
+                                                           "session": self.nonce}),
+                                 exclude=self)
+        self._reply(request, "success", data=me)
+        self._collect = []
+        await service.hub.login(self)
+        queued, self._collect = self._collect, None
+        users = [await service.user_json(u) for u in await service.store.list_users()]
+        chats = await self._chat_infos(await service.chats.of_user(user.id))
+        packets = [self._packet("chat", "userGetlist", users)]
+        if chats:
+            packets.append(self._packet("chat", "getList", chats))
+        if queued:
+            packets.append(self._packet("chat", "message",
+                                        [await self._message_json(m) for m in queued]))
+        self.push(*packets)
+        await self._announce("login", me)
+
+    async def _announce(self, method: str, data: dict) -> None:
+        """Tell the other users' xuanxuan sessions (chat/login, logout, userChange...)."""
+        others = [u for u in await self.service.everyone() if u != self.user_id]
+        await self.service.hub.notify(others, Event("xuanxuan", {"method": method,
+                                                                "data": data}))
+
+    async def _chat_infos(self, chats: list[Chat]) -> list[dict]:
+        flags = await self.service.store.chat_flags(self.user_id)
+        return [self.service.chats.info(c, self.user_id, flags) for c in chats]
+
+    async def _chat_info(self, chat: Chat) -> dict:
+        return (await self._chat_infos([chat]))[0]
+
+    async def _push_chat(self, chat: Chat, method: str) -> None:
+        """Push a chat's new state to its members (every session, every node)."""
+        info = await self._chat_info(chat)
+        await self.service.hub.notify(chat.members, Event("xuanxuan", {
+            "method": method, "data": info}))
+
+    # -- hub Session -----------------------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        if self._collect is not None:
+            self._collect.append(message)
+            return
+        self._out.addCallback(lambda _: defer.ensureDeferred(self._push_message(message)))
+        self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
+
+    async def _push_message(self, message: Message) -> None:
+        self.push(self._packet("chat", "message", [await self._message_json(message)]))
+
+    async def _message_json(self, m: Message) -> dict:
+        if m.ctype == GROUP:
+            system = await self.service.store.system_group()
+            cgid = "system" if m.to == system else \
+                await self.service.chats.gid_of_group(m.to)
+        else:
+            cgid = one2one_gid(m.sender, m.to)
+        kind = CONTENT_OUT.get(m.kind)
+        content = m.body if kind else f"[{m.kind}] {m.body}"
+        return {"id": m.id, "gid": m.extension or str(m.id), "cgid": cgid, "user": m.sender,
+                "date": m.ts // 1000, "type": "normal", "contentType": kind or "text",
+                "content": content}
+
+    def notice(self, event: Event) -> None:
+        data = event.data
+        if event.kind == "xuanxuan":
+            self.push(self._packet("chat", data["method"], data["data"]))
+        elif event.kind == "login" and data.get("protocol") == "xuanxuan" and \
+                data.get("session") != self.nonce:
+            self._write({"module": "chat", "method": "kickoff",
+                         "message": "This account logined in another place."})
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.service.connections.discard(self)
+        if self.sid:
+            defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
+                lambda f: log.failure("revoke failed", f))
+        if self.user_id is not None:
+            defer.ensureDeferred(self.service.hub.logout(self)).addErrback(
+                lambda f: log.failure("xuanxuan logout failed", f))
+            self.user_id = None
+
+    # -- methods ---------------------------------------------------------------------------
+
+    async def m_logout(self, request, params):
+        user = await self.service.store.get_user(self.user_id)
+        me = {**await self.service.user_json(user, online=False), "status": "offline"}
+        self._reply(request, "success", data=me)
+        await self._announce("logout", me)
+        self.transport.loseConnection()
+
+    async def m_usergetlist(self, request, params):
+        users = [await self.service.user_json(u) for u in await self.service.store.list_users()]
+        self._reply(request, "success", data=users)
+
+    async def m_getlist(self, request, params):
+        chats = await self.service.chats.of_user(self.user_id)
+        self._reply(request, "success", data=await self._chat_infos(chats))
+
+    async def m_userchangename(self, request, params):
+        name = param(params, 0, "name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 64:
+            raise Refused("name must be 1-64 characters")
+        await self.service.store.set_user_fields(self.user_id, name=name.strip())
+        user = await self.service.store.get_user(self.user_id)
+        self._reply(request, "success", data={"id": self.user_id, "name": user.name})
+        await self._announce("userChangeName", await self.service.user_json(user, True))
+
+    async def m_userchangestatus(self, request, params):
+        status = param(params, 0, "status")
+        if status not in STATUSES:
+            raise Refused(f"status must be one of {', '.join(STATUSES)}")
+        await self.service.store.set_user_fields(self.user_id, xstatus=status)
+        self._reply(request, "success", data={"id": self.user_id, "status": status})
+        user = await self.service.store.get_user(self.user_id)
+        await self._announce("userChangeStatus", await self.service.user_json(user, True))
+
+    async def m_create(self, request, params):
+        gid = param(params, 0, "gid")
+        name = param(params, 1, "name", "") or ""
+        kind = param(params, 2, "type", "group") or "group"
+        members = id_list(param(params, 3, "members", []))
+        subject = param(params, 4, "subject", 0)
+        public = truthy(param(params, 5, "public", False), False)
+        if not isinstance(gid, str) or not isinstance(name, str):
+            raise Refused("create takes [gid, name, type, members, subject, public]")
+        chat, created = await self.service.chats.create(
+            self.user_id, gid, name, kind, members,
+            subject if isinstance(subject, int) else 0, public)
+        self._reply(request, "success", data=await self._chat_info(chat))
+        if created:
+            await self._push_chat(chat, "create")
+
+    async def m_joinchat(self, request, params):
+        gid, join = param(params, 0, "gid"), truthy(param(params, 1, "join"))
+        chat = await self.service.chats.join(self.user_id, str(gid), join)
+        info = await self._chat_info(chat)
+        self._reply(request, "success", data={"gid": chat.gid, "join": join, "chat": info})
+        await self._push_chat(chat, "joinchat")
+
+    async def m_changename(self, request, params):
+        gid, name = param(params, 0, "gid"), param(params, 1, "name")
+        chat = await self.service.chats.rename(self.user_id, str(gid), name or "")
+        self._reply(request, "success", data={"gid": chat.gid, "name": name})
+        await self._push_chat(chat, "changename")
+
+    async def _flag(self, request, params, name: str):
+        gid, value = str(param(params, 0, "gid")), truthy(param(params, 1, name))
+        chat = await self.service.chats.resolve(gid, self.user_id)
+        self.service.chats.require_member(chat, self.user_id)
+        await self.service.store.set_chat_flag(self.user_id, chat.gid, name, value)
+        self._reply(request, "success", data={"gid": chat.gid, name: value})
+
+    async def m_star(self, request, params):
+        await self._flag(request, params, "star")
+
+    async def m_hide(self, request, params):
+        await self._flag(request, params, "hide")
+
+    async def m_addmember(self, request, params):
+        gid, join = str(param(params, 0, "gid")), truthy(param(params, 2, "join"))
+        members = id_list(param(params, 1, "members", []))
+        if not members:
+            raise Refused("members must be a list of user ids")
+        before = await self.service.chats.resolve(gid, self.user_id)
+        chat = await self.service.chats.members_change(self.user_id, gid, members, join)
+        self._reply(request, "success", data=await self._chat_info(chat))
+        await self._push_chat(chat, "addmember")
+        if not join:  # the removed members learn it too
+            removed = [m for m in before.members if m not in chat.members]
+            info = await self._chat_info(chat)
+            await self.service.hub.notify(removed, Event("xuanxuan", {"method": "addmember",
+                                                                     "data": info}))
+
+    async def m_message(self, request, params):
+        messages = param(params, 0, "messages") if isinstance(params, list) and params and \
+            isinstance(params[0], list) else (params.get("messages") if isinstance(params, dict)
+                                               else params)
+        if isinstance(messages, dict):
+            messages = [messages]
+        if not isinstance(messages, list) or not messages or len(messages) > 100:
+            raise Refused("message takes a list of 1-100 messages")
+        stored = []
+        for item in messages:
+            if not isinstance(item, dict) or not isinstance(item.get("content"), str):
+                raise Refused("each message needs cgid and a text content")
+            chat = await self.service.chats.resolve(str(item.get("cgid", "")), self.user_id)
+            if not self.service.chats.may_post(chat, self.user_id):
+                raise Refused("you may not post in this chat")
+            kind = CONTENT_IN.get(item.get("contentType") or "text")
+            if kind is None:
+                raise Refused("contentType must be text, emoticon, image or file")
+            client_gid = str(item.get("gid") or "")[:64]
+            if chat.type == "one2one":
+                await self.service.store.add_one2one(chat.gid, *chat.members)
+                m = await self.service.hub.send(self, UNICAST, chat.peer, kind,
+                                                item["content"], extension=client_gid)
+            else:
+                m = await self.service.hub.send(self, GROUP, chat.group.id, kind,
+                                                item["content"], extension=client_gid)
+            await self.service.store.set_chat_meta(chat.gid, lastActiveTime=m.ts // 1000)
+            stored.append(await self._message_json(m))
+        self._reply(request, "success", data=stored)
+
+    async def m_history(self, request, params):
+        gid = str(param(params, 0, "gid"))
+        per_page = param(params, 1, "recPerPage", 20)
+        page = param(params, 2, "pageID", 1)
+        continued = param(params, 4, "continued", False)
+        if not isinstance(per_page, int) or not isinstance(page, int) or per_page < 1 or \
+                page < 1:
+            raise Refused("history takes [gid, recPerPage, pageID, recTotal, continued]")
+        per_page = min(per_page, PAGE_MAX)
+        chat = await self.service.chats.resolve(gid, self.user_id)
+        self.service.chats.require_member(chat, self.user_id)
+        conversation = chat.gid if chat.type == "one2one" else f"g:{chat.group.id}"
+        everything = await self.service.store.history(conversation, limit=0)
+        total = len(everything)
+        end = total - (page - 1) * per_page
+        window = everything[max(0, end - per_page):max(0, end)]
+        data = [await self._message_json(m) for m in window]
+        self._reply(request, "success", data=data, pager={
+            "recPerPage": per_page, "pageID": page, "recTotal": total, "gid": chat.gid,
+            "continued": continued})
+
+    async def m_members(self, request, params):
+        chat = await self.service.chats.resolve(str(param(params, 0, "gid")), self.user_id)
+        self.service.chats.require_member(chat, self.user_id)
+        self._reply(request, "success", data={"gid": chat.gid, "members": chat.members})
+
+    async def m_changepublic(self, request, params):
+        gid, public = str(param(params, 0, "gid")), truthy(param(params, 1, "public"))
+        chat = await self.service.chats.set_public(self.user_id, gid, public)
+        self._reply(request, "success", data={"gid": chat.gid, "public": public})
+        await self._push_chat(chat, "changepublic")
+
+    async def m_getpubliclist(self, request, params):
+        chats = await self.service.chats.public_list()
+        self._reply(request, "success", data=await self._chat_infos(chats))
+
+    async def _set_list(self, request, params, field: str, method: str):
+        gid = str(param(params, 0, "gid"))
+        members = id_list(param(params, 1, field, []))
+        add = truthy(param(params, 2, "join" if field == "committers" else "isAdmin"))
+        chat = await self.service.chats.set_list(self.user_id, gid, field, members, add)
+        self._reply(request, "success", data=await self._chat_info(chat))
+        await self._push_chat(chat, method)
+
+    async def m_setadmin(self, request, params):
+        await self._set_list(request, params, "admins", "setAdmin")
+
+    async def m_setcommitters(self, request, params):
+        await self._set_list(request, params, "committers", "setCommitters")
+
+    async def m_settings(self, request, params):
+        value = param(params, 1, "settings")
+        if value is None:
+            stored = (await self.service.store.user_fields(self.user_id, "xsettings"))
+            self._reply(request, "success", data=json.loads(stored["xsettings"] or "{}"))
+            return
+        text = json.dumps(value, ensure_ascii=False)
+        if len(text) > 65536:
+            raise Refused("settings too large")
+        await self.service.store.set_user_fields(self.user_id, xsettings=text)
+        self._reply(request, "success", data=value)
+
+    async def m_attach_getlist(self, request, params):
+        chat = await self.service.chats.resolve(str(param(params, 0, "gid")), self.user_id)
+        self.service.chats.require_member(chat, self.user_id)
+        files = await self.service.store.chat_files(chat.gid)
+        self._reply(request, "success", data=[
+            {"id": f["id"], "title": f["title"], "size": f["size"], "addedBy": f["addedBy"]}
+            for f in files])
+
+
+METHODS = {("chat", name[2:]): getattr(XuanxuanProtocol, name)
+           for name in dir(XuanxuanProtocol) if name.startswith("m_") and
+           not name.startswith("m_attach_")}
+METHODS[("attach", "getlist")] = XuanxuanProtocol.m_attach_getlist
+
+
+def socket_factory(service: XuanxuanService) -> protocol.Factory:
+    factory = protocol.Factory.forProtocol(XuanxuanProtocol)
+    factory.service = service
+    factory.noisy = False
+    return factory

@@ -1,0 +1,352 @@
+"""xuanxuan 1.0 over a real TCP socket and real HTTP: framing, login order, chats, messages,
+history, permissions, files, and other protocols."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest_twisted
+
+from tests.conftest import CLEAN_EXIT, unique
+from tests.test_boss import logged_in, make_group
+from tests.wire import CLOSED, get, http, line_connect, post_file
+
+
+def md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+class XX:
+    def __init__(self, client):
+        self.client = client
+        self.sid = ""
+
+    def send(self, module, method, params=None):
+        self.client.send(json.dumps({"module": module, "method": method, "params": params,
+                                     "sid": self.sid}, ensure_ascii=False))
+
+    async def next(self, **kw):
+        line = await self.client.next(**kw)
+        return line if line is CLOSED else json.loads(line)
+
+    async def call(self, method, params=None, module="chat"):
+        self.send(module, method, params)
+        while True:
+            reply = await self.next()
+            if isinstance(reply, dict) and reply.get("method") == method:
+                return reply
+
+    async def push(self, method, **kw):
+        """The next pushed packet with that method (other pushes are skipped)."""
+        while True:
+            packets = await self.next(**kw)
+            if isinstance(packets, list):
+                for packet in packets:
+                    if packet["method"].lower() == method.lower():
+                        return packet["data"]
+
+
+async def connect(daemon) -> XX:
+    return XX(await line_connect(daemon.xuanxuan))
+
+
+async def login(daemon, account=None, name=None):
+    """A new user logged in: (id, XX, the login reply, the pushed array)."""
+    account = account or unique("xx")
+    uid, _ = await daemon.user(account, password="pw", name=name or account)
+    x = await connect(daemon)
+    x.send("chat", "login", [account, md5("pw"), "online"])
+    reply = await x.next()
+    assert reply["result"] == "success", reply
+    x.sid = reply["sid"]
+    pushed = await x.next()
+    return uid, x, reply, pushed
+
+
+@pytest_twisted.ensureDeferred
+async def test_getconfig(daemon):
+    for path in ("/index.php", "/sys/index.php"):
+        config = (await get(daemon.web, path, mode="getconfig")).json()
+        assert config["ip"] == "127.0.0.1" and config["port"] == daemon.xuanxuan
+        assert config["sessionName"] == "rid" and config["name"] == "ranzhi"
+        assert isinstance(config["serverTime"], int)
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_order_and_announcement(daemon):
+    uid_a, a, _, _ = await login(daemon)
+    account = unique("xx")
+    uid, _ = await daemon.user(account, password="pw", name="Zhang San")
+    x = await connect(daemon)
+    x.send("chat", "login", [account, md5("wrong"), "online"])
+    bad = await x.next()
+    assert bad["result"] == "fail" and bad["method"] == "login"
+    x.send("chat", "login", [account, md5("pw"), "busy"])
+    reply = await x.next()
+    assert reply["module"] == "chat" and reply["method"] == "login"
+    assert reply["result"] == "success" and reply["sid"]
+    data = reply["data"]
+    assert data["id"] == uid and isinstance(data["id"], int) and data["account"] == account
+    assert data["realname"] == "Zhang San" and data["status"] == "busy"
+    assert isinstance(data["dept"], int)
+    pushed = await x.next()
+    assert isinstance(pushed, list)
+    assert [p["method"] for p in pushed[:2]] == ["userGetlist", "getList"]
+    users = {u["id"]: u for u in pushed[0]["data"]}
+    assert users[uid]["status"] == "busy" and users[uid_a]["status"] == "online"
+    system = [c for c in pushed[1]["data"] if c["gid"] == "system"]
+    assert system and system[0]["type"] == "system" and uid in system[0]["members"]
+    announced = await a.push("login")
+    assert announced["id"] == uid
+
+
+@pytest_twisted.ensureDeferred
+async def test_framing(daemon):
+    uid, x, _, _ = await login(daemon)
+    req = json.dumps({"module": "chat", "method": "ping", "sid": x.sid})
+    x.client.send_raw((req + "\n" + req + "\n").encode())  # two in one write
+    assert (await x.next())["result"] == "success"
+    assert (await x.next())["result"] == "success"
+    raw = (json.dumps({"module": "chat", "method": "members", "params": ["system"]}) + "\n")
+    x.client.send_raw(raw[:10].encode())  # one request split across writes
+    x.client.send_raw(raw[10:].encode())
+    members = await x.next()
+    assert members["result"] == "success" and uid in members["data"]["members"]
+    for garbage in [b"not json\n", b"[1,2,3]\n", b"\"string\"\n", b"\xff\xfe\n"]:
+        x.client.send_raw(garbage)
+        reply = await x.next()
+        assert reply["result"] == "fail", garbage
+    x.send("chat", "nosuchmethod")
+    assert (await x.next())["result"] == "fail"
+    x.send("nosuchmodule", "ping2")
+    assert (await x.next())["result"] == "fail"
+    x.send("chat", "USERGETLIST")  # case-insensitive, answered as sent
+    reply = await x.next()
+    assert reply["method"] == "USERGETLIST" and reply["result"] == "success"
+    x.send("chat", "create", "not params")
+    assert (await x.next())["result"] == "fail"
+    # still alive and logged in
+    assert (await x.call("ping"))["result"] == "success"
+    x.client.send_raw(b"x" * 5000)  # over --max-frame
+    assert (await x.next())["result"] == "fail"
+    assert await x.next() is CLOSED
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_before_login_fail(daemon):
+    x = await connect(daemon)
+    x.send("chat", "getList")
+    reply = await x.next()
+    assert reply["result"] == "fail" and reply["method"] == "getList"
+    x.send("chat", "ping")
+    assert (await x.next())["result"] == "success"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one2one_chat_message_history_and_offline(daemon):
+    uid_a, a, _, _ = await login(daemon)
+    account_b = unique("xx")
+    uid_b, _ = await daemon.user(account_b, password="pw")
+    gid = "&".join(map(str, sorted((uid_a, uid_b))))
+    created = await a.call("create", [gid, "", "one2one", [uid_a, uid_b], 0])
+    assert created["result"] == "success" and created["data"]["gid"] == gid
+    assert created["data"]["type"] == "one2one" and created["data"]["members"] == sorted(
+        [uid_a, uid_b])
+    again = await a.call("create", [gid, "", "one2one", [uid_a, uid_b], 0])
+    assert again["data"]["id"] == created["data"]["id"]  # existing chat returned
+    for i in range(3):
+        sent = await a.call("message", {"messages": [
+            {"gid": f"m-{i}", "cgid": gid, "type": "normal", "contentType": "text",
+             "content": f"hello {i}"}]})
+        assert sent["result"] == "success"
+        (m,) = sent["data"]
+        assert m["gid"] == f"m-{i}" and m["cgid"] == gid and m["user"] == uid_a
+        assert isinstance(m["id"], int) and isinstance(m["date"], int)
+    # b was offline: the messages come in the login array, in order
+    b = await connect(daemon)
+    b.send("chat", "login", [account_b, md5("pw"), "online"])
+    assert (await b.next())["result"] == "success"
+    pushed = await b.next()
+    messages = [p for p in pushed if p["method"] == "message"][0]["data"]
+    assert [m["content"] for m in messages] == ["hello 0", "hello 1", "hello 2"]
+    assert any(c["gid"] == gid for c in [p for p in pushed if p["method"] == "getList"][0][
+        "data"])
+    # live
+    await a.call("message", [{"gid": "live", "cgid": gid, "contentType": "text",
+                              "content": "live one"}])
+    (m,) = await b.push("message")
+    assert m["content"] == "live one" and m["user"] == uid_a
+    history = await b.call("history", [gid, 2, 1, 0, False])
+    assert [m["content"] for m in history["data"]] == ["hello 2", "live one"]
+    assert history["pager"] == {"recPerPage": 2, "pageID": 1, "recTotal": 4, "gid": gid,
+                                "continued": False}
+    page2 = await b.call("history", [gid, 2, 2, 4, True])
+    assert [m["content"] for m in page2["data"]] == ["hello 0", "hello 1"]
+    assert (await b.call("members", [gid]))["data"]["members"] == sorted([uid_a, uid_b])
+    uid_c, c, _, _ = await login(daemon)
+    assert (await c.call("history", [gid, 10, 1]))["result"] == "fail"
+    assert (await c.call("members", [gid]))["result"] == "fail"
+    assert (await c.call("message", [{"cgid": gid, "content": "intruder"}]))["result"] == \
+        "fail"
+    bad_gid = f"{max(uid_a, uid_b)}&{min(uid_a, uid_b)}"  # not sorted
+    assert (await a.call("create", [bad_gid, "", "one2one", [], 0]))["result"] == "fail"
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_chat_permissions(daemon):
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    uid_c, c, _, _ = await login(daemon)
+    created = await a.call("create", ["g-" + unique(), "team", "group", [uid_a, uid_b], 0])
+    chat = created["data"]
+    gid = chat["gid"]
+    assert chat["type"] == "group" and chat["members"] == sorted([uid_a, uid_b])
+    assert chat["public"] == 0 and isinstance(chat["id"], int)
+    assert (await b.push("create"))["gid"] == gid
+    assert (await c.call("joinchat", [gid, True]))["result"] == "fail"  # not public
+    assert (await b.call("changepublic", [gid, True]))["result"] == "fail"  # not admin
+    assert (await a.call("changepublic", [gid, True]))["result"] == "success"
+    public = await c.call("getPublicList")
+    assert gid in [x["gid"] for x in public["data"]]
+    joined = await c.call("joinchat", [gid, True])
+    assert joined["result"] == "success" and joined["data"]["join"] is True
+    assert uid_c in joined["data"]["chat"]["members"]
+    assert (await c.call("changename", [gid, "renamed"]))["data"]["name"] == "renamed"
+    assert (await b.push("changename"))["name"] == "renamed"
+    sent = await c.call("message", [{"gid": "x1", "cgid": gid, "contentType": "text",
+                                     "content": "hi team"}])
+    assert sent["result"] == "success"
+    for x in (a, b):
+        (m,) = await x.push("message")
+        assert m["content"] == "hi team" and m["cgid"] == gid
+    assert (await b.call("addmember", [gid, [uid_c], False]))["result"] == "fail"  # kick
+    assert (await a.call("setCommitters", [gid, [uid_a], True]))["result"] == "success"
+    assert (await b.call("message", [{"cgid": gid, "content": "may I?"}]))["result"] == "fail"
+    assert (await a.call("message", [{"cgid": gid, "content": "only me"}]))["result"] == \
+        "success"
+    assert (await a.call("setAdmin", [gid, [uid_b], True]))["result"] == "success"
+    kicked = await b.call("addmember", [gid, [uid_c], False])
+    assert kicked["result"] == "success" and uid_c not in kicked["data"]["members"]
+    assert (await c.call("history", [gid, 10, 1]))["result"] == "fail"
+    assert (await a.call("joinchat", ["system", False]))["result"] == "fail"
+    one2one = "&".join(map(str, sorted((uid_a, uid_b))))
+    await a.call("create", [one2one, "", "one2one", [uid_a, uid_b]])
+    assert (await a.call("changename", [one2one, "x"]))["result"] == "fail"
+    assert (await a.call("star", [gid, True]))["data"] == {"gid": gid, "star": True}
+    assert (await a.call("hide", [gid, True]))["result"] == "success"
+    mine = {x["gid"]: x for x in (await a.call("getList"))["data"]}
+    assert mine[gid]["star"] == 1 and mine[gid]["hide"] == 1
+    assert (await b.call("getList"))["data"] and \
+        {x["gid"]: x for x in (await b.call("getList"))["data"]}[gid]["star"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_system_chat_reaches_everyone(daemon):
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    sent = await a.call("message", [{"gid": "s1", "cgid": "system", "contentType": "text",
+                                     "content": "all hands"}])
+    assert sent["result"] == "success"
+    (m,) = await b.push("message")
+    assert m["cgid"] == "system" and m["content"] == "all hands"
+
+
+@pytest_twisted.ensureDeferred
+async def test_repeat_login_kicks_the_older_connection(daemon):
+    account = unique("xx")
+    _, a, _, _ = await login(daemon, account)
+    a2 = await connect(daemon)
+    a2.send("chat", "login", [account, md5("pw"), "online"])
+    assert (await a2.next())["result"] == "success"
+    kick = await a.next()
+    while isinstance(kick, list):
+        kick = await a.next()
+    assert kick == {"module": "chat", "method": "kickoff",
+                    "message": "This account logined in another place."}
+    assert await a.next() is CLOSED
+
+
+@pytest_twisted.ensureDeferred
+async def test_files(daemon):
+    uid_a, a, login_a, _ = await login(daemon)
+    uid_b, b, login_b, _ = await login(daemon)
+    uid_c, c, login_c, _ = await login(daemon)
+    gid = (await a.call("create", ["f-" + unique(), "files", "group", [uid_a, uid_b]]))[
+        "data"]["gid"]
+    data = b"%PDF-1.4 not really a pdf \x00\xff"
+    r = await post_file(daemon.web, "/sys/attach-upload.json", data, filename="报告.pdf",
+                        field="files[]", query=f"?rid={login_a['sid']}&gid={gid}")
+    reply = r.json()
+    assert reply["result"] == "success" and reply["data"][0]["title"] == "报告.pdf"
+    fid = reply["data"][0]["id"]
+    r2 = await post_file(daemon.web, "/index.php", b"second",
+                         filename="b.txt", field="files[]",
+                         query=f"?m=attach&f=upload&type=json&rid={login_b['sid']}&gid={gid}")
+    assert r2.json()["result"] == "success"
+    denied = await post_file(daemon.web, "/sys/attach-upload.json", b"x", filename="c.txt",
+                             field="files[]", query=f"?rid={login_c['sid']}&gid={gid}")
+    assert denied.json()["result"] == "fail"
+    assert (await post_file(daemon.web, "/sys/attach-upload.json", b"x", field="files[]",
+                            query=f"?rid=nope&gid={gid}")).json()["result"] == "fail"
+    got = await http("GET", f"http://127.0.0.1:{daemon.web}/sys/attach-download-{fid}.json"
+                            f"?rid={login_b['sid']}")
+    assert got.status == 200 and got.body == data
+    got2 = await get(daemon.web, "/sys/index.php", m="attach", f="download", fileID=str(fid),
+                     type="json", rid=login_a["sid"])
+    assert got2.body == data
+    no = await http("GET", f"http://127.0.0.1:{daemon.web}/sys/attach-download-{fid}.json"
+                           f"?rid={login_c['sid']}")
+    assert no.status == 404 and data not in no.body
+    files = await a.call("getList", [gid], module="attach")
+    assert [f["title"] for f in files["data"]] == ["报告.pdf", "b.txt"]
+    assert files["data"][0]["size"] == len(data) and files["data"][0]["addedBy"] == uid_a
+    assert (await c.call("getList", [gid], module="attach"))["result"] == "fail"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_protocol(daemon):
+    uid_x, x, _, _ = await login(daemon)
+    boss_id, boss_token, boss = await logged_in(daemon)
+    # one-to-one with a 66boss user
+    gid = "&".join(map(str, sorted((uid_x, boss_id))))
+    await x.call("create", [gid, "", "one2one", [uid_x, boss_id]])
+    await x.call("message", [{"gid": "c1", "cgid": gid, "contentType": "text",
+                              "content": "hi boss"}])
+    assert (await boss.next()).startswith(f"text_{uid_x}_hi boss_unicast_{uid_x}_")
+    boss.send(f"text_{uid_x}_hi xuanxuan_unicast_x")
+    (m,) = await x.push("message")
+    assert (m["cgid"], m["content"], m["user"]) == (gid, "hi xuanxuan", boss_id)
+    # a 66boss group is a xuanxuan group chat (gid = its id) and a webim room
+    group = await make_group(daemon, boss_id, boss_token, [uid_x])
+    chats = {c["gid"]: c for c in (await x.call("getList"))["data"]}
+    assert chats[group]["type"] == "group" and chats[group]["id"] == int(group)
+    await x.call("message", [{"gid": "c2", "cgid": group, "contentType": "text",
+                              "content": "group hello"}])
+    assert (await boss.next()).startswith(f"text_{uid_x}_group hello_group_{group}_")
+    boss.send(f"picture_{group}_http://x/p-3x3.png_group_x")
+    (m,) = await x.push("message")
+    assert (m["cgid"], m["contentType"], m["content"]) == (group, "image",
+                                                          "http://x/p-3x3.png")
+
+
+@pytest_twisted.ensureDeferred
+async def test_offline_messages_survive_a_restart(fresh_daemon):
+    d = fresh_daemon().start()
+    uid_a, a, _, _ = await login(d)
+    account_b = unique("xx")
+    uid_b, _ = await d.user(account_b, password="pw")
+    gid = "&".join(map(str, sorted((uid_a, uid_b))))
+    await a.call("create", [gid, "", "one2one", [uid_a, uid_b]])
+    assert (await a.call("message", [{"cgid": gid, "content": "before restart"}]))[
+        "result"] == "success"
+    await d.close_store()
+    assert d.stop() in CLEAN_EXIT
+    d.start()
+    b = await connect(d)
+    b.send("chat", "login", [account_b, md5("pw"), "online"])
+    assert (await b.next())["result"] == "success"
+    pushed = await b.next()
+    (messages,) = [p["data"] for p in pushed if p["method"] == "message"]
+    assert [m["content"] for m in messages] == ["before restart"]
+    await d.close_store()
