@@ -130,7 +130,7 @@ class Hub:
         for uid in uids:
             for session in list(self.sessions.get(uid, ())):
                 if session is not exclude:
-                    session.notice(event)
+                    _guarded(session.notice, event)
         await self.store.notify(self.node, uids, event)
 
     def _remove(self, session: Session) -> bool:
@@ -154,6 +154,8 @@ class Hub:
         with HubError for a message that was refused and so not stored.  (A plain Deferred
         chain, not a coroutine: this is the hot path.)
         """
+        if origin.user_id is None:
+            return defer.fail(HubError("not logged in"))
         if ctype not in (UNICAST, GROUP):
             return defer.fail(HubError(f"unknown conversation type {ctype!r}"))
         if kind not in KINDS:
@@ -179,14 +181,14 @@ class Hub:
                 defer.ensureDeferred(self.store.requeue(uid, [message])).addErrback(
                     lambda f: log.failure("requeue failed", f))
             return
-        for session in sessions:
+        for session in list(sessions):
             if session is origin:
                 continue
             waiting = self._attaching.get(session)
             if waiting is not None:
                 waiting.append(message)
             else:
-                session.deliver(message)
+                _guarded(session.deliver, message)
 
     def remote_delivery(self, channel: str, payload: str) -> None:
         """A message (or, prefixed with '!', a notice) published by another node for users
@@ -197,7 +199,7 @@ class Hub:
                 event = Event.from_json(raw)
                 for uid in uids[1:].split(","):
                     for session in list(self.sessions.get(int(uid), ())):
-                        session.notice(event)
+                        _guarded(session.notice, event)
                 return
             message = Message.from_json(raw)
             for uid in uids.split(","):
@@ -220,6 +222,14 @@ class Hub:
             conversation = Message(sender=user_id, to=peer, ctype=UNICAST, kind="text",
                                    body="").conversation
         return await self.store.history(conversation, since_ms, limit)
+
+
+def _guarded(call, item) -> None:
+    """Hand one session its item; a broken session must not stop the others' delivery."""
+    try:
+        call(item)
+    except Exception:
+        log.failure("a session failed to take a delivery")
 
 
 _REFUSALS = {NoSuchUser: "no such user", NoSuchGroup: "no such group",

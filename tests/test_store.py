@@ -156,3 +156,34 @@ async def test_delivery_for_a_user_who_left_is_requeued(store):
     await task.deferLater(reactor, 0.1, lambda: None)
     assert [m.body for m in (await store.attach(b, "n1"))[1]] == ["late"]
     await hub.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_bad_message_does_not_sink_its_batch(store):
+    a, b = await users(store, 2)
+    bad = store.post(Message(sender=None, to=b, ctype=UNICAST, kind=TEXT, body="bad"), "n1")
+    good = store.post(Message(sender=a, to=b, ctype=UNICAST, kind=TEXT, body="good"), "n1")
+    with pytest.raises(TypeError):
+        await bad
+    await good
+    assert [m.body for m in (await store.attach(b, "n1"))[1]] == ["good"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broken_session_does_not_stop_delivery_to_the_others(store):
+    a, b = await users(store, 2)
+    hub = Hub(store, reactor, node_id="n1")
+    await hub.start()
+
+    class Broken(FakeSession):
+        def deliver(self, message):
+            raise ConnectionError("going away")
+
+    sa, broken, sb = FakeSession(a), Broken(b), FakeSession(b)
+    for session in (sa, broken, sb):
+        await hub.login(session)
+    message = await hub.send(sa, UNICAST, b, TEXT, "still arrives")
+    assert message.id and [m.body for m in sb.got] == ["still arrives"]
+    with pytest.raises(HubError):
+        await hub.send(FakeSession(None), UNICAST, b, TEXT, "from nobody")
+    await hub.stop()

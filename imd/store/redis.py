@@ -575,10 +575,20 @@ class RedisStore:
         if not batch:
             return
         args: list[Any] = [self.p, self._batch_node, self.history_limit, self.queue_limit]
-        for message, _ in batch:
-            tail = message.to_json()
-            tail = tail[tail.index(",", tail.index(",") + 1):]  # drop the "[id,ts" head
-            args += [message.conversation, tail, message.sender, message.ctype, message.to]
+        good = []
+        for message, d in batch:
+            try:
+                tail = message.to_json()
+                tail = tail[tail.index(",", tail.index(",") + 1):]  # drop the "[id,ts" head
+                args += [message.conversation, tail, int(message.sender), message.ctype,
+                         int(message.to)]
+            except Exception as e:  # one bad message must not sink the batch
+                d.errback(e)
+            else:
+                good.append((message, d))
+        batch = good
+        if not batch:
+            return
         _POST(self.redis, [], args).addCallbacks(
             self._posted, self._post_failed, callbackArgs=(batch,), errbackArgs=(batch,))
 

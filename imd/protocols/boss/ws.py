@@ -42,6 +42,8 @@ class BossWebSocket(WebSocketServerProtocol):
             self.conn = None
 
     def _send_text(self, text: str) -> None:
+        if self.state != self.STATE_OPEN:
+            return
         if pending_bytes(self.transport) > self.factory.service.config.max_outbuf:
             self._abort()
             return

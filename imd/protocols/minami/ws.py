@@ -159,8 +159,9 @@ class MinamiWebSocket(WebSocketServerProtocol):
             self._send(reply(511))
             return
         service: MinamiService = self.factory.service
+        me = self.user_id
         friend = parse_id(_id_value(to))
-        if friend is None or not await service.friends.are_friends(self.user_id, friend):
+        if friend is None or not await service.friends.are_friends(me, friend):
             self._send(reply(512))
             return
         if ident is None or ident == "":
@@ -169,6 +170,8 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if not await service.hub.is_online(friend):
             self._send(reply(508, id=ident))
             return
+        if self._gone:
+            return  # closed meanwhile: nothing sent, nobody to answer
         try:
             await service.hub.send(self, UNICAST, friend, TEXT, text)
         except HubError:
@@ -199,7 +202,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
     # -- transport -----------------------------------------------------------------------
 
     def _send(self, obj) -> None:
-        if self._gone or self.transport is None:
+        if self._gone or self.transport is None or self.state != self.STATE_OPEN:
             return
         if pending_bytes(self.transport) > self.factory.service.config.max_outbuf:
             self.dropConnection(abort=True)
