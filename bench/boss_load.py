@@ -1,27 +1,41 @@
-"""Load test for imd's 66boss WebSocket endpoint (run by hand; never from CI or pytest).
+"""Load test for imd's 66boss or minami WebSocket endpoint (run by hand; never from CI or
+pytest).  ``--protocol boss`` (the default) or ``--protocol minami``; everything but the
+wire format and the login is shared.
 
 What it does:
 
-1. Creates bench users (``bench-<run id>-<i>``) and login tokens straight in the daemon's Redis
-   with ``imd.store.redis.RedisStore`` (one password verifier computed once), so setup takes
-   seconds even for 10,000 users.
+1. Creates bench users (``bench-<run id>-<i>``, password ``bench-<run id>``) straight in the
+   daemon's Redis with ``imd.store.redis.RedisStore`` (one password verifier computed once),
+   so setup takes seconds even for 10,000 users.  boss: a login token per user as well.
+   minami: only friends may talk, so the active users are befriended in the store too (each
+   one with its ``--friends`` nearest users on each side of a ring, within its client
+   process).
 2. Starts ``--clients`` load-client processes (this same file with ``--worker``), each owning a
    share of the connections.  Every process opens its connections with autobahn's Twisted
-   WebSocket client (the daemon's own stack) and logs them in with ``login_<uid>_<token>``.
+   WebSocket client (the daemon's own stack) and logs them in: boss with
+   ``login_<uid>_<token>`` on ``/entry``; minami by connecting to
+   ``/im/login?account=A&password=P`` and waiting for the code 200 reply (the daemon checks
+   the password with scrypt in its thread pool, so minami logins are slow, tens per second).
    Optional ``--idle`` connections are opened and logged in first (they only receive
    heartbeats), so the daemon's RSS per idle connection can be measured.
 3. Sends ``--messages`` one-to-one text messages.  Message ``seq`` goes from sender
    ``seq % connections`` (every sender gets the same share) to a random other user of the same
-   client process; its body is ``<seq>.<monotonic ns at send>``, so the receiver computes the
-   latency (CLOCK_MONOTONIC is system-wide, so it is comparable across processes).
+   client process (minami: a random one of the sender's friends); its body is
+   ``<seq>.<monotonic ns at send>``, so the receiver computes the latency (CLOCK_MONOTONIC is
+   system-wide, so it is comparable across processes).  minami frames are
+   ``{"toFriend": <uid>, "payload": <body>, "id": <seq>}``; the sender must get exactly one
+   code 200 ack per id (counted, with the send-to-ack latency).  An error ack with the id
+   (508 friend offline, 507) means the message will not arrive.
    - ``--rate 0`` (full speed): each sender keeps at most ``--window`` messages in flight
      (sent, not yet received by their recipient) and sends the next one when one arrives.
    - ``--rate R``: a timer sends the due messages every ``--tick`` seconds to hold R msg/s
      overall (R/K per process), in sequence order.
 4. Checks that every message arrived exactly once at the right recipient from the right
-   sender (missing, duplicate and misrouted counts; the exit status is 1 if any is nonzero,
-   a login failed, or ``--timeout`` expired), waiting ``--grace`` seconds after the last one
-   for late duplicates.
+   sender (missing, duplicate and misrouted counts; minami: also missing, duplicate, misplaced
+   and non-200 acks; the exit status is 1 if any is nonzero, a login failed, or ``--timeout``
+   expired), waiting ``--grace`` seconds after the last one for late duplicates.  minami code
+   300 notices (a friend went offline) are counted, and only shown when some arrived during
+   the send phase.
 5. Prints messages/s delivered (first send to last receive), latency percentiles, logins/s,
    and with ``--daemon-pid`` the daemon's RSS (before any connection, after the idle ones,
    after all, after the messages), its RSS per idle connection, and the CPU used during the
@@ -32,10 +46,13 @@ Usage (see bench/README.md for a full session)::
     ulimit -n 65536   # or as high as the hard limit allows, in the daemon's shell too
     /work/venv/bin/python bench/boss_load.py --redis unix://./imd-data/redis.sock \\
         --connections 200 --messages 50000 --daemon-pid $(pgrep -f 'twistd.*imd' | head -1)
+    /work/venv/bin/python bench/boss_load.py --protocol minami --connections 200 \\
+        --messages 50000 --daemon-pid ...
 
 Notes:
 
-- ``--redis`` is only used to create users and tokens; the load goes through ``--url``.
+- ``--redis`` is only used to create users, tokens and friendships; the load goes through
+  ``--url``.
 - Each run adds bench accounts and their history to the daemon's Redis; use a throw-away
   data directory.
 - With ``--clients K`` the connections are partitioned: a message goes between two
@@ -70,6 +87,13 @@ def raise_nofile() -> int:
     return soft
 
 
+def ring_friends(n: int, f: int) -> list:
+    """minami: the friends of each of ``n`` users placed on a ring, as index lists: the
+    ``f`` nearest on each side (up to 2f friends; fewer when n is small)."""
+    return [sorted({(i + d) % n for d in range(1, f + 1)}
+                   | {(i - d) % n for d in range(1, f + 1)} - {i}) for i in range(n)]
+
+
 def emit(obj: dict) -> None:
     """One result line from a worker to the parent (blocking write on the pipe)."""
     sys.stdout.write("@@" + json.dumps(obj, separators=(",", ":")) + "\n")
@@ -81,7 +105,11 @@ def emit(obj: dict) -> None:
 # =========================================================================================
 
 def worker_main(config_path: str) -> None:
+    from urllib.parse import urlencode
+
+    from autobahn.exception import Disconnected
     from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+    from autobahn.websocket.types import ConnectingRequest
     from twisted.internet import reactor, stdio, task
     from twisted.protocols.basic import LineReceiver
 
@@ -89,7 +117,10 @@ def worker_main(config_path: str) -> None:
         cfg = json.load(f)
     raise_nofile()
 
+    proto = cfg.get("protocol", "boss")
+
     class Conn(WebSocketClientProtocol):
+        """A 66boss connection: ``login_<uid>_<token>``, then ``text_<from>_<body>_<ctype>``."""
         idx = -1        # index among this worker's active users; -1 for idle ones
         ready = False   # logged in
         resolved = False  # login refused (or connection lost) and counted as a failure
@@ -107,7 +138,12 @@ def worker_main(config_path: str) -> None:
         def onMessage(self, payload, isBinary):
             if self.ready:
                 if payload[:5] == b"text_":
-                    self.worker.delivered(self, payload)
+                    try:
+                        _, frm, body, _ = payload.split(b"_", 3)
+                    except ValueError:
+                        self.worker.bad += 1
+                        return
+                    self.worker.delivered(self, frm, body)
                 elif payload[:10] != b"heartbeat_":
                     self.worker.other(self, payload)
             elif payload == b"ok":
@@ -121,22 +157,88 @@ def worker_main(config_path: str) -> None:
             if not w.quitting:
                 w.closed(self, code, reason)
 
+    class MinamiConn(Conn):
+        """A minami connection: the account and password go in the URL of the WebSocket
+        handshake (``/im/login?account=&password=``), so the user is picked as the TCP
+        connection opens; the first frame is the login reply.  Then JSON frames: deliveries
+        ``{from, payload}``, acks ``{code, message, ok, id}``, code 300 (a friend went
+        offline)."""
+
+        def onConnecting(self, transport_details):
+            w = self.factory.worker
+            self.worker = w
+            self.user = w.take_user(self)
+            if self.user is None:  # should not happen; nothing left to log in
+                raise RuntimeError("no bench user left for this connection")
+            query = urlencode({"account": self.user[1], "password": cfg["password"]})
+            return ConnectingRequest(host=self.factory.host, port=self.factory.port,
+                                     resource=f"{self.factory.resource}?{query}",
+                                     useragent=self.factory.useragent)
+
+        def onOpen(self):
+            pass  # the daemon speaks first (the login reply)
+
+        def onMessage(self, payload, isBinary):
+            w = self.worker
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                if self.ready:
+                    w.other(self, payload)
+                else:
+                    w.login_failed(self, payload)
+                return
+            if self.ready:
+                frm, body = obj.get("from"), obj.get("payload")
+                code = obj.get("code")
+                if frm is not None:
+                    if not isinstance(frm, str) or not isinstance(body, str):
+                        w.bad += 1
+                        return
+                    w.delivered(self, frm.encode(), body.encode())
+                elif code == 300:
+                    w.offline_notices += 1
+                elif code is not None and "id" in obj:
+                    w.acked(self, obj)
+                else:
+                    w.other(self, payload)
+            elif obj.get("code") == 200 and obj.get("token") and \
+                    isinstance(obj.get("profile"), dict) and \
+                    str(obj["profile"].get("id")) == str(self.user[0]):
+                self.ready = True
+                w.logged_in(self)
+            else:
+                w.login_failed(self, payload)
+
     class Factory(WebSocketClientFactory):
-        protocol = Conn
+        protocol = MinamiConn if proto == "minami" else Conn
 
         def clientConnectionFailed(self, connector, reason):
             self.worker.connect_failed(reason)
 
+    class DeadConn:
+        """Stands in for an active connection that closed during the run."""
+
+        def __init__(self, worker):
+            self.worker = worker
+
+        def sendMessage(self, payload):
+            self.worker.sent_dead += 1
+
     class Worker:
         def __init__(self):
             self.quitting = False
-            self.factory = Factory(cfg["url"].rstrip("/") + "/entry")
+            self.factory = Factory(cfg["url"].rstrip("/")
+                                   + ("/im/login" if proto == "minami" else "/entry"))
             self.factory.worker = self
             self.factory.setProtocolOptions(
                 utf8validateIncoming=False, openHandshakeTimeout=60, closeHandshakeTimeout=5,
                 tcpNoDelay=True, autoFragmentSize=0)
-            self.active = [tuple(u) for u in cfg["active"]]   # (uid, token)
+            self.active = [tuple(u) for u in cfg["active"]]   # (uid, token or account)
             self.idle = [tuple(u) for u in cfg["idle"]]
+            self.warm = [tuple(u) for u in cfg.get("warm", ())]
             self.n = len(self.active)
             self.conns: list = [None] * self.n
             self.idle_conns: list = []
@@ -144,6 +246,8 @@ def worker_main(config_path: str) -> None:
             self.close_samples: list[str] = []
             self.other_count = 0
             self.other_samples: list[str] = []
+            self.offline_notices = 0
+            self.sent_dead = 0
             self._phase = None
             self.window = 0
             self.errors_released = 0
@@ -230,6 +334,10 @@ def worker_main(config_path: str) -> None:
             self.unexpected_closes += 1
             if len(self.close_samples) < 5:
                 self.close_samples.append(f"code={code} reason={reason}")
+            if conn.idx >= 0 and self.conns[conn.idx] is conn:
+                # later sends from this user go nowhere (they end up missing) instead of
+                # raising in the middle of a send loop
+                self.conns[conn.idx] = DeadConn(self)
 
         def other(self, conn, payload) -> None:
             """A signal other than a delivery or a heartbeat: normally an error_ line."""
@@ -252,13 +360,34 @@ def worker_main(config_path: str) -> None:
             self.m = m
             rnd = random.Random(cfg["seed"])
             self.dest = dest = array("i", bytes(4 * m))
-            for seq in range(m):
-                d = rnd.randrange(n - 1)
-                s = seq % n
-                dest[seq] = d + 1 if d >= s else d
+            if proto == "minami":
+                # only friends may talk: the recipient is one of the sender's ring friends
+                friends = ring_friends(n, cfg["friends"])
+                for seq in range(m):
+                    mine = friends[seq % n]
+                    dest[seq] = mine[rnd.randrange(len(mine))]
+            else:
+                for seq in range(m):
+                    d = rnd.randrange(n - 1)
+                    s = seq % n
+                    dest[seq] = d + 1 if d >= s else d
             uids = [u[0] for u in self.active]
             self.uid_bytes = [b"%d" % u for u in uids]
-            self.prefix = [b"text_%d_" % u for u in uids]
+            if proto == "minami":
+                # {"toFriend":"<uid>","payload":"<seq>.<ns>","id":"<seq>"}; acks name the id
+                self.prefix = [b'{"toFriend":"%d","payload":"' % u for u in uids]
+                self.encode = self._encode_minami
+                self.need_acks = True
+            else:
+                self.prefix = [b"text_%d_" % u for u in uids]
+                self.encode = self._encode_boss
+                self.need_acks = False
+            self.ack_got = bytearray(m)
+            self.sent_at = array("q", bytes(8 * m)) if self.need_acks else None
+            self.ack_lat = array("q", bytes(8 * m)) if self.need_acks else None
+            self.acks = self.acks_ok = self.ack_dups = self.ack_wrong = self.ack_bad = 0
+            self.ack_errors: dict[str, int] = {}
+            self.ack_samples: list[str] = []
             self.got = bytearray(m)
             self.lat = array("q", bytes(8 * m))
             self.received = self.dups = self.wrong = self.bad = 0
@@ -292,9 +421,12 @@ def worker_main(config_path: str) -> None:
             if inflight[s] >= window or seq >= m:
                 return
             send = self.conns[s].sendMessage
-            dest, prefix = self.dest, self.prefix
+            encode = self.encode
             while inflight[s] < window and seq < m:
-                send(prefix[dest[seq]] + b"%d.%d_unicast_b" % (seq, MONO()))
+                try:
+                    send(encode(seq))
+                except Disconnected:  # closing (e.g. kicked by a newer login of its user)
+                    send = self._dead_sender(s)
                 inflight[s] += 1
                 seq += n
                 self.sent += 1
@@ -311,20 +443,36 @@ def worker_main(config_path: str) -> None:
                 self.behind_ticks += 1
                 return
             due = min(due, self.received + self.max_inflight + 1)
-            conns, dest, prefix, n = self.conns, self.dest, self.prefix, self.n
+            conns, encode, n = self.conns, self.encode, self.n
             while seq < due:
-                conns[seq % n].sendMessage(prefix[dest[seq]] + b"%d.%d_unicast_b"
-                                           % (seq, MONO()))
+                try:
+                    conns[seq % n].sendMessage(encode(seq))
+                except Disconnected:  # closing (e.g. kicked by a newer login of its user)
+                    self._dead_sender(seq % n)
                 seq += 1
             self.sent = seq
             self.t_last_send = MONO()
             if seq >= self.m:
                 self.ticker.stop()
 
-        def delivered(self, conn, payload: bytes) -> None:
+        def _dead_sender(self, s: int):
+            """Active connection s refused a message as it is closing: count the message
+            (it will be missing) and send its later ones nowhere; the new sendMessage."""
+            self.sent_dead += 1
+            self.conns[s] = DeadConn(self)
+            return self.conns[s].sendMessage
+
+        def _encode_boss(self, seq: int) -> bytes:
+            return self.prefix[self.dest[seq]] + b"%d.%d_unicast_b" % (seq, MONO())
+
+        def _encode_minami(self, seq: int) -> bytes:
+            t = self.sent_at[seq] = MONO()
+            return self.prefix[self.dest[seq]] + b'%d.%d","id":"%d"}' % (seq, t, seq)
+
+        def delivered(self, conn, frm: bytes, body: bytes) -> None:
+            """Message ``body`` (``<seq>.<ns at send>``) from user ``frm`` arrived at conn."""
             now = MONO()
             try:
-                _, frm, body, _ = payload.split(b"_", 3)
                 dot = body.index(b".")
                 seq = int(body[:dot])
                 t = int(body[dot + 1:])
@@ -351,9 +499,53 @@ def worker_main(config_path: str) -> None:
             if self.received + self.errors_released >= self.m:
                 self._check_done()
 
+        def acked(self, conn, obj: dict) -> None:
+            """minami: the reply to the frame with id ``obj["id"]`` (code 200, or an error
+            such as 508 friend offline, after which the message will not arrive)."""
+            now = MONO()
+            try:
+                seq = int(obj["id"])
+            except (TypeError, ValueError):
+                seq = -1
+            if not 0 <= seq < self.m or not self.sent_at[seq]:  # unknown or never sent
+                self.ack_bad += 1
+                self._ack_sample(obj)
+                return
+            s = seq % self.n
+            if s != conn.idx:
+                self.ack_wrong += 1
+                self._ack_sample(obj)
+                return
+            if self.ack_got[seq]:
+                self.ack_dups += 1
+                self._ack_sample(obj)
+                return
+            self.ack_got[seq] = 1
+            self.acks += 1
+            if obj.get("code") == 200:
+                self.acks_ok += 1
+                self.ack_lat[seq] = now - self.sent_at[seq]
+            else:
+                key = str(obj.get("code"))
+                self.ack_errors[key] = self.ack_errors.get(key, 0) + 1
+                self._ack_sample(obj)
+                if not self.got[seq]:
+                    # the refused message will never arrive: give the sender its slot back
+                    self.errors_released += 1
+                    if self.window:
+                        self.inflight[s] -= 1
+                        self._pump(s)
+            if self.acks >= self.m:
+                self._check_done()
+
+        def _ack_sample(self, obj: dict) -> None:
+            if len(self.ack_samples) < 5:
+                self.ack_samples.append(json.dumps(obj)[:200])
+
         def _check_done(self) -> None:
             if not self.finished and self.sent >= self.m and \
-                    self.received + self.errors_released >= self.m:
+                    self.received + self.errors_released >= self.m and \
+                    (not self.need_acks or self.acks >= self.m):
                 self.finished = True
                 reactor.callLater(cfg["grace"], self._finish, False)
 
@@ -368,12 +560,24 @@ def worker_main(config_path: str) -> None:
                 self.ticker.stop()
             got, lat = self.got, self.lat
             lats = [lat[i] // 1000 for i in range(self.m) if got[i]]  # microseconds
-            emit({"event": "sent", "timed_out": timed_out, "messages": self.m,
+            extra = {}
+            if self.need_acks:
+                ack_got, ack_lat = self.ack_got, self.ack_lat
+                extra = {"acks": self.acks, "acks_ok": self.acks_ok, "ack_dups": self.ack_dups,
+                         "ack_wrong": self.ack_wrong, "ack_bad": self.ack_bad,
+                         "ack_missing": self.sent - self.acks, "ack_errors": self.ack_errors,
+                         "ack_samples": self.ack_samples,
+                         "ack_lat_us": [ack_lat[i] // 1000 for i in range(self.m)
+                                        if ack_got[i] and ack_lat[i]]}
+            # code 300 notices seen before the end of the send phase (a friend went away)
+            extra["offline"] = self.offline_notices
+            emit({**extra, "event": "sent", "timed_out": timed_out, "messages": self.m,
                   "sent": self.sent, "received": self.received, "dups": self.dups,
                   "wrong": self.wrong, "bad": self.bad, "missing": self.sent - self.received,
                   "unsent": self.m - self.sent,
                   "other": self.other_count, "other_samples": self.other_samples,
                   "closes": self.unexpected_closes, "close_samples": self.close_samples,
+                  "sent_dead": self.sent_dead,
                   "behind_ticks": self.behind_ticks,
                   "t_first_send": self.t_first_send, "t_last_send": self.t_last_send,
                   "t_last_recv": self.t_last_recv, "cpu": self._cpu() - self.cpu0,
@@ -393,6 +597,8 @@ def worker_main(config_path: str) -> None:
             cmd = line.decode().strip()
             if cmd == "idle":
                 worker.connect_all(worker.idle, False, "idle")
+            elif cmd == "warm":
+                worker.connect_all(worker.warm, False, "warm")
             elif cmd == "connect":
                 worker.connect_all(worker.active, True, "connected")
             elif cmd == "send":
@@ -462,6 +668,18 @@ def normalise_redis_url(url: str) -> str:
     return url
 
 
+def bench_friendships(active: list, k: int, friends: int) -> list:
+    """minami: the (uid, uid) friend pairs the messages need.  Client process i owns
+    ``active[i::k]`` and each of its users is friends with its ring neighbours there (see
+    ``ring_friends``)."""
+    pairs = []
+    for i in range(k):
+        mine = active[i::k]
+        for a, others in enumerate(ring_friends(len(mine), friends)):
+            pairs += [(mine[a][0], mine[b][0]) for b in others if a < b]
+    return pairs
+
+
 def percentile(sorted_values: list, p: float):
     """Nearest-rank percentile of an ascending list."""
     if not sorted_values:
@@ -470,7 +688,13 @@ def percentile(sorted_values: list, p: float):
     return sorted_values[k - 1]
 
 
-async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int) -> list:
+async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
+                       protocol: str = "boss", friendships=None) -> list:
+    """``count`` bench users sharing the password ``bench-<run id>`` (one verifier).
+
+    boss: returns (uid, token) pairs.  minami: returns (uid, account) pairs (its clients log
+    in with the password) and, when ``friendships(users)`` is given, befriends the
+    (uid a, uid b) pairs it returns."""
     from twisted.internet import defer
 
     from imd.passwords import make_verifier, md5hex
@@ -485,6 +709,8 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int) 
         async def one(i: int):
             account = f"bench-{run_id}-{i}"
             user = await store.create_user(account, account, verifier)
+            if protocol == "minami":
+                return user.id, account
             return user.id, await store.issue_token(user.id, token_ttl)
 
         users: list = []
@@ -492,6 +718,13 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int) 
         for start in range(0, count, chunk):
             ds = [defer.ensureDeferred(one(i)) for i in range(start, min(count, start + chunk))]
             users += await defer.gatherResults(ds, consumeErrors=True)
+        if friendships is not None:
+            account = dict(users)
+            pairs = friendships(users)
+            for start in range(0, len(pairs), chunk):
+                await defer.gatherResults(
+                    [defer.ensureDeferred(store.befriend(a, b, account[b], account[a]))
+                     for a, b in pairs[start:start + chunk]], consumeErrors=True)
         return users
     finally:
         await factory.disconnect()
@@ -499,11 +732,18 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int) 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Load test for imd's 66boss WebSocket endpoint (see the module docstring).")
+        description="Load test for imd's 66boss or minami WebSocket endpoint "
+                    "(see the module docstring).")
+    p.add_argument("--protocol", "-p", choices=("boss", "minami"), default="boss",
+                   help="boss: /entry with login_<uid>_<token>; minami: "
+                        "/im/login?account=&password= (scrypt-checked, so logins are slow), "
+                        "messages only between friends")
     p.add_argument("--url", default="ws://127.0.0.1:8000",
-                   help="WebSocket base URL of the daemon's web port (/entry is appended)")
+                   help="WebSocket base URL of the daemon's web port (/entry or /im/login is "
+                        "appended)")
     p.add_argument("--redis", default="unix://./imd-data/redis.sock",
-                   help="URL of the daemon's Redis; used only to create bench users and tokens")
+                   help="URL of the daemon's Redis; used only to create bench users, tokens "
+                        "and (minami) friendships")
     p.add_argument("--connections", "-n", type=int, default=200,
                    help="active connections (one bench user each) exchanging messages")
     p.add_argument("--messages", "-m", type=int, default=50000,
@@ -512,8 +752,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="messages/s overall; 0 = as fast as the window allows")
     p.add_argument("--window", type=int, default=50,
                    help="full speed: messages in flight per sender")
+    p.add_argument("--friends", type=int, default=4,
+                   help="minami: each active user is friends with the FRIENDS nearest users on "
+                        "each side of a ring (within its client process) and sends to a random "
+                        "one of them")
     p.add_argument("--idle", type=int, default=0,
                    help="extra idle logged-in connections, opened before the active ones")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="logged-in connections opened (and kept) before the first RSS reading, "
+                        "so one-off growth is not charged to the idle connections; default 0, "
+                        "but 50 for minami with --idle (each scrypt password check leaves "
+                        "~16 MB in its thread-pool thread, ~160 MB once all threads ran one)")
     p.add_argument("--clients", "-k", type=int, default=1,
                    help="load-client processes to spread the connections over")
     p.add_argument("--daemon-pid", type=int, help="pid of the imd daemon, to report RSS and CPU")
@@ -543,6 +792,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--connections must be at least 2 per client process")
     if args.window < 1:
         p.error("--window must be at least 1")
+    if args.friends < 1:
+        p.error("--friends must be at least 1")
+    if args.warmup is None:
+        args.warmup = 50 if args.protocol == "minami" and args.idle else 0
     return args
 
 
@@ -615,24 +868,41 @@ def main(argv=None) -> int:
     def rss() -> tuple:
         return proc_rss_kb(args.daemon_pid), proc_rss_kb(redis_pid)
 
+    minami = args.protocol == "minami"
+    figures: dict = {}
+
     async def run() -> None:
-        total = args.connections + args.idle
+        total = args.connections + args.idle + args.warmup
         say(f"run {run_id}: creating {total} bench users in {redis_url}")
         t = time.monotonic()
-        users = await create_users(redis_url, run_id, total, 7 * 86400)
-        say(f"created {total} users and tokens in {time.monotonic() - t:.2f} s")
-        active, idle = users[:args.connections], users[args.connections:]
+        if minami:
+            def friendships(users):
+                pairs = bench_friendships(users[:args.connections], k, args.friends)
+                figures["friendships"] = len(pairs)
+                return pairs
+            users = await create_users(redis_url, run_id, total, 7 * 86400, "minami",
+                                       friendships)
+            say(f"created {total} users and {figures['friendships']} friendships in "
+                f"{time.monotonic() - t:.2f} s")
+        else:
+            users = await create_users(redis_url, run_id, total, 7 * 86400)
+            say(f"created {total} users and tokens in {time.monotonic() - t:.2f} s")
+        active, idle = users[:args.connections], users[args.connections:][:args.idle]
+        warm = users[args.connections + args.idle:]
 
         tmpdir = tempfile.mkdtemp(prefix="boss_load-")
         workers = []
         for i in range(k):
             m_i = args.messages // k + (1 if i < args.messages % k else 0)
             active_i = active[i::k]
-            cfg = {"url": args.url, "active": active_i, "idle": idle[i::k], "messages": m_i,
+            cfg = {"url": args.url, "active": active_i, "idle": idle[i::k], "warm": warm[i::k],
+                   "messages": m_i,
                    "rate": args.rate / k, "window": args.window, "tick": args.tick,
                    "max_inflight": args.max_inflight or len(active_i) * args.window,
                    "timeout": args.timeout, "grace": args.grace, "seed": seed + i,
-                   "connect_concurrency": args.connect_concurrency}
+                   "connect_concurrency": args.connect_concurrency,
+                   "protocol": args.protocol, "password": "bench-" + run_id,
+                   "friends": args.friends}
             path = os.path.join(tmpdir, f"client{i}.json")
             with open(path, "w") as f:
                 json.dump(cfg, f)
@@ -646,8 +916,11 @@ def main(argv=None) -> int:
         try:
             readies = await defer.gatherResults([w.ready for w in workers], consumeErrors=True)
             say(f"{k} load client(s) up (open-file limit {readies[0]['nofile']})")
+            if warm:
+                say(f"opening {len(warm)} warm-up connections")
+                figures["warm"] = await all_of(workers, "warm", "warm")
             await sleep(args.settle if args.daemon_pid else 0)
-            figures: dict = {"rss_before": rss()}
+            figures["rss_before"] = rss()
 
             if idle:
                 say(f"opening {len(idle)} idle connections")
@@ -708,11 +981,15 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
         s = (t1 - t0) / 1e9
         return f"{count / s:,.0f}", s
 
-    lines = [f"== imd 66boss load test, run {run_id} ==",
-             f"setup          {args.connections} active + {args.idle} idle connections, "
+    minami = args.protocol == "minami"
+    lines = [f"== imd {'minami' if minami else '66boss'} load test, run {run_id} ==",
+             f"setup          {args.connections} active + {args.idle} idle "
+             + (f"+ {args.warmup} warm-up " if args.warmup else "") + "connections, "
              f"{args.clients} client process(es), "
              + (f"rate {args.rate:g} msg/s" if args.rate else f"full speed, window "
-                f"{args.window}/sender")]
+                f"{args.window}/sender")
+             + (f"; {f.get('friendships', 0)} friendships (up to {2 * args.friends} ring "
+                f"friends per active user)" if minami else "")]
     code = 0
 
     def logins(label, replies):
@@ -729,6 +1006,8 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
                 for why in r["failures"]:
                     lines.append(f"               ! {why}")
 
+    if "warm" in f:
+        logins("logins (warm)", f["warm"])
     if "idle" in f:
         logins("logins (idle)", f["idle"])
     logins("logins", f["active"])
@@ -755,18 +1034,53 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
         lines.append(f"throughput     {deliv_rate} msg/s delivered ({tot['received']} in "
                      f"{deliv_s:.2f} s, first send to last receive); sent at {send_rate} "
                      f"msg/s over {send_s:.2f} s")
+        if minami:
+            acks = {key: sum(r[key] for r in res)
+                    for key in ("acks", "acks_ok", "ack_dups", "ack_wrong", "ack_bad",
+                                "ack_missing")}
+            errors: dict = {}
+            for r in res:
+                for key, count in r["ack_errors"].items():
+                    errors[key] = errors.get(key, 0) + count
+            lines.append(f"acks           {acks['acks_ok']} ok (code 200), "
+                         f"{acks['ack_missing']} missing, {acks['ack_dups']} duplicate, "
+                         f"{acks['ack_wrong']} on the wrong connection, {acks['ack_bad']} "
+                         f"unknown id; error codes "
+                         + (", ".join(f"{c}: {n}" for c, n in sorted(errors.items()))
+                            or "none"))
+            samples = [x for r in res for x in r["ack_samples"]][:3]
+            if samples:
+                lines.append(f"               e.g. {samples}")
+            if acks["acks_ok"] != tot["sent"] or acks["ack_dups"] or acks["ack_wrong"] \
+                    or acks["ack_bad"]:
+                code = 1
+
+        def lat_line(label, values):
+            pct = "  ".join(f"p{p:g} {percentile(values, p) / 1000:.1f}" for p in (50, 95, 99))
+            lines.append(f"{label:<15}{pct}  max {values[-1] / 1000:.1f}  (min "
+                         f"{values[0] / 1000:.2f}, mean {sum(values) / len(values) / 1000:.1f})")
+
         if lats:
-            pct = "  ".join(f"p{p:g} {percentile(lats, p) / 1000:.1f}" for p in (50, 95, 99))
-            lines.append(f"latency ms     {pct}  max {lats[-1] / 1000:.1f}  "
-                         f"(min {lats[0] / 1000:.2f}, mean {sum(lats) / len(lats) / 1000:.1f})")
+            lat_line("latency ms", lats)
+        if minami:
+            ack_lats = sorted(x for r in res for x in r["ack_lat_us"])
+            if ack_lats:
+                lat_line("ack latency ms", ack_lats)
+        offline = sum(r.get("offline", 0) for r in res)
+        if offline:
+            lines.append(f"offline notices {offline} (minami code 300 during the send phase: "
+                         f"a friend's connection went away)")
         if tot["behind_ticks"]:
             lines.append(f"rate           {tot['behind_ticks']} ticks skipped: in-flight cap "
                          f"reached (the daemon could not keep up with the rate)")
         if tot["other"] or tot["closes"]:
             others = [s for r in res for s in r["other_samples"]][:3]
             closes = [s for r in res for s in r["close_samples"]][:3]
+            dead = sum(r.get("sent_dead", 0) for r in res)
             lines.append(f"other signals  {tot['other']} (e.g. {others}); "
-                         f"unexpected closes {tot['closes']} {closes}")
+                         f"unexpected closes {tot['closes']} {closes}"
+                         + (f"; {dead} messages sent after their sender's connection closed"
+                            if dead else ""))
         if tot["missing"] or tot["unsent"] or tot["dups"] or tot["wrong"] or tot["bad"] \
                 or timed_out:
             code = 1
