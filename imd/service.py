@@ -217,12 +217,13 @@ class ImdService(service.MultiService):
             self.tickets.close_all()
         if self.hub is not None:
             try:
-                await self.hub.stop()
+                # Redis may be gone already: do not let that hold up the shutdown.
+                await defer.ensureDeferred(self.hub.stop()).addTimeout(3, reactor)
             except Exception as e:
-                log.warn("could not mark this node's users offline: {e}", e=e)
+                log.warn("could not mark this node's users offline: {e!r}", e=e)
         for factory in self._factories:
             try:
-                await factory.disconnect()
+                await factory.disconnect().addTimeout(3, reactor)
             except Exception:
                 pass
         if self.embedded is not None:

@@ -87,6 +87,13 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
 
+    def kill_leftover_redis(self) -> None:
+        """After a SIGKILLed daemon: its embedded redis-server would outlive the test."""
+        try:
+            os.kill(int((self.data_dir / "redis.pid").read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
     @property
     def redis_url(self) -> str:
         if "--redis" in self.args:
@@ -145,7 +152,8 @@ def fresh_daemon(tmp_path):
     yield make
     for d in started:
         run_blocking(d.close_store())
-        d.kill()
+        d.stop()  # SIGTERM: the daemon takes its redis-server down with it
+        d.kill_leftover_redis()
 
 
 def run_blocking(d) -> None:

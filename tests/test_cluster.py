@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from imd.store.embedded import find_redis_server
-from tests.conftest import unique
+from tests.conftest import CLEAN_EXIT, unique
 from tests.test_boss import make_group
 from tests.wire import ws_connect
 
@@ -23,11 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def shared_redis(tmp_path):
+def start_redis(directory) -> tuple[subprocess.Popen, str]:
+    """A plain redis-server on a free TCP port, ready to take connections."""
     port = free_port()
     proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -36,7 +36,13 @@ def shared_redis(tmp_path):
             break
         except OSError:
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
+    return proc, f"redis://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def shared_redis(tmp_path):
+    proc, url = start_redis(tmp_path)
+    yield url
     proc.terminate()
     proc.wait(10)
 
@@ -49,8 +55,8 @@ async def login(node, uid: int, token: str):
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_nodes_deliver_both_ways_and_survive_a_killed_node(fresh_daemon,
-                                                                     shared_redis):
+async def test_two_nodes_deliver_both_ways_and_survive_a_killed_node(shared_redis,
+                                                                     fresh_daemon):
     node1 = fresh_daemon("--redis", shared_redis, "--node-timeout", "2").start()
     node2 = fresh_daemon("--redis", shared_redis, "--node-timeout", "2").start()
     a, ta = await node1.user(unique())
@@ -92,3 +98,15 @@ async def test_two_nodes_deliver_both_ways_and_survive_a_killed_node(fresh_daemo
     cc2 = await login(node1, c, tc)
     assert (await cc2.next()).startswith(f"text_{a}_group while node2 is dead_group_{gid}_")
     await node1.close_store()
+
+
+def test_a_node_stops_promptly_when_redis_is_gone(fresh_daemon, tmp_path):
+    redis, url = start_redis(tmp_path)
+    try:
+        node = fresh_daemon("--redis", url).start()
+    finally:
+        redis.terminate()
+        redis.wait(10)
+    started = time.monotonic()
+    assert node.stop() in CLEAN_EXIT
+    assert time.monotonic() - started < 10
