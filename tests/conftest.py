@@ -156,6 +156,18 @@ def fresh_daemon(tmp_path):
         d.kill_leftover_redis()
 
 
+@pytest.fixture
+def browser():
+    """A headless Debian Chromium (skipped where it is not installed; .ci/run installs it)."""
+    from tests.browser import CHROMIUM, Browser
+
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
+    b = Browser()
+    yield b
+    b.close()
+
+
 def run_blocking(d) -> None:
     """Run a coroutine to completion from synchronous fixture code."""
     import pytest_twisted

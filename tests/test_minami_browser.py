@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import pytest_twisted
 
-from tests.browser import CHROMIUM, Browser
 from tests.conftest import unique
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
-                                "(.ci/run installs it)")
-
-
-@pytest.fixture
-def browser():
-    b = Browser()
-    yield b
-    b.close()
 
 
 async def register_and_login(page, account: str, name: str) -> None:

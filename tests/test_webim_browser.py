@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import pytest_twisted
 
-from tests.browser import CHROMIUM, Browser
 from tests.conftest import unique
 from tests.test_boss import make_group
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
-                                "(.ci/run installs it)")
-
-
-@pytest.fixture
-def browser():
-    b = Browser()
-    yield b
-    b.close()
 
 
 async def log_in(page, account: str) -> None:
