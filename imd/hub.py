@@ -16,7 +16,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from imd.model import GROUP, KINDS, UNICAST, Event, Message
-from imd.store.redis import NoSuchGroup, NoSuchUser, NotAMember, RedisStore
+from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember, NotFriends,
+                             RedisStore)
 
 log = Logger()
 
@@ -37,6 +38,10 @@ class Session(Protocol):
 
 class HubError(Exception):
     """A request the hub refuses; the message is fit to show to the client."""
+
+    def __init__(self, message: str, kind: str = "refused"):
+        super().__init__(message)
+        self.kind = kind  # no_such_user, no_such_group, not_a_member, not_friends, ...
 
 
 class Hub:
@@ -147,12 +152,14 @@ class Hub:
     # -- messages ----------------------------------------------------------------------
 
     def send(self, origin: Session, ctype: str, to: int, kind: str, body: str,
-             extension: str = "", style: str = "") -> defer.Deferred:
+             extension: str = "", style: str = "", friends_only: bool = False
+             ) -> defer.Deferred:
         """Check, store and deliver one message from ``origin``'s user.
 
         Deferred[Message]: the stored message (with id and ts) once it is persisted; fails
-        with HubError for a message that was refused and so not stored.  (A plain Deferred
-        chain, not a coroutine: this is the hot path.)
+        with HubError for a message that was refused and so not stored.  ``friends_only``:
+        only to a friend who has a live session (minami), else refused and stored nowhere.
+        (A plain Deferred chain, not a coroutine: this is the hot path.)
         """
         if origin.user_id is None:
             return defer.fail(HubError("not logged in"))
@@ -164,7 +171,7 @@ class Hub:
             return defer.fail(HubError("message too long"))
         message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
                           body=body, extension=extension, style=style)
-        d = self.store.post(message, self.node)
+        d = self.store.post(message, self.node, friends_only)
         d.addCallbacks(self._posted, _refused, callbackArgs=(message, origin))
         return d
 
@@ -232,14 +239,17 @@ def _guarded(call, item) -> None:
         log.failure("a session failed to take a delivery")
 
 
-_REFUSALS = {NoSuchUser: "no such user", NoSuchGroup: "no such group",
-             NotAMember: "not a member of this group"}
+_REFUSALS = {NoSuchUser: ("no_such_user", "no such user"),
+             NoSuchGroup: ("no_such_group", "no such group"),
+             NotAMember: ("not_a_member", "not a member of this group"),
+             NotFriends: ("not_friends", "not friends"),
+             FriendOffline: ("friend_offline", "the friend has no live session")}
 
 
 def _refused(failure) -> None:
     """Turn a failed post into a HubError with a client-facing reason; log the unexpected."""
-    reason = _REFUSALS.get(type(failure.value))
-    if reason is None:
+    kind, reason = _REFUSALS.get(type(failure.value), (None, None))
+    if kind is None:
         log.failure("message could not be stored", failure)
-        reason = "message could not be stored"
-    raise HubError(reason)
+        kind, reason = "not_stored", "message could not be stored"
+    raise HubError(reason, kind)

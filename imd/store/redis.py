@@ -76,7 +76,16 @@ class NotAMember(StoreError):
     pass
 
 
-_POST_ERRORS = {-1: NoSuchUser, -2: NoSuchGroup, -3: NotAMember}
+class NotFriends(StoreError):
+    pass
+
+
+class FriendOffline(StoreError):
+    pass
+
+
+_POST_ERRORS = {-1: NoSuchUser, -2: NoSuchGroup, -3: NotAMember, -4: NotFriends,
+                -5: FriendOffline}
 
 
 class Script:
@@ -150,13 +159,15 @@ end
 return 1
 """)
 
-# ARGV: prefix, node, history cap, queue cap, then 5 fields per message: conversation,
-#       JSON tail (",sender,...]"), sender, type ('unicast' | 'group'), to.
+# ARGV: prefix, node, history cap, queue cap, then 6 fields per message: conversation,
+#       JSON tail (",sender,...]"), sender, type ('unicast' | 'group'), to, mode ('f': only
+#       to a friend with a live session, else stored nowhere).
 # For each message: checks the recipient (user exists; group exists and has the sender as a
 # member), appends to history, publishes to the other nodes of every recipient and of the
 # sender (for the sender's other sessions), queues for recipients live nowhere.
 # Returns, per message, {id, ts, n, n uids live on the calling node} or {error code, 0, 0}:
-# -1 no such user, -2 no such group, -3 sender not a member.
+# -1 no such user, -2 no such group, -3 sender not a member, -4 not friends, -5 the friend
+# has no live session.
 _POST = Script("""
 local p, node = ARGV[1], ARGV[2]
 local hcap, qcap = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -168,14 +179,23 @@ local function is_alive(n)
   if alive[n] == nil then alive[n] = redis.call('EXISTS', p..'alive:'..n) == 1 end
   return alive[n]
 end
-for m = 5, #ARGV, 5 do
+local function live_anywhere(uid)
+  for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..uid)) do
+    if n == node or is_alive(n) then return true end
+  end
+  return false
+end
+for m = 5, #ARGV, 6 do
   local conv, tail, sender, ctype, to = ARGV[m], ARGV[m+1], ARGV[m+2], ARGV[m+3], ARGV[m+4]
+  local mode = ARGV[m+5]
   local targets, err
   if ctype == 'group' then
     if redis.call('EXISTS', p..'g:'..to) == 0 then err = -2
     elseif redis.call('SISMEMBER', p..'gm:'..to, sender) == 0 then err = -3
     else targets = redis.call('SMEMBERS', p..'gm:'..to) end
   elseif redis.call('SISMEMBER', p..'users', to) == 0 then err = -1
+  elseif mode == 'f' and redis.call('HEXISTS', p..'fr:'..sender, to) == 0 then err = -4
+  elseif mode == 'f' and not live_anywhere(to) then err = -5
   else
     targets = {to}
     if to ~= sender then targets[2] = sender end
@@ -322,7 +342,7 @@ class RedisStore:
         from twisted.internet import reactor
 
         self._clock = clock or reactor
-        self._batch: list[tuple[Message, defer.Deferred]] = []
+        self._batch: list[tuple[Message, defer.Deferred, str]] = []
         self._batch_node = ""
         self.redis = redis
         self.history_limit = history_limit
@@ -551,7 +571,7 @@ class RedisStore:
 
     # -- messages ----------------------------------------------------------------------
 
-    def post(self, message: Message, node: str) -> defer.Deferred:
+    def post(self, message: Message, node: str, friends_only: bool = False) -> defer.Deferred:
         """Check, store and route ``message``; fills in ``id`` and ``ts``.
 
         Deferred[list[int]]: the recipients (and the sender) with a live session on
@@ -561,7 +581,7 @@ class RedisStore:
         """
         d = defer.Deferred()
         self._batch_node = node
-        self._batch.append((message, d))
+        self._batch.append((message, d, "f" if friends_only else ""))
         if len(self._batch) == 1:
             self._clock.callLater(0, self._flush)
         elif len(self._batch) >= MAX_BATCH:
@@ -576,12 +596,12 @@ class RedisStore:
             return
         args: list[Any] = [self.p, self._batch_node, self.history_limit, self.queue_limit]
         good = []
-        for message, d in batch:
+        for message, d, mode in batch:
             try:
                 tail = message.to_json()
                 tail = tail[tail.index(",", tail.index(",") + 1):]  # drop the "[id,ts" head
                 args += [message.conversation, tail, int(message.sender), message.ctype,
-                         int(message.to)]
+                         int(message.to), mode]
             except Exception as e:  # one bad message must not sink the batch
                 d.errback(e)
             else:

@@ -65,7 +65,6 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self.nonce = secrets.token_hex(8)
         self.token: str | None = None
         self._early: list[bytes] | None = []
-        self._chain = defer.succeed(None)
         self._gone = False
         defer.ensureDeferred(self._login()).addErrback(self._login_failed)
 
@@ -128,14 +127,9 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self._queue_frame(payload)
 
     def _queue_frame(self, payload: bytes) -> None:
-        self._chain.addCallback(lambda _: defer.ensureDeferred(self._tunnel(payload)))
-        self._chain.addErrback(self._frame_failed)
-
-    def _frame_failed(self, failure) -> None:
-        log.failure("minami frame failed", failure)
-        self._send(reply(500))
-
-    async def _tunnel(self, payload: bytes) -> None:
+        """Check a tunnel frame and send it; the ack comes once it is stored.  Frames are
+        not awaited one by one: the store keeps their order (one script call per reactor
+        turn, on one connection), so acks and deliveries keep it too."""
         if self._gone or self.user_id is None:
             return
         try:
@@ -158,26 +152,26 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if not text:
             self._send(reply(511))
             return
-        service: MinamiService = self.factory.service
-        me = self.user_id
         friend = parse_id(_id_value(to))
-        if friend is None or not await service.friends.are_friends(me, friend):
+        if friend is None:
             self._send(reply(512))
             return
         if ident is None or ident == "":
             self._send(reply(506))
             return
-        if not await service.hub.is_online(friend):
+        d = self.factory.service.hub.send(self, UNICAST, friend, TEXT, text, friends_only=True)
+        d.addCallbacks(lambda _: self._send(reply(200, id=ident)), self._refused,
+                       errbackArgs=(ident,))
+
+    def _refused(self, failure, ident) -> None:
+        failure.trap(HubError)
+        kind = failure.value.kind
+        if kind in ("not_friends", "no_such_user"):
+            self._send(reply(512))
+        elif kind == "friend_offline":
             self._send(reply(508, id=ident))
-            return
-        if self._gone:
-            return  # closed meanwhile: nothing sent, nobody to answer
-        try:
-            await service.hub.send(self, UNICAST, friend, TEXT, text)
-        except HubError:
+        else:
             self._send(reply(507, id=ident))
-            return
-        self._send(reply(200, id=ident))
 
     # -- hub Session ---------------------------------------------------------------------
 
