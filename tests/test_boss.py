@@ -6,7 +6,6 @@ import base64
 import json
 import time
 
-import pytest
 import pytest_twisted
 
 from tests.conftest import unique

@@ -8,10 +8,8 @@ data to the parsers *without* the safety net of :func:`imd.media.probe`.
 from __future__ import annotations
 
 import io
-import os
 import random
 import struct
-import sys
 import wave
 import zlib
 

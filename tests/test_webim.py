@@ -359,7 +359,7 @@ async def test_rooms_are_66boss_groups(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_cross_protocol_unicast(daemon):
-    from tests.test_minami import befriend as minami_befriend, new_user
+    from tests.test_minami import new_user
 
     w = await tab(daemon)
     boss_id, _, boss = await logged_in(daemon)

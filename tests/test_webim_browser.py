@@ -3,7 +3,6 @@ see the typing indicator, and chat (actions with the session cookie, JSONP long-
 
 from __future__ import annotations
 
-import json
 
 import pytest_twisted
 

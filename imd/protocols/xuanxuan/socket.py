@@ -20,7 +20,7 @@ from imd.accounts import Accounts
 from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
 from imd.hub import Hub, HubError
-from imd.model import (AUDIO, EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, VIDEO, Event,
+from imd.model import (EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, Event,
                        Message, User, one2one_gid)
 from imd.protocols.flow import pending_bytes, tune_socket
 
