@@ -106,6 +106,11 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self._send(reply(500))
         self.sendClose(1000)
 
+    def onMessageEnd(self):
+        # As in the 66boss adapter: skip autobahn's per-message observer future.
+        if not self.failedByMe:
+            self.onMessage(b"".join(self.message_data), self.message_is_binary)
+
     def onMessage(self, payload: bytes, isBinary: bool):
         # Like the original server, a bad frame gets an error reply and the session goes on:
         # binary, over --max-frame (up to the hard limit of --max-body, where the
