@@ -350,3 +350,28 @@ async def test_offline_messages_survive_a_restart(fresh_daemon):
     (messages,) = [p["data"] for p in pushed if p["method"] == "message"]
     assert [m["content"] for m in messages] == ["before restart"]
     await d.close_store()
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_methods_settings_and_logout(daemon):
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    renamed = await a.call("userChangeName", ["李四"])
+    assert renamed["data"] == {"id": uid_a, "name": "李四"}
+    pushed = await b.push("userChangeName")
+    assert pushed["id"] == uid_a and pushed["realname"] == "李四"
+    status = await a.call("userChangeStatus", ["away"])
+    assert status["data"] == {"id": uid_a, "status": "away"}
+    assert (await b.push("userChangeStatus"))["status"] == "away"
+    assert (await a.call("userChangeStatus", ["sleeping"]))["result"] == "fail"
+    users = {u["id"]: u for u in (await b.call("userGetlist"))["data"]}
+    assert users[uid_a]["realname"] == "李四" and users[uid_a]["status"] == "away"
+    assert (await a.call("settings", ["", {"theme": "dark", "sound": False}]))[
+        "result"] == "success"
+    assert (await a.call("settings", [""]))["data"] == {"theme": "dark", "sound": False}
+    out = await a.call("logout")
+    assert out["result"] == "success" and out["data"]["id"] == uid_a
+    assert (await b.push("logout"))["id"] == uid_a
+    assert await a.next() is CLOSED
+    users = {u["id"]: u for u in (await b.call("userGetlist"))["data"]}
+    assert users[uid_a]["status"] == "offline"
