@@ -52,6 +52,9 @@ async def test_users_and_groups_share_one_id_counter(store):
     assert await store.find_account("acct1") == b
     assert [u.account for u in await store.list_users()] == ["acct0", "acct1", "later"]
     assert await store.users_exist([a, 999999]) == [999999]
+    await store.rename_user(a, "renamed")
+    assert [u.id for u in await store.find_by_name("renamed")] == [a]
+    assert await store.find_by_name("name0") == []
 
 
 @pytest_twisted.ensureDeferred

@@ -282,6 +282,16 @@ redis.call('HSET', p..'xc:system', 'type', 'system', 'group', gid)
 return gid
 """)
 
+# ARGV: prefix, user id, new display name.  Keeps the name index in step.
+_RENAME = Script("""
+local p, uid, name = ARGV[1], ARGV[2], ARGV[3]
+local old = redis.call('HGET', p..'u:'..uid, 'name')
+if old then redis.call('SREM', p..'name:'..old, uid) end
+redis.call('HSET', p..'u:'..uid, 'name', name)
+redis.call('SADD', p..'name:'..name, uid)
+return 1
+""")
+
 # ARGV: prefix, a, b, a's alias for b, b's alias for a.  Friends both ways; pending
 # requests between the two are gone.
 _BEFRIEND = Script("""
@@ -387,6 +397,9 @@ class RedisStore:
         ids = sorted(int(u) for u in await self.redis.smembers(f"{self.p}name:{name}"))
         users = await self.get_users(ids)
         return [users[u] for u in ids if u in users]
+
+    async def rename_user(self, uid: int, name: str) -> None:
+        await _RENAME(self.redis, [], [self.p, int(uid), name])
 
     async def set_user_fields(self, uid: int, **fields: str) -> None:
         """Per-user settings kept beside the profile (webim show, status, setting)."""

@@ -297,7 +297,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         name = param(params, 0, "name")
         if not isinstance(name, str) or not name.strip() or len(name) > 64:
             raise Refused("name must be 1-64 characters")
-        await self.service.store.set_user_fields(self.user_id, name=name.strip())
+        await self.service.store.rename_user(self.user_id, name.strip())
         user = await self.service.store.get_user(self.user_id)
         self._reply(request, "success", data={"id": self.user_id, "name": user.name})
         await self._announce("userChangeName", await self.service.user_json(user, True))
