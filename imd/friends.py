@@ -100,7 +100,5 @@ class Friends:
     async def list(self, uid: int) -> list[Friend]:
         aliases = await self.store.friends(uid)
         users = await self.store.get_users(aliases)
-        friends = []
-        for fid in sorted(users):
-            friends.append(Friend(users[fid], aliases[fid], await self.hub.is_online(fid)))
-        return friends
+        online = await self.hub.online_among(users)
+        return [Friend(users[fid], aliases[fid], fid in online) for fid in sorted(users)]

@@ -129,6 +129,12 @@ class Hub:
         """Whether the user has a live session on any node, in any protocol."""
         return uid in self.sessions or await self.store.is_online(uid)
 
+    async def online_among(self, uids) -> set[int]:
+        """The users among ``uids`` who are online (one round trip for the lot)."""
+        uids = {int(u) for u in uids}
+        local = {u for u in uids if u in self.sessions}
+        return local | await self.store.online_among(uids - local)
+
     async def notify(self, uids, event: Event, exclude: Session | None = None) -> None:
         """Give a notice to every session of ``uids`` on every node (never stored)."""
         uids = [int(u) for u in uids]

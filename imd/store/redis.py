@@ -282,6 +282,18 @@ redis.call('HSET', p..'xc:system', 'type', 'system', 'group', gid)
 return gid
 """)
 
+# ARGV: prefix, user ids.  Returns those with a session on a living node.
+_ONLINE = Script("""
+local p, alive, out = ARGV[1], {}, {}
+for i = 2, #ARGV do
+  for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..ARGV[i])) do
+    if alive[n] == nil then alive[n] = redis.call('EXISTS', p..'alive:'..n) == 1 end
+    if alive[n] then out[#out + 1] = tonumber(ARGV[i]); break end
+  end
+end
+return out
+""")
+
 # ARGV: prefix, user id, new display name.  Keeps the name index in step.
 _RENAME = Script("""
 local p, uid, name = ARGV[1], ARGV[2], ARGV[3]
@@ -409,6 +421,12 @@ class RedisStore:
     async def user_fields(self, uid: int, *names: str) -> dict[str, str]:
         values = await self.redis.hmget(f"{self.p}u:{int(uid)}", list(names))
         return {n: v or "" for n, v in zip(names, values)}
+
+    async def users_fields(self, uids: list[int], *names: str) -> dict[int, dict[str, str]]:
+        """user_fields for several users in one round trip."""
+        rows = await self._pipeline([("HMGET", f"{self.p}u:{int(u)}", *names) for u in uids])
+        return {int(u): {n: v or "" for n, v in zip(names, row or [])}
+                for u, row in zip(uids, rows)}
 
     async def find_account(self, account: str) -> int | None:
         uid = await self.redis.get(f"{self.p}acct:{account}")
@@ -682,11 +700,15 @@ class RedisStore:
             await _REQUEUE(self.redis, [], [self.p, int(uid), *(m.to_json() for m in messages)])
 
     async def is_online(self, uid: int) -> bool:
-        nodes = await self.redis.smembers(f"{self.p}loc:{int(uid)}")
-        if not nodes:
-            return False
-        alive = await self._pipeline([("EXISTS", f"{self.p}alive:{n}") for n in nodes])
-        return any(int(a) for a in alive)
+        return int(uid) in await self.online_among([uid])
+
+    async def online_among(self, uids: Iterable[int]) -> set[int]:
+        """The users among ``uids`` with a live session on a living node (one round trip)."""
+        uids = [int(u) for u in uids]
+        if not uids:
+            return set()
+        live = await _ONLINE(self.redis, [], [self.p, *uids])
+        return {int(u) for u in live}
 
     # -- nodes -------------------------------------------------------------------------
 

@@ -126,8 +126,9 @@ class WebimActions:
                 "show": (fields.get("show") or "available") if online else "unavailable"}
 
     async def _room_json(self, group: Group) -> dict:
-        users = await self.store.get_users(group.members)
-        online = [u for u in group.members if await self.hub.is_online(u)]
+        online_set = await self.hub.online_among(group.members)
+        online = [u for u in group.members if u in online_set]
+        users = await self.store.get_users(online)
         return {"id": str(group.id), "name": group.name, "nick": group.name,
                 "pic_url": group.snap, "default_pic_url": "", "url": "",
                 "all_count": len(group.members), "count": len(online), "blocked": False,

@@ -44,11 +44,22 @@ class XuanxuanService:
         fields = await self.store.user_fields(user.id, "xstatus", "admin")
         if online is None:
             online = await self.hub.is_online(user.id)
+        return self._user_json(user, fields, online)
+
+    @staticmethod
+    def _user_json(user: User, fields: dict, online: bool) -> dict:
         return {"id": user.id, "account": user.account, "realname": user.name,
                 "avatar": user.avatar, "role": "", "dept": 0,
                 "status": (fields["xstatus"] or "online") if online else "offline",
                 "admin": fields["admin"] or "no", "gender": user.sex, "email": user.mail,
                 "mobile": "", "site": "", "phone": ""}
+
+    async def all_users_json(self) -> list[dict]:
+        """Every user, as userGetlist shows them (three round trips for the lot)."""
+        users = await self.store.list_users()
+        online = await self.hub.online_among(u.id for u in users)
+        fields = await self.store.users_fields([u.id for u in users], "xstatus", "admin")
+        return [self._user_json(u, fields[u.id], u.id in online) for u in users]
 
     async def everyone(self) -> list[int]:
         return [u.id for u in await self.store.list_users()]
@@ -201,7 +212,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._collect = []
         await service.hub.login(self)
         queued, self._collect = self._collect, None
-        users = [await service.user_json(u) for u in await service.store.list_users()]
+        users = await service.all_users_json()
         chats = await self._chat_infos(await service.chats.of_user(user.id))
         packets = [self._packet("chat", "userGetlist", users)]
         if chats:
@@ -286,8 +297,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self.transport.loseConnection()
 
     async def m_usergetlist(self, request, params):
-        users = [await self.service.user_json(u) for u in await self.service.store.list_users()]
-        self._reply(request, "success", data=users)
+        self._reply(request, "success", data=await self.service.all_users_json())
 
     async def m_getlist(self, request, params):
         chats = await self.service.chats.of_user(self.user_id)
