@@ -116,9 +116,13 @@ class Chats:
                      subject: int = 0, public: bool = False) -> tuple[Chat, bool]:
         """The chat ``gid``, made if new; returns (chat, created)."""
         try:
-            return await self.resolve(gid, uid), False
+            chat = await self.resolve(gid, uid)
         except ChatError:
             pass
+        else:
+            if uid not in chat.members and not (chat.group and chat.group.public):
+                raise ChatError("not a member of this chat")
+            return chat, False
         now = int(time.time())
         meta = {"createdBy": uid, "createdDate": now, "subject": int(subject or 0),
                 "name": name or ""}

@@ -205,6 +205,8 @@ async def test_group_chat_permissions(daemon):
     assert chat["public"] == 0 and isinstance(chat["id"], int)
     assert (await b.push("create"))["gid"] == gid
     assert (await c.call("joinchat", [gid, True]))["result"] == "fail"  # not public
+    # "create" with someone else's gid must not hand out their chat
+    assert (await c.call("create", [gid, "x", "group", [uid_c]]))["result"] == "fail"
     assert (await b.call("changepublic", [gid, True]))["result"] == "fail"  # not admin
     assert (await a.call("changepublic", [gid, True]))["result"] == "success"
     public = await c.call("getPublicList")
