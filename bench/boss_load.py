@@ -1,12 +1,14 @@
-"""Load test for imd's 66boss or minami WebSocket endpoint (run by hand; never from CI or
-pytest).  ``--protocol boss`` (the default) or ``--protocol minami``; everything but the
-wire format and the login is shared.
+"""Load test for imd's 66boss, minami, webim or xuanxuan endpoint (run by hand; never from CI
+or pytest).  ``--protocol boss`` (the default), ``minami`` (WebSocket), ``webim`` (HTTP
+long-poll) or ``xuanxuan`` (JSON lines over TCP); everything but the connection class, the
+login, the send and the parsing of what arrives is shared.
 
 What it does:
 
 1. Creates bench users (``bench-<run id>-<i>``, password ``bench-<run id>``) straight in the
    daemon's Redis with ``imd.store.redis.RedisStore`` (one password verifier computed once),
-   so setup takes seconds even for 10,000 users.  boss: a login token per user as well.
+   so setup takes seconds even for 10,000 users.  boss and webim: a login token per user as
+   well.
    minami: only friends may talk, so the active users are befriended in the store too (each
    one with its ``--friends`` nearest users on each side of a ring, within its client
    process).
@@ -16,6 +18,14 @@ What it does:
    ``login_<uid>_<token>`` on ``/entry``; minami by connecting to
    ``/im/login?account=A&password=P`` and waiting for the code 200 reply (the daemon checks
    the password with scrypt in its thread pool, so minami logins are slow, tens per second).
+   webim (twisted.web.client Agent, one persistent HTTPConnectionPool per process): each user
+   is a browser tab, ``POST /webim/online`` with ``token=`` gives the ticket, then the tab
+   keeps exactly one long-poll ``GET /packets?ticket=`` in flight (re-polled as soon as one
+   is answered; the daemon holds it up to 28 s).  xuanxuan: a TCP connection to
+   ``--xuanxuan``, ``chat/login [account, md5hex(password), "online"]`` (scrypt again); the
+   login is done when the reply and then the push array with ``userGetlist`` (every user in
+   the store) have arrived.  Every xuanxuan login is announced (``chat/login``) to every
+   other user, so those pushes arrive during setup; they are counted and ignored.
    Optional ``--idle`` connections are opened and logged in first (they only receive
    heartbeats), so the daemon's RSS per idle connection can be measured.
 3. Sends ``--messages`` one-to-one text messages.  Message ``seq`` goes from sender
@@ -25,14 +35,21 @@ What it does:
    system-wide, so it is comparable across processes).  minami frames are
    ``{"toFriend": <uid>, "payload": <body>, "id": <seq>}``; the sender must get exactly one
    code 200 ack per id (counted, with the send-to-ack latency).  An error ack with the id
-   (508 friend offline, 507) means the message will not arrive.
+   (508 friend offline, 507) means the message will not arrive.  webim:
+   ``POST /webim/message`` (token, ticket, type=unicast, to, body), at most ``--tab-posts``
+   per tab at once (the rest wait in the tab's queue; the body is stamped when its POST is
+   issued); the reply ``"ok"`` is the ack, and messages arrive in poll replies as
+   ``{from, to, body, ...}``.  xuanxuan: ``chat/message [{gid: <run>.<process>.<seq>, cgid:
+   "<low id>&<high id>", contentType: "text", content: <body>}]``; the reply (``result:
+   success`` with the stored message and our gid, matched first in, first out) is the ack,
+   and the recipient gets a ``chat/message`` push (checked: ``user``, ``cgid``).
    - ``--rate 0`` (full speed): each sender keeps at most ``--window`` messages in flight
      (sent, not yet received by their recipient) and sends the next one when one arrives.
    - ``--rate R``: a timer sends the due messages every ``--tick`` seconds to hold R msg/s
      overall (R/K per process), in sequence order.
 4. Checks that every message arrived exactly once at the right recipient from the right
-   sender (missing, duplicate and misrouted counts; minami: also missing, duplicate, misplaced
-   and non-200 acks; the exit status is 1 if any is nonzero, a login failed, or ``--timeout``
+   sender (missing, duplicate and misrouted counts; minami, webim and xuanxuan: also
+   missing, duplicate, misplaced and failed acks; the exit status is 1 if any is nonzero, a login failed, or ``--timeout``
    expired), waiting ``--grace`` seconds after the last one for late duplicates.  minami code
    300 notices (a friend went offline) are counted, and only shown when some arrived during
    the send phase.
@@ -48,6 +65,8 @@ Usage (see bench/README.md for a full session)::
         --connections 200 --messages 50000 --daemon-pid $(pgrep -f 'twistd.*imd' | head -1)
     /work/venv/bin/python bench/boss_load.py --protocol minami --connections 200 \\
         --messages 50000 --daemon-pid ...
+    /work/venv/bin/python bench/boss_load.py --protocol webim --url http://127.0.0.1:8000 ...
+    /work/venv/bin/python bench/boss_load.py --protocol xuanxuan --xuanxuan 127.0.0.1:8080 ...
 
 Notes:
 
@@ -110,8 +129,21 @@ def worker_main(config_path: str) -> None:
     from autobahn.exception import Disconnected
     from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
     from autobahn.websocket.types import ConnectingRequest
-    from twisted.internet import reactor, stdio, task
-    from twisted.protocols.basic import LineReceiver
+    from collections import deque
+
+    from twisted.internet import defer, protocol, reactor, stdio, task
+    from twisted.protocols.basic import LineOnlyReceiver, LineReceiver
+    from twisted.web.client import Agent, HTTPConnectionPool, readBody
+    from twisted.web.http_headers import Headers
+    from twisted.web.iweb import IBodyProducer
+    from zope.interface import implementer
+
+    from imd.passwords import md5hex
+
+    import warnings
+    # Twisted's readBody warns for the HTTP/1.1 client's own transport proxy
+    warnings.filterwarnings("ignore", message="Using readBody with a transport",
+                            category=DeprecationWarning)
 
     with open(config_path) as f:
         cfg = json.load(f)
@@ -156,6 +188,9 @@ def worker_main(config_path: str) -> None:
             w = self.factory.worker
             if not w.quitting:
                 w.closed(self, code, reason)
+
+        def abort(self):
+            self.transport.abortConnection()
 
     class MinamiConn(Conn):
         """A minami connection: the account and password go in the URL of the WebSocket
@@ -218,11 +253,247 @@ def worker_main(config_path: str) -> None:
         def clientConnectionFailed(self, connector, reason):
             self.worker.connect_failed(reason)
 
+    class XuanxuanConn(LineOnlyReceiver):
+        """A xuanxuan 1.0 TCP connection: one JSON object + ``\\n`` per line.  Login is
+        ``chat/login [account, md5hex(password), "online"]``; line 1 is its reply, then one
+        array of pushes (``userGetlist`` of every user, ...) completes it.  Pushes of other
+        methods (``chat/login`` announcements of other users ...) are counted and ignored.
+        The daemon handles a connection's requests in order, so the replies to ``message``
+        are matched to the sent messages first in, first out (and checked by their gid)."""
+        delimiter = b"\n"
+        MAX_LENGTH = 256 << 20   # the userGetlist push lists every user
+        idx = -1
+        ready = False
+        resolved = False
+        got_reply = False
+
+        def connectionMade(self):
+            w = self.factory.worker
+            self.worker = w
+            self.pending: deque = deque()
+            self.transport.setTcpNoDelay(True)
+            self.user = w.take_user(self)
+            if self.user is None:  # should not happen; nothing left to log in
+                self.transport.abortConnection()
+                return
+            self.sendLine(json.dumps({"module": "chat", "method": "login", "params": [
+                self.user[1], md5hex(cfg["password"]), "online"]}).encode())
+
+        def abort(self):
+            self.transport.abortConnection()
+
+        def lineReceived(self, line):
+            w = self.worker
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if self.ready:
+                if isinstance(obj, list):
+                    for packet in obj:
+                        if isinstance(packet, dict) and packet.get("method") == "message" \
+                                and packet.get("module") == "chat":
+                            for m in packet.get("data") or ():
+                                try:
+                                    frm, body = b"%d" % m["user"], m["content"].encode()
+                                    cgid = m["cgid"]
+                                except (KeyError, TypeError, AttributeError):
+                                    w.bad += 1
+                                    continue
+                                if self.idx < 0 or \
+                                        str(cgid).encode() != w.cgid_of(self.idx, frm):
+                                    w.wrong += 1  # (counted as missing too)
+                                    continue
+                                w.delivered(self, frm, body)
+                        else:
+                            w.ignored_pushes += 1
+                elif isinstance(obj, dict) and obj.get("method") == "message" \
+                        and "result" in obj:
+                    w.xuanxuan_reply(self, obj)
+                else:
+                    w.other(self, line)
+            elif not self.got_reply:
+                if isinstance(obj, dict) and obj.get("result") == "success" and \
+                        isinstance(obj.get("data"), dict) and \
+                        obj["data"].get("id") == self.user[0] and obj.get("sid"):
+                    self.got_reply = True
+                else:
+                    w.login_failed(self, line)
+            elif isinstance(obj, list):
+                if any(isinstance(p, dict) and p.get("method") == "userGetlist" for p in obj):
+                    self.ready = True
+                    w.logged_in(self)
+                else:
+                    w.ignored_pushes += 1  # another user's login announcement came first
+            else:
+                w.login_failed(self, line)
+
+        def lineLengthExceeded(self, line):
+            self.worker.other(self, b"line too long: " + line[:100])
+            self.transport.abortConnection()
+
+        def sendMessage(self, seq: int) -> None:
+            w = self.worker
+            t = w.sent_at[seq] = MONO()
+            self.pending.append(seq)
+            self.transport.write(
+                b'{"module":"chat","method":"message","params":[{"gid":"%s%d","cgid":"%s",'
+                b'"contentType":"text","content":"%d.%d"}]}\n'
+                % (w.gid_prefix, seq, w.cgid_of(w.dest[seq], w.uid_bytes[self.idx]), seq, t))
+
+        def connectionLost(self, reason):
+            w = self.worker
+            if not w.quitting:
+                w.closed(self, None, reason.getErrorMessage())
+
+    class XuanxuanFactory(protocol.ClientFactory):
+        protocol = XuanxuanConn
+        noisy = False
+
+        def clientConnectionFailed(self, connector, reason):
+            self.worker.connect_failed(reason)
+
+    @implementer(IBodyProducer)
+    class BytesProducer:
+        def __init__(self, body: bytes):
+            self.body = body
+            self.length = len(body)
+
+        def startProducing(self, consumer):
+            consumer.write(self.body)
+            return defer.succeed(None)
+
+        def pauseProducing(self):
+            pass
+
+        def stopProducing(self):
+            pass
+
+    FORM = Headers({b"content-type": [b"application/x-www-form-urlencoded"]})
+
+    class WebimTab:
+        """A webim browser tab: ``POST /webim/online`` (token=) gives the ticket, then exactly
+        one long-poll ``GET /packets?ticket=`` in flight at any time (re-polled as soon as one
+        is answered).  Messages go out as ``POST /webim/message`` (token, ticket,
+        type=unicast, to, body), at most ``--tab-posts`` at once per tab (a browser allows
+        only a few connections per host); the reply ``"ok"`` is the ack.  The body is stamped
+        when its POST is issued, so the latencies leave out this tab's send queue."""
+        idx = -1
+        ready = False
+        resolved = False
+        stopped = False
+
+        def __init__(self, worker, user):
+            self.worker = worker
+            self.user = user
+            self.queue: deque = deque()
+            self.posting = 0
+
+        def start(self):
+            w = self.worker
+            d = w.http(b"POST", w.base + b"/webim/online",
+                       b"token=" + self.user[1].encode())
+            d.addCallbacks(self._online, self._online_failed)
+
+        def abort(self):
+            self.stopped = True
+
+        def _online(self, result):
+            code, body = result
+            try:
+                obj = json.loads(body)
+                ticket = obj["connection"]["ticket"]
+                ok = code == 200 and obj.get("success") is True and \
+                    str(obj["user"]["id"]) == str(self.user[0])
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                self.worker.login_failed(self, b"%d " % code + body)
+                return
+            self.ticket = ticket.encode()
+            self.cred = b"token=%s&ticket=%s&type=unicast" % (self.user[1].encode(),
+                                                              self.ticket)
+            self.poll_url = self.worker.base + b"/packets?ticket=" + self.ticket
+            self.ready = True
+            self.poll()
+            self.worker.logged_in(self)
+
+        def _online_failed(self, failure):
+            self.resolved = True
+            self.worker._fail(f"online failed: {failure.getErrorMessage()}")
+
+        def poll(self):
+            if self.stopped or self.worker.quitting:
+                return
+            self.worker.http(b"GET", self.poll_url).addCallbacks(self._polled,
+                                                                 self._poll_failed)
+
+        def _polled(self, result):
+            w = self.worker
+            code, body = result
+            try:
+                obj = json.loads(body)
+                status = obj.get("status")
+            except (ValueError, AttributeError):
+                obj, status = None, None
+            if status == "ok":
+                self.poll()  # keep one poll in flight
+                for m in obj.get("messages") or ():
+                    try:
+                        frm, text = m["from"].encode(), m["body"].encode()
+                    except (KeyError, TypeError, AttributeError):
+                        w.bad += 1
+                        continue
+                    w.delivered(self, frm, text)
+                if obj.get("presences") or obj.get("statuses"):
+                    w.other(self, json.dumps({"presences": obj.get("presences"),
+                                              "statuses": obj.get("statuses")}).encode())
+            elif status == "stopped":
+                self.stopped = True
+                w.closed(self, code, "poll answered stopped")
+            else:
+                w.other(self, b"poll %d: %s" % (code, body[:150]))
+                w.reactor.callLater(0.5, self.poll)
+
+        def _poll_failed(self, failure):
+            w = self.worker
+            if w.quitting:
+                return
+            w.other(self, f"poll failed: {failure.getErrorMessage()}".encode())
+            w.reactor.callLater(0.5, self.poll)
+
+        def sendMessage(self, seq: int) -> None:
+            self.queue.append(seq)
+            if self.posting < cfg["tab_posts"]:
+                self._post_next()
+
+        def _post_next(self) -> None:
+            w = self.worker
+            seq = self.queue.popleft()
+            self.posting += 1
+            t = w.sent_at[seq] = w.t_last_send = MONO()
+            d = w.http(b"POST", w.message_url, self.cred + b"&to=%s&body=%d.%d"
+                       % (w.uid_bytes[w.dest[seq]], seq, t))
+            d.addBoth(self._posted, seq)
+
+        def _posted(self, result, seq: int) -> None:
+            self.posting -= 1
+            w = self.worker
+            if isinstance(result, tuple) and result == (200, b'"ok"'):
+                w.acked(self, {"code": 200, "id": seq})
+            else:
+                why = (f"{result[0]} {result[1][:80]!r}" if isinstance(result, tuple)
+                       else result.getErrorMessage())
+                w.acked(self, {"code": why, "id": seq})
+            if self.queue and self.posting < cfg["tab_posts"]:
+                self._post_next()
+
     class DeadConn:
         """Stands in for an active connection that closed during the run."""
 
         def __init__(self, worker):
             self.worker = worker
+            self.idx = -1
 
         def sendMessage(self, payload):
             self.worker.sent_dead += 1
@@ -230,12 +501,35 @@ def worker_main(config_path: str) -> None:
     class Worker:
         def __init__(self):
             self.quitting = False
-            self.factory = Factory(cfg["url"].rstrip("/")
-                                   + ("/im/login" if proto == "minami" else "/entry"))
-            self.factory.worker = self
-            self.factory.setProtocolOptions(
-                utf8validateIncoming=False, openHandshakeTimeout=60, closeHandshakeTimeout=5,
-                tcpNoDelay=True, autoFragmentSize=0)
+            self.reactor = reactor
+            self.ignored_pushes = 0
+            if proto == "xuanxuan":
+                host, _, port = cfg["xuanxuan"].rpartition(":")
+                self.factory = XuanxuanFactory()
+                self.factory.host, self.factory.port = host or "127.0.0.1", int(port)
+                self.factory.worker = self
+                self.open_one = self._open_tcp
+            elif proto == "webim":
+                url = cfg["url"].rstrip("/")
+                if url.startswith("ws"):
+                    url = "http" + url[2:]
+                self.base = url.encode()
+                self.message_url = self.base + b"/webim/message"
+                self.pool = HTTPConnectionPool(reactor, persistent=True)
+                users = len(cfg["active"]) + len(cfg["idle"]) + len(cfg.get("warm", ()))
+                # every tab holds one poll connection plus up to --tab-posts for messages
+                self.pool.maxPersistentPerHost = users * (1 + cfg["tab_posts"]) + 16
+                self.pool.cachedConnectionTimeout = 600
+                self.agent = Agent(reactor, pool=self.pool, connectTimeout=30)
+                self.open_one = self._open_tab
+            else:
+                self.factory = Factory(cfg["url"].rstrip("/")
+                                       + ("/im/login" if proto == "minami" else "/entry"))
+                self.factory.worker = self
+                self.factory.setProtocolOptions(
+                    utf8validateIncoming=False, openHandshakeTimeout=60,
+                    closeHandshakeTimeout=5, tcpNoDelay=True, autoFragmentSize=0)
+                self.open_one = self._open_tcp
             self.active = [tuple(u) for u in cfg["active"]]   # (uid, token or account)
             self.idle = [tuple(u) for u in cfg["idle"]]
             self.warm = [tuple(u) for u in cfg.get("warm", ())]
@@ -271,8 +565,45 @@ def worker_main(config_path: str) -> None:
             while ph["pending"] < limit and ph["next"] < len(users):
                 ph["pending"] += 1
                 ph["next"] += 1
-                reactor.connectTCP(self.factory.host, self.factory.port, self.factory,
-                                   timeout=30)
+                self.open_one()
+
+        def _open_tcp(self) -> None:
+            reactor.connectTCP(self.factory.host, self.factory.port, self.factory, timeout=30)
+
+        def _open_tab(self) -> None:
+            tab = WebimTab(self, None)
+            tab.user = self.take_user(tab)
+            tab.start()
+
+        def http(self, method: bytes, url: bytes, body: bytes | None = None):
+            """Deferred (status, body) of one request through the persistent pool."""
+            d = self.agent.request(method, url, FORM if body is not None else None,
+                                   BytesProducer(body) if body is not None else None)
+            d.addCallback(lambda resp: readBody(resp).addCallback(
+                lambda data: (resp.code, data)))
+            return d
+
+        def cgid_of(self, i: int, other: bytes) -> bytes:
+            """xuanxuan: the one-to-one chat gid of active user i and user ``other``."""
+            a, b = self.uid_ints[i], int(other)
+            return b"%d&%d" % ((a, b) if a < b else (b, a))
+
+        def xuanxuan_reply(self, conn, obj: dict) -> None:
+            """The reply to the oldest unanswered ``message`` request of conn."""
+            if not conn.pending:
+                self.ack_bad += 1
+                self._ack_sample(obj)
+                return
+            seq = conn.pending.popleft()
+            data = obj.get("data")
+            if obj.get("result") == "success" and isinstance(data, list) and data and \
+                    isinstance(data[0], dict) and \
+                    data[0].get("gid") == (self.gid_prefix + b"%d" % seq).decode():
+                self.acked(conn, {"code": 200, "id": seq})
+            else:
+                self._ack_sample(obj)
+                self.acked(conn, {"code": f"{obj.get('result')}: {obj.get('message')}",
+                                  "id": seq})
 
         def take_user(self, conn):
             ph = self._phase
@@ -298,7 +629,7 @@ def worker_main(config_path: str) -> None:
         def login_failed(self, conn, payload) -> None:
             conn.resolved = True
             self._fail(f"login refused: {payload[:120]!r}")
-            conn.transport.abortConnection()
+            conn.abort()
 
         def connect_failed(self, reason) -> None:
             self._fail(f"connect failed: {reason.getErrorMessage()}")
@@ -371,9 +702,14 @@ def worker_main(config_path: str) -> None:
                     d = rnd.randrange(n - 1)
                     s = seq % n
                     dest[seq] = d + 1 if d >= s else d
-            uids = [u[0] for u in self.active]
+            uids = self.uid_ints = [u[0] for u in self.active]
             self.uid_bytes = [b"%d" % u for u in uids]
-            if proto == "minami":
+            if proto in ("webim", "xuanxuan"):
+                # the connection builds the request itself (webim: when its POST is issued)
+                self.encode = int
+                self.need_acks = True
+                self.gid_prefix = b"%s.%d." % (cfg["password"].encode(), cfg["index"])
+            elif proto == "minami":
                 # {"toFriend":"<uid>","payload":"<seq>.<ns>","id":"<seq>"}; acks name the id
                 self.prefix = [b'{"toFriend":"%d","payload":"' % u for u in uids]
                 self.encode = self._encode_minami
@@ -577,7 +913,7 @@ def worker_main(config_path: str) -> None:
                   "unsent": self.m - self.sent,
                   "other": self.other_count, "other_samples": self.other_samples,
                   "closes": self.unexpected_closes, "close_samples": self.close_samples,
-                  "sent_dead": self.sent_dead,
+                  "sent_dead": self.sent_dead, "ignored_pushes": self.ignored_pushes,
                   "behind_ticks": self.behind_ticks,
                   "t_first_send": self.t_first_send, "t_last_send": self.t_last_send,
                   "t_last_recv": self.t_last_recv, "cpu": self._cpu() - self.cpu0,
@@ -692,8 +1028,8 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
                        protocol: str = "boss", friendships=None) -> list:
     """``count`` bench users sharing the password ``bench-<run id>`` (one verifier).
 
-    boss: returns (uid, token) pairs.  minami: returns (uid, account) pairs (its clients log
-    in with the password) and, when ``friendships(users)`` is given, befriends the
+    boss and webim: returns (uid, token) pairs.  minami and xuanxuan: returns (uid, account)
+    pairs (their clients log in with the password) and, when ``friendships(users)`` is given, befriends the
     (uid a, uid b) pairs it returns."""
     from twisted.internet import defer
 
@@ -709,8 +1045,8 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
         async def one(i: int):
             account = f"bench-{run_id}-{i}"
             user = await store.create_user(account, account, verifier)
-            if protocol == "minami":
-                return user.id, account
+            if protocol in ("minami", "xuanxuan"):
+                return user.id, account   # these log in with the password
             return user.id, await store.issue_token(user.id, token_ttl)
 
         users: list = []
@@ -730,17 +1066,31 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
         await factory.disconnect()
 
 
+PROTOCOLS = ("boss", "minami", "webim", "xuanxuan")
+TITLES = {"boss": "66boss", "minami": "minami", "webim": "webim", "xuanxuan": "xuanxuan 1.0"}
+# what an ack is, per protocol that has them (the reply to each sent message)
+ACK_WHAT = {"minami": "code 200", "webim": 'POST reply "ok"',
+            "xuanxuan": "result success, own gid"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Load test for imd's 66boss or minami WebSocket endpoint "
+        description="Load test for imd's 66boss, minami, webim or xuanxuan endpoint "
                     "(see the module docstring).")
-    p.add_argument("--protocol", "-p", choices=("boss", "minami"), default="boss",
+    p.add_argument("--protocol", "-p", choices=PROTOCOLS, default="boss",
                    help="boss: /entry with login_<uid>_<token>; minami: "
                         "/im/login?account=&password= (scrypt-checked, so logins are slow), "
-                        "messages only between friends")
+                        "messages only between friends; webim: HTTP /webim/online with a "
+                        "token, a long-poll per tab, POST /webim/message; xuanxuan: JSON lines "
+                        "over TCP to --xuanxuan (scrypt-checked login)")
     p.add_argument("--url", default="ws://127.0.0.1:8000",
-                   help="WebSocket base URL of the daemon's web port (/entry or /im/login is "
-                        "appended)")
+                   help="base URL of the daemon's web port (/entry or /im/login is appended; "
+                        "webim uses it as http://, /webim/... and /packets)")
+    p.add_argument("--xuanxuan", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="xuanxuan: the daemon's --xuanxuan TCP address")
+    p.add_argument("--tab-posts", type=int, default=2,
+                   help="webim: POST /webim/message requests in flight per tab (more wait in "
+                        "the tab's queue); each tab also holds its long-poll connection")
     p.add_argument("--redis", default="unix://./imd-data/redis.sock",
                    help="URL of the daemon's Redis; used only to create bench users, tokens "
                         "and (minami) friendships")
@@ -794,8 +1144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--window must be at least 1")
     if args.friends < 1:
         p.error("--friends must be at least 1")
+    if args.tab_posts < 1:
+        p.error("--tab-posts must be at least 1")
     if args.warmup is None:
-        args.warmup = 50 if args.protocol == "minami" and args.idle else 0
+        args.warmup = 50 if args.protocol in ("minami", "xuanxuan") and args.idle else 0
     return args
 
 
@@ -885,8 +1237,10 @@ def main(argv=None) -> int:
             say(f"created {total} users and {figures['friendships']} friendships in "
                 f"{time.monotonic() - t:.2f} s")
         else:
-            users = await create_users(redis_url, run_id, total, 7 * 86400)
-            say(f"created {total} users and tokens in {time.monotonic() - t:.2f} s")
+            users = await create_users(redis_url, run_id, total, 7 * 86400, args.protocol)
+            say(f"created {total} users"
+                + (" and tokens" if args.protocol in ("boss", "webim") else "")
+                + f" in {time.monotonic() - t:.2f} s")
         active, idle = users[:args.connections], users[args.connections:][:args.idle]
         warm = users[args.connections + args.idle:]
 
@@ -902,7 +1256,8 @@ def main(argv=None) -> int:
                    "timeout": args.timeout, "grace": args.grace, "seed": seed + i,
                    "connect_concurrency": args.connect_concurrency,
                    "protocol": args.protocol, "password": "bench-" + run_id,
-                   "friends": args.friends}
+                   "friends": args.friends, "index": i, "xuanxuan": args.xuanxuan,
+                   "tab_posts": args.tab_posts}
             path = os.path.join(tmpdir, f"client{i}.json")
             with open(path, "w") as f:
                 json.dump(cfg, f)
@@ -982,7 +1337,8 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
         return f"{count / s:,.0f}", s
 
     minami = args.protocol == "minami"
-    lines = [f"== imd {'minami' if minami else '66boss'} load test, run {run_id} ==",
+    acked = args.protocol in ACK_WHAT
+    lines = [f"== imd {TITLES[args.protocol]} load test, run {run_id} ==",
              f"setup          {args.connections} active + {args.idle} idle "
              + (f"+ {args.warmup} warm-up " if args.warmup else "") + "connections, "
              f"{args.clients} client process(es), "
@@ -999,7 +1355,8 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
         t0 = min(r["t0"] for r in replies)
         lasts = [r["t_last"] for r in replies if r["t_last"] is not None]
         rate, secs = span_rate(ok, t0, max(lasts) if lasts else None)
-        lines.append(f"{label:<15}{ok} ok, {failed} failed in {secs:.2f} s = {rate} logins/s")
+        unit = "onlines/s" if args.protocol == "webim" else "logins/s"
+        lines.append(f"{label:<15}{ok} ok, {failed} failed in {secs:.2f} s = {rate} {unit}")
         if failed:
             code = 1
             for r in replies:
@@ -1034,7 +1391,7 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
         lines.append(f"throughput     {deliv_rate} msg/s delivered ({tot['received']} in "
                      f"{deliv_s:.2f} s, first send to last receive); sent at {send_rate} "
                      f"msg/s over {send_s:.2f} s")
-        if minami:
+        if acked:
             acks = {key: sum(r[key] for r in res)
                     for key in ("acks", "acks_ok", "ack_dups", "ack_wrong", "ack_bad",
                                 "ack_missing")}
@@ -1042,10 +1399,10 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
             for r in res:
                 for key, count in r["ack_errors"].items():
                     errors[key] = errors.get(key, 0) + count
-            lines.append(f"acks           {acks['acks_ok']} ok (code 200), "
+            lines.append(f"acks           {acks['acks_ok']} ok ({ACK_WHAT[args.protocol]}), "
                          f"{acks['ack_missing']} missing, {acks['ack_dups']} duplicate, "
                          f"{acks['ack_wrong']} on the wrong connection, {acks['ack_bad']} "
-                         f"unknown id; error codes "
+                         f"unknown id; errors "
                          + (", ".join(f"{c}: {n}" for c, n in sorted(errors.items()))
                             or "none"))
             samples = [x for r in res for x in r["ack_samples"]][:3]
@@ -1062,7 +1419,7 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
 
         if lats:
             lat_line("latency ms", lats)
-        if minami:
+        if acked:
             ack_lats = sorted(x for r in res for x in r["ack_lat_us"])
             if ack_lats:
                 lat_line("ack latency ms", ack_lats)
@@ -1070,6 +1427,10 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
         if offline:
             lines.append(f"offline notices {offline} (minami code 300 during the send phase: "
                          f"a friend's connection went away)")
+        ignored = sum(r.get("ignored_pushes", 0) for r in res)
+        if ignored:
+            lines.append(f"ignored pushes {ignored} (xuanxuan pushes other than messages, e.g. "
+                         f"chat/login announcements of other users, since the login)")
         if tot["behind_ticks"]:
             lines.append(f"rate           {tot['behind_ticks']} ticks skipped: in-flight cap "
                          f"reached (the daemon could not keep up with the rate)")
