@@ -138,6 +138,7 @@ class Tickets:
         self.offline_grace = offline_grace
         self.max_packets = max_packets
         self.by_id: dict[str, Ticket] = {}
+        self.bound_count: dict[int, int] = {}  # user id -> bound tickets on this node
         self.unbound: dict[int, list[Ticket]] = {}
 
     def get(self, ticket_id: str | None, user_id: int | None = None) -> Ticket | None:
@@ -154,6 +155,7 @@ class Tickets:
         what an unbound ticket of the same user still held)."""
         ticket = Ticket(self, user_id)
         self.by_id[ticket.id] = ticket
+        self.bound_count[user_id] = self.bound_count.get(user_id, 0) + 1
         await self.hub.login(ticket)
         unseen = ticket.messages
         ticket.messages = []
@@ -177,6 +179,11 @@ class Tickets:
         ticket._cancel_expiry()
         ticket.answer(stopped=True)
         self.by_id.pop(ticket.id, None)
+        left = self.bound_count.get(ticket.user_id, 1) - 1
+        if left:
+            self.bound_count[ticket.user_id] = left
+        else:
+            self.bound_count.pop(ticket.user_id, None)
         if grace:
             self.unbound.setdefault(ticket.user_id, []).append(ticket)
             self.clock.callLater(self.offline_grace, self._grace_over, ticket)
@@ -199,7 +206,7 @@ class Tickets:
         await self.hub.logout(ticket)
 
     def _has_live_ticket(self, user_id: int) -> bool:
-        return any(t.user_id == user_id for t in self.by_id.values())
+        return user_id in self.bound_count
 
     @staticmethod
     def _finish(coroutine) -> None:
