@@ -7,7 +7,7 @@ decimal id of a group made by another protocol.
 
 Rules (the seed's): only group chats can be joined, left or renamed; only public ones joined
 by non-members; only admins (or the creator) may remove members; when committers are set,
-only they may post; setAdmin is for system administrators (the ``admin`` profile field).
+only they may post; setAdmin is for system administrators (``imdctl admin ACCOUNT``).
 """
 
 from __future__ import annotations
@@ -198,10 +198,15 @@ class Chats:
 
     async def set_list(self, uid: int, gid: str, field: str, members: list[int],
                        add: bool) -> Chat:
+        """Change a chat's admins (system administrators only) or committers (admins)."""
         chat = await self.resolve(gid, uid)
         if chat.type == "one2one":
             raise ChatError("one-to-one chats have no admins or committers")
-        self.require_admin(chat, uid)
+        if field == "admins":
+            if (await self.store.user_fields(uid, "admin"))["admin"] != "super":
+                raise ChatError("only system administrators may set chat admins")
+        else:
+            self.require_admin(chat, uid)
         current = set(chat.csv(field))
         current = current | set(members) if add else current - set(members)
         await self.store.set_chat_meta(gid, **{field: ",".join(map(str, sorted(current)))})

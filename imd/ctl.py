@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("users", help="list users (id, account, name)")
     tok = sub.add_parser("token", help="issue a login token for a user")
     tok.add_argument("account")
+    adm = sub.add_parser("admin", help="make a user a system administrator (xuanxuan)")
+    adm.add_argument("account")
+    adm.add_argument("--off", action="store_true", help="take the role away")
     return p
 
 
@@ -69,6 +72,13 @@ async def _command(args, accounts: Accounts) -> int:
     elif args.command == "users":
         for user in await store.list_users():
             print(f"{user.id}\t{user.account}\t{user.name}")
+    elif args.command == "admin":
+        uid = await store.find_account(args.account)
+        if uid is None:
+            print(f"imdctl: no such account: {args.account}", file=sys.stderr)
+            return 1
+        await store.set_user_fields(uid, admin="no" if args.off else "super")
+        print(f"{uid}\t{'no' if args.off else 'super'}")
     elif args.command == "token":
         uid = await store.find_account(args.account)
         if uid is None:

@@ -153,6 +153,9 @@ async def test_imdctl_against_the_running_daemon(fresh_daemon):
     tuid, token = issued.stdout.split()
     assert int(tuid) == uid
     assert run([*imdctl, "token", "nobody-" + account]).returncode == 1
+    assert run([*imdctl, "admin", account]).stdout.split() == [str(uid), "super"]
+    store = await d.store()
+    assert (await store.user_fields(uid, "admin"))["admin"] == "super"
     c = await ws_connect(d.web)
     c.send(f"login_{uid}_{token}")
     assert await c.next() == "ok"

@@ -227,6 +227,8 @@ async def test_group_chat_permissions(daemon):
     assert (await b.call("message", [{"cgid": gid, "content": "may I?"}]))["result"] == "fail"
     assert (await a.call("message", [{"cgid": gid, "content": "only me"}]))["result"] == \
         "success"
+    assert (await a.call("setAdmin", [gid, [uid_b], True]))["result"] == "fail"
+    await (await daemon.store()).set_user_fields(uid_a, admin="super")  # imdctl admin
     assert (await a.call("setAdmin", [gid, [uid_b], True]))["result"] == "success"
     kicked = await b.call("addmember", [gid, [uid_c], False])
     assert kicked["result"] == "success" and uid_c not in kicked["data"]["members"]
