@@ -197,8 +197,9 @@ class Chats:
         return await self.resolve(gid, uid)
 
     async def set_list(self, uid: int, gid: str, field: str, members: list[int],
-                       add: bool) -> Chat:
-        """Change a chat's admins (system administrators only) or committers (admins)."""
+                       add: bool | None) -> Chat:
+        """Change a chat's admins (system administrators only) or committers (admins):
+        add or remove ``members``, or with ``add=None`` make the list exactly ``members``."""
         chat = await self.resolve(gid, uid)
         if chat.type == "one2one":
             raise ChatError("one-to-one chats have no admins or committers")
@@ -208,7 +209,10 @@ class Chats:
         else:
             self.require_admin(chat, uid)
         current = set(chat.csv(field))
-        current = current | set(members) if add else current - set(members)
+        if add is None:
+            current = set(members)
+        else:
+            current = current | set(members) if add else current - set(members)
         await self.store.set_chat_meta(gid, **{field: ",".join(map(str, sorted(current)))})
         return await self.resolve(gid, uid)
 

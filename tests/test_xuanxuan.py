@@ -223,7 +223,9 @@ async def test_group_chat_permissions(daemon):
         (m,) = await x.push("message")
         assert m["content"] == "hi team" and m["cgid"] == gid
     assert (await b.call("addmember", [gid, [uid_c], False]))["result"] == "fail"  # kick
-    assert (await a.call("setCommitters", [gid, [uid_a], True]))["result"] == "success"
+    assert (await a.call("setCommitters", [gid, [uid_a, uid_b]]))["result"] == "success"
+    whitelist = await a.call("setCommitters", {"gid": gid, "committers": [{"id": uid_a}]})
+    assert whitelist["data"]["committers"] == str(uid_a)  # the list is replaced
     assert (await b.call("message", [{"cgid": gid, "content": "may I?"}]))["result"] == "fail"
     assert (await a.call("message", [{"cgid": gid, "content": "only me"}]))["result"] == \
         "success"

@@ -447,7 +447,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
     async def _set_list(self, request, params, field: str, method: str):
         gid = str(param(params, 0, "gid"))
         members = id_list(param(params, 1, field, []))
-        add = truthy(param(params, 2, "join" if field == "committers" else "isAdmin"))
+        # setAdmin adds or removes (isAdmin); setCommitters sets the whole whitelist.
+        add = truthy(param(params, 2, "isAdmin")) if field == "admins" else None
         chat = await self.service.chats.set_list(self.user_id, gid, field, members, add)
         self._reply(request, "success", data=await self._chat_info(chat))
         await self._push_chat(chat, method)
