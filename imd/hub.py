@@ -58,6 +58,8 @@ class Hub:
         self._attaching: dict[Session, list[Message]] = {}
         self._heartbeat: task.LoopingCall | None = None
         self.stopping = False
+        self._logouts = 0  # logouts under way
+        self._quiet: list[defer.Deferred] = []
 
     # -- node life ---------------------------------------------------------------------
 
@@ -119,11 +121,27 @@ class Hub:
         self._attaching.pop(session, None)
         if self._remove(session) and not self.stopping:
             uid = session.user_id
-            await self.store.detach(uid, self.node)
-            if not await self.store.is_online(uid):
-                friends = await self.store.friends(uid)
-                if friends:
-                    await self.notify(friends, Event("offline", {"user": uid}))
+            self._logouts += 1
+            try:
+                await self.store.detach(uid, self.node)
+                if not await self.store.is_online(uid):
+                    friends = await self.store.friends(uid)
+                    if friends:
+                        await self.notify(friends, Event("offline", {"user": uid}))
+            finally:
+                self._logouts -= 1
+                if not self._logouts:
+                    waiting, self._quiet = self._quiet, []
+                    for d in waiting:
+                        d.callback(None)
+
+    def logouts_done(self) -> defer.Deferred:
+        """Fires when no logout is under way (used at shutdown, before Redis goes)."""
+        if not self._logouts:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._quiet.append(d)
+        return d
 
     async def is_online(self, uid: int) -> bool:
         """Whether the user has a live session on any node, in any protocol."""

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from twisted.application import service
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -102,6 +102,7 @@ class ImdService(service.MultiService):
         self.hub: Hub | None = None
         self.boss: BossService | None = None
         self.tickets: Tickets | None = None
+        self.connections: set = set()  # minami and xuanxuan client connections
         self.check()
 
     def check(self) -> None:
@@ -163,6 +164,7 @@ class ImdService(service.MultiService):
         webim = WebimActions(hub, accounts, friends, groups, self.tickets,
                              config.webim_secret, config.public_url, config.token_ttl)
         xuanxuan = XuanxuanService(hub, accounts, Chats(store, groups), config)
+        minami.connections = xuanxuan.connections = self.connections
         xuanxuan_port: list[int] = []
         self.boss.start()
         if config.boss_auth == "trust":
@@ -213,9 +215,19 @@ class ImdService(service.MultiService):
         self.ports = []
         if self.boss is not None:
             self.boss.stop()
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
         if self.tickets is not None:
             self.tickets.close_all()
         if self.hub is not None:
+            # Let the closed connections log out and revoke their tokens while Redis is
+            # still there (a token revoke runs before a PING sent after it).
+            await task.deferLater(reactor, 0, lambda: None)
+            try:
+                await self.hub.logouts_done().addTimeout(3, reactor)
+                await self.hub.store.redis.ping().addTimeout(3, reactor)
+            except Exception:
+                pass
             try:
                 # Redis may be gone already: do not let that hold up the shutdown.
                 await defer.ensureDeferred(self.hub.stop()).addTimeout(3, reactor)

@@ -137,6 +137,7 @@ def daemon(tmp_path_factory):
     yield d
     run_blocking(d.close_store())
     assert d.stop() in CLEAN_EXIT, d.log()
+    assert "Traceback" not in d.log(), d.log()  # no error went only to the log
 
 
 @pytest.fixture
@@ -154,6 +155,7 @@ def fresh_daemon(tmp_path):
         run_blocking(d.close_store())
         d.stop()  # SIGTERM: the daemon takes its redis-server down with it
         d.kill_leftover_redis()
+        assert "Traceback" not in d.log(), d.log()
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ class MinamiService:
         self.accounts = accounts
         self.friends = friends
         self.config = config
+        self.connections: set = set()  # open WebSocket connections, closed at shutdown
 
 
 def _id_value(value) -> str | None:
@@ -63,6 +64,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         service: MinamiService = self.factory.service
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
         self.nonce = secrets.token_hex(8)
+        service.connections.add(self)
         self.token: str | None = None
         self._early: list[bytes] | None = []
         self._gone = False
@@ -211,6 +213,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
     def onClose(self, wasClean, code, reason):
         self._gone = True
         service: MinamiService = self.factory.service
+        service.connections.discard(self)
         if getattr(self, "token", None):
             defer.ensureDeferred(service.accounts.revoke(self.token)).addErrback(
                 lambda f: log.failure("token revoke failed", f))
