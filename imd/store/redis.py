@@ -435,8 +435,11 @@ class RedisStore:
     async def get_verifier(self, uid: int) -> str | None:
         return await self.redis.hget(f"{self.p}u:{int(uid)}", "verifier")
 
+    async def user_ids(self) -> list[int]:
+        return sorted(int(u) for u in await self.redis.smembers(f"{self.p}users"))
+
     async def list_users(self) -> list[User]:
-        ids = sorted(int(u) for u in await self.redis.smembers(f"{self.p}users"))
+        ids = await self.user_ids()
         users = await self.get_users(ids)
         return [users[u] for u in ids if u in users]
 

@@ -61,10 +61,6 @@ class XuanxuanService:
         fields = await self.store.users_fields([u.id for u in users], "xstatus", "admin")
         return [self._user_json(u, fields[u.id], u.id in online) for u in users]
 
-    async def everyone(self) -> list[int]:
-        return [u.id for u in await self.store.list_users()]
-
-
 def param(params, index: int, name: str, default=None):
     """A positional (list) or named (dict) parameter."""
     if isinstance(params, list):
@@ -225,7 +221,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
 
     async def _announce(self, method: str, data: dict) -> None:
         """Tell the other users' xuanxuan sessions (chat/login, logout, userChange...)."""
-        others = [u for u in await self.service.everyone() if u != self.user_id]
+        others = [u for u in await self.service.store.user_ids() if u != self.user_id]
         await self.service.hub.notify(others, Event("xuanxuan", {"method": method,
                                                                 "data": data}))
 
