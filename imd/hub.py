@@ -15,7 +15,8 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from imd.model import GROUP, KINDS, UNICAST, Event, Message
+from imd.model import (GROUP, KINDS, UNICAST, Event, Message, group_conversation,
+                       one2one_gid)
 from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember, NotFriends,
                              RedisStore)
 
@@ -246,12 +247,11 @@ class Hub:
         if group is not None:
             if user_id not in group.members:
                 raise HubError("not a member of this group")
-            conversation = f"g:{peer}"
+            conversation = group_conversation(peer)
         else:
             if await self.store.get_user(peer) is None:
                 raise HubError("no such user or group")
-            conversation = Message(sender=user_id, to=peer, ctype=UNICAST, kind="text",
-                                   body="").conversation
+            conversation = one2one_gid(user_id, peer)
         return await self.store.history(conversation, since_ms, limit)
 
 

@@ -35,6 +35,11 @@ def one2one_gid(a: int, b: int) -> str:
 PROFILE_FIELDS = ("sex", "birthday", "sign", "mail")
 
 
+def group_conversation(group_id: int) -> str:
+    """The conversation (history key) of a group."""
+    return f"g:{int(group_id)}"
+
+
 @dataclass(frozen=True)
 class User:
     """A user; ``avatar`` is a URL or a data string (minami sends base64 pictures)."""
@@ -101,7 +106,7 @@ class Message:
     @property
     def conversation(self) -> str:
         if self.ctype == GROUP:
-            return f"g:{self.to}"
+            return group_conversation(self.to)
         return one2one_gid(self.sender, self.to)
 
     def to_json(self) -> str:

@@ -17,7 +17,8 @@ from imd.accounts import Accounts
 from imd.friends import Friends
 from imd.groups import GroupError, Groups
 from imd.hub import Hub, HubError
-from imd.model import GROUP, TEXT, UNICAST, Event, Group, Message, User
+from imd.model import (GROUP, TEXT, UNICAST, Event, Group, Message, User, group_conversation,
+                       one2one_gid)
 from imd.protocols.webim.auth import caller, set_cookie
 from imd.protocols.webim.tickets import Ticket, Tickets
 from imd.web import arg, public_base
@@ -137,8 +138,8 @@ class WebimActions:
 
     def _conversation(self, uid: int, peer: int, kind: str | None) -> str:
         if kind == "multicast":
-            return f"g:{peer}"
-        return Message(sender=uid, to=peer, ctype=UNICAST, kind=TEXT, body="").conversation
+            return group_conversation(peer)
+        return one2one_gid(uid, peer)
 
     async def _history(self, uid: int, peer: int, kind: str | None = None) -> list[dict]:
         if kind is None:

@@ -21,7 +21,7 @@ from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
 from imd.hub import Hub, HubError
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, Event,
-                       Message, User, one2one_gid)
+                       Message, User, group_conversation, one2one_gid)
 from imd.protocols.flow import pending_bytes, tune_socket
 
 log = Logger()
@@ -415,7 +415,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         per_page = min(per_page, PAGE_MAX)
         chat = await self.service.chats.resolve(gid, self.user_id)
         self.service.chats.require_member(chat, self.user_id)
-        conversation = chat.gid if chat.type == "one2one" else f"g:{chat.group.id}"
+        conversation = chat.gid if chat.type == "one2one" else group_conversation(chat.group.id)
         everything = await self.service.store.history(conversation, limit=0)
         total = len(everything)
         end = total - (page - 1) * per_page
