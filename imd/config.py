@@ -28,8 +28,14 @@ _OPTIONS = [
      "base URL clients reach the web port at (for upload links); empty = from the request's "
      "Host header"),
     ("boss-auth", "token", str,
-     "66boss login: 'token' requires login_<userid>_<token>; 'trust' also accepts a bare "
-     "login_<userid> (closed networks only)"),
+     "66boss login: 'token' requires login_<userid>_<token>; 'address' also accepts a bare "
+     "login_<userid> from the source address that proved it is that user within "
+     "--boss-address-window (the 66boss app); 'trust' accepts any bare login_<userid> "
+     "(closed networks only)"),
+    ("boss-address-window", 120.0, float,
+     "seconds after an HTTP login (or a token-checked request, or the end of a connection) "
+     "during which a bare 66boss login_<userid> is accepted from that address "
+     "(--boss-auth=address)"),
     ("heartbeat", 30.0, float, "seconds between heartbeats sent to clients"),
     ("heartbeat-timeout", 10.0, float,
      "seconds a WebSocket client has to answer a ping before it is dropped"),
@@ -69,6 +75,7 @@ class Config:
     data_dir: str = "./imd-data"
     public_url: str = ""
     boss_auth: str = "token"
+    boss_address_window: float = 120.0
     heartbeat: float = 30.0
     heartbeat_timeout: float = 10.0
     node_timeout: float = 15.0
@@ -146,8 +153,10 @@ def build_config(options: dict) -> Config:
 
 
 def _check(config: Config) -> None:
-    if config.boss_auth not in ("token", "trust"):
-        raise ConfigError("--boss-auth must be 'token' or 'trust'")
+    if config.boss_auth not in ("token", "address", "trust"):
+        raise ConfigError("--boss-auth must be 'token', 'address' or 'trust'")
+    if config.boss_address_window <= 0:
+        raise ConfigError("--boss-address-window must be positive")
     for name in ("heartbeat", "heartbeat_timeout", "node_timeout", "token_ttl", "max_frame",
                  "max_body", "max_upload", "max_queue", "max_outbuf", "history_limit",
                  "poll_timeout", "ticket_timeout", "offline_grace"):

@@ -7,9 +7,11 @@ import json
 import time
 
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests.conftest import unique
-from tests.wire import CLOSED, get, line_connect, ws_connect
+from tests.wire import CLOSED, get, line_connect, post_form, ws_connect
 
 
 async def logged_in(daemon, via: str = "ws", account: str | None = None):
@@ -162,7 +164,7 @@ async def test_line_too_long_is_refused_and_closed(daemon):
 async def make_group(daemon, creator: int, token: str, members: list[int]) -> str:
     r = (await get(daemon.web, "/creategrp", creator=creator,
                    members=",".join(map(str, members)), name="g", token=token)).json()
-    assert r["code"] == 1, r
+    assert r["code"] == 0, r
     return r["data"]["groupid"]
 
 
@@ -267,7 +269,10 @@ async def test_logout_unbinds_and_closes(daemon):
     ca.send(f"text_{b}_after logout_unicast_x")
     await ca.nothing()
     cb2 = await ws_connect(daemon.web)
-    cb2.send(f"login_{b}_{tb}")
+    cb2.send(f"login_{b}_{tb}")  # logout_ revoked the token
+    assert (await cb2.next()).startswith("error_login_")
+    fresh = await (await daemon.store()).issue_token(b, 60)
+    cb2.send(f"login_{b}_{fresh}")
     assert await cb2.next() == "ok"
     assert (await cb2.next()).startswith(f"text_{a}_after logout_")  # it was queued
 
@@ -328,3 +333,125 @@ async def test_client_that_does_not_read_is_dropped(fresh_daemon):
     cc.send(f"text_{a}_still up_unicast_x")
     assert (await ca.next()).startswith(f"text_{c}_still up_")
     await d.close_store()
+
+
+# -- the 66boss Android app (duanjisi/IMProject) as it talks ------------------------------------
+
+def app_extension(sender: str) -> str:
+    """What the app puts in the extension field: base64 of a JSON object."""
+    return base64.b64encode(json.dumps({
+        "sender": sender, "senderAvartar": "", "conversation": sender,
+        "conversationAvartar": ""}).encode()).decode()
+
+
+def app_receive(frame: str) -> tuple[str, ...] | None:
+    """ChatServices.messageHandle: Java's ``split("_")`` (trailing empty parts dropped),
+    more than six parts, part 6 base64 JSON; None where the app drops the frame."""
+    datas = frame.split("_")
+    while datas and datas[-1] == "":
+        datas.pop()
+    if len(datas) <= 6:
+        return None
+    try:
+        obj = json.loads(base64.b64decode(datas[6]))
+        obj["sender"], obj["senderAvartar"], obj["conversation"], obj["conversationAvartar"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return tuple(datas[:6])
+
+
+async def app_login(d, phone: str, password: str) -> dict:
+    """LoginRequest: POST ucenter/login/index, read as BaseDataRequest reads it."""
+    r = (await post_form(d.web, "/ucenter/login/index", mobile_phone=phone,
+                         password=password)).json()
+    assert r["code"] == 1, r
+    return r["result"]
+
+
+def phone_number() -> str:
+    return "139" + unique("").replace("x", "")[-8:].zfill(8)
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_bare_login_needs_a_recent_login_from_the_same_address(fresh_daemon):
+    d = fresh_daemon("--boss-auth", "address", "--boss-address-window", "2").start()
+    phone, other_phone = phone_number(), phone_number()
+    a, _ = await d.user(phone, password="pw")
+    b, _ = await d.user(other_phone, password="pw")
+
+    ca = await ws_connect(d.web)
+    ca.send(f"login_{a}")  # no HTTP login yet: refused
+    assert (await ca.next()).startswith("error_login_")
+
+    account = await app_login(d, phone, "pw")
+    assert account["user_id"] == str(a)
+    far = await ws_connect(d.web, source="127.0.0.2")  # another address
+    far.send(f"login_{a}")
+    assert (await far.next()).startswith("error_login_")
+    ca.send(f"login_{b}")  # a user who did not log in from here
+    assert (await ca.next()).startswith("error_login_")
+    ca.send(f"login_{a}")  # the app's own login, right after its HTTP login
+    assert await ca.next() == "ok"
+
+    await app_login(d, other_phone, "pw")
+    cb = await ws_connect(d.web)
+    cb.send(f"login_{b}")
+    assert await cb.next() == "ok"
+    ca.send(f"text_{b}_hello from the app_unicast_{app_extension('A')}")
+    assert app_receive(await cb.next())[:5] == ("text", str(a), "hello from the app", "unicast",
+                                                str(a))
+
+    # A dropped link: the app reconnects with the same bare login, and that works.
+    ca.drop()
+    await ca.inbox.closed
+    ca = await ws_connect(d.web)
+    ca.send(f"login_{a}")
+    assert await ca.next() == "ok"
+
+    # logout_ ends the proof and revokes the token the app got at login.
+    ca.send(f"logout_{a}")
+    assert await ca.next() == CLOSED
+    again = await ws_connect(d.web)
+    again.send(f"login_{a}")
+    assert (await again.next()).startswith("error_login_")
+    r = (await post_form(d.web, "/querymygrps", userid=a,
+                         access_token=account["access_token"])).json()
+    assert r["code"] == 401
+
+    # After the window, a bare login is refused again.
+    await app_login(d, phone, "pw")
+    await deferLater(reactor, 2.5)
+    late = await ws_connect(d.web)
+    late.send(f"login_{a}")
+    assert (await late.next()).startswith("error_login_")
+    await d.close_store()
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_token_is_refused_after_logout(daemon):
+    account = unique("out")
+    uid, _ = await daemon.user(account, password="pw")
+    token = (await post_form(daemon.web, "/login", account=account, password="pw")).json()["token"]
+    c = await ws_connect(daemon.web)
+    c.send(f"login_{uid}_{token}")
+    assert await c.next() == "ok"
+    assert (await get(daemon.web, "/querymygrps", userid=uid, token=token)).json()["code"] == 0
+    c.send(f"logout_{uid}")
+    assert await c.next() == CLOSED
+    assert (await get(daemon.web, "/querymygrps", userid=uid, token=token)).json()["code"] == 401
+    c2 = await line_connect(daemon.line)
+    c2.send(f"login_{uid}_{token}")
+    assert (await c2.next()).startswith("error_login_")
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_drops_frames_with_underscores_in_the_body(daemon):
+    """The app's own limit (README): imd delivers the body intact; the app's split drops it."""
+    a, _, ca = await logged_in(daemon)
+    b, _, cb = await logged_in(daemon)
+    ca.send(f"text_{b}_plain_unicast_{app_extension('A')}")
+    assert app_receive(await cb.next())[2] == "plain"
+    ca.send(f"text_{b}_snake_case_unicast_{app_extension('A')}")
+    frame = await cb.next()
+    assert f"_snake_case_unicast_{a}_" in frame
+    assert app_receive(frame) is None

@@ -9,7 +9,7 @@ import pytest_twisted
 
 from tests.conftest import unique
 from tests.test_media import make_amr, make_mp4, make_png, make_wav
-from tests.wire import get, http, post_file
+from tests.wire import get, http, post_file, post_form
 
 
 async def token_of(daemon) -> str:
@@ -64,3 +64,39 @@ async def test_upload_refusals(daemon):
     assert listing.status == 404 and b".png" not in listing.body  # no directory listing
     assert (await http("GET", f"http://127.0.0.1:{daemon.web}/upload/files/nope.png")
             ).status == 404
+
+
+def app_parse_path(reply: dict) -> str | None:
+    """ChatActivity.parsePath: ``data`` when ``code`` is 0."""
+    return reply["data"] if reply.get("code") == 0 else None
+
+
+def app_number_part(url: str) -> str:
+    """ChatServices.getDuration / MessageAdapter's size: from the URL's FIRST '-' to the
+    first '.' after it."""
+    rest = url[url.index("-"):]
+    return rest[rest.index("-") + 1:rest.index(".")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_uploads_without_a_token_and_parses_the_url(fresh_daemon):
+    d = fresh_daemon("--boss-auth", "address", "--max-upload", "300000").start()
+    phone = "137" + unique("").replace("x", "")[-8:].zfill(8)
+    uid, _ = await d.user(phone, password="pw")
+    # Before any login from this address, and from another address after it: refused.
+    assert (await post_file(d.web, "/upload/writev1", make_amr(150),
+                            query="?")).json()["code"] == 401
+    r = await post_form(d.web, "/ucenter/login/index", mobile_phone=phone, password="pw")
+    assert r.json()["code"] == 1
+    assert (await post_file(d.web, "/upload/writev2", make_png(3, 4), query="?",
+                            source="127.0.0.2")).json()["code"] == 401
+    # The app's upload: multipart field "file", no token, URL ending in '?'.
+    for path, sample, number in [("/upload/writev1", make_amr(150), "3"),
+                                 ("/upload/writev2", make_png(746, 750), "746x750"),
+                                 ("/upload/writev3", make_mp4(w=640, h=330), "640x330")]:
+        url = app_parse_path((await post_file(d.web, path, sample, query="?")).json())
+        assert url is not None, path
+        assert app_number_part(url) == number
+        assert "_" not in url  # the app splits received signals on '_'
+        assert (await http("GET", url)).body == sample
+    await d.close_store()

@@ -85,7 +85,9 @@ class WSClient:
         self.proto.transport.abortConnection()
 
 
-async def ws_connect(port: int, path: str = "/entry", **options) -> WSClient:
+async def ws_connect(port: int, path: str = "/entry", source: str | None = None,
+                     **options) -> WSClient:
+    """A WebSocket client; ``source`` is the local address to connect from (127.0.0.2...)."""
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
     factory.protocol = _WS
     factory.opened = defer.Deferred()
@@ -99,7 +101,8 @@ async def ws_connect(port: int, path: str = "/entry", **options) -> WSClient:
         return p
 
     factory.buildProtocol = build
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    bind = (source, 0) if source else None
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind).connect(factory)
     proto = await factory.opened
     return WSClient(proto)
 
@@ -187,9 +190,10 @@ class Response:
 
 
 async def http(method: str, url: str, body: bytes | None = None,
-               headers: dict[str, str] | None = None) -> Response:
+               headers: dict[str, str] | None = None, source: str | None = None) -> Response:
     hdrs = Headers({k: [v] for k, v in (headers or {}).items()})
-    response = await Agent(reactor).request(method.encode(), url.encode(), hdrs,
+    agent = Agent(reactor, bindAddress=(source, 0) if source else None)
+    response = await agent.request(method.encode(), url.encode(), hdrs,
                                             _Body(body) if body is not None else None)
     data = await readBody(response)
     return Response(response.code, response.headers, data)
@@ -207,10 +211,11 @@ async def post_form(port: int, path: str, **params) -> Response:
 
 async def post_file(port: int, path: str, data: bytes, filename: str = "f.bin",
                     field: str = "file", query: str = "",
-                    content_type: str = "application/octet-stream") -> Response:
+                    content_type: str = "application/octet-stream",
+                    source: str | None = None) -> Response:
     boundary = "imdtest" + secrets.token_hex(8)
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
             f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
     body += data + f"\r\n--{boundary}--\r\n".encode()
     return await http("POST", f"http://127.0.0.1:{port}{path}{query}", body,
-                      {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                      {"Content-Type": f"multipart/form-data; boundary={boundary}"}, source)

@@ -3,6 +3,11 @@
 A connection is bound to a user by ``login_`` and is then a hub Session.  Signals are handled
 in the order they arrive: anything sent while a login is being checked waits for it.  Every
 malformed or refused signal gets one ``error_<signal>_<reason>`` line and changes nothing else.
+
+``login_<userid>_<token>`` is always accepted with the user's token.  A bare ``login_<userid>``
+depends on ``--boss-auth``: refused (``token``), accepted after a recent proof from the same
+source address (``address``, see proofs.py) or accepted as is (``trust``).  ``logout_`` revokes
+the token the connection logged in with (or the one of the proof it used).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from imd.groups import GroupError, Groups
 from imd.hub import Hub, HubError
 from imd.model import Message
 from imd.protocols.boss import signals
+from imd.protocols.boss.proofs import Proofs
 from imd.protocols.boss.signals import SignalError
 
 log = Logger()
@@ -35,17 +41,30 @@ class BossService:
         self.config = config
         self.clock = clock
         self.connections: set[BossConnection] = set()
+        self.proofs = Proofs(clock, config.boss_address_window, config.boss_auth == "address")
         self._heartbeat = task.LoopingCall(self.heartbeat)
         self._heartbeat.clock = clock
 
     def start(self) -> None:
         self._heartbeat.start(self.config.heartbeat, now=False)
+        if self.config.boss_auth == "address":
+            log.info("--boss-auth=address: a bare 66boss login_<userid> is accepted from an "
+                     "address that proved it is that user in the last {window} s (clients "
+                     "sharing an address, e.g. behind one NAT, can act as each other)",
+                     window=self.config.boss_address_window)
 
     def stop(self) -> None:
         if self._heartbeat.running:
             self._heartbeat.stop()
         for conn in list(self.connections):
             conn.abort()
+
+    async def token_user(self, token: str, host: str) -> int | None:
+        """The user of a valid token (which also proves ``host`` is that user), else None."""
+        uid = await self.accounts.user_for_token(token)
+        if uid is not None:
+            self.proofs.record(uid, host, token)
+        return uid
 
     def heartbeat(self) -> None:
         line = f"heartbeat_{int(self.clock.seconds())}"
@@ -57,12 +76,14 @@ class BossConnection:
     """Signal handling for one client; ``write`` sends one signal, ``abort`` drops the link."""
 
     def __init__(self, service: BossService, write: Callable[[str], None],
-                 close: Callable[[], None], abort: Callable[[], None]):
+                 close: Callable[[], None], abort: Callable[[], None], host: str = ""):
         self.service = service
         self.write = write
         self.close = close
         self.abort = abort
+        self.host = host  # the client's source address
         self.user_id: int | None = None
+        self._token: str | None = None  # what the login was proved with; revoked by logout_
         self._waiting: list[str] | None = None  # signals that arrived during a login
         self._gone = False
 
@@ -74,6 +95,8 @@ class BossConnection:
     def closed(self) -> None:
         self._gone = True
         self.service.connections.discard(self)
+        if self.user_id is not None:  # the link dropped: the app reconnects with a bare login
+            self.service.proofs.record(self.user_id, self.host, self._token)
         self._unbind()
 
     def signal_received(self, text: str) -> None:
@@ -125,7 +148,7 @@ class BossConnection:
                 self.write("ok")
                 return
             raise SignalError("login", f"already logged in as {self.user_id}; logout first")
-        if not token and self.service.config.boss_auth != "trust":
+        if not token and self.service.config.boss_auth == "token":
             raise SignalError("login", "a token is required: login_<userid>_<token>")
         self._waiting = []
         d = defer.ensureDeferred(self._check_login(uid, token))
@@ -133,8 +156,17 @@ class BossConnection:
         d.addBoth(self._login_done)
 
     async def _check_login(self, uid: int, token: str) -> None:
+        proofs = self.service.proofs
         if token:
             ok = await self.service.accounts.user_for_token(token) == uid
+        elif self.service.config.boss_auth == "address":
+            proof = proofs.check(uid, self.host)
+            if proof is None:
+                self.write(signals.error(
+                    "login", "no recent login of this user from this address; log in over "
+                             "HTTP first or send login_<userid>_<token>"))
+                return
+            ok, token = True, proof.token
         else:
             ok = await self.service.hub.store.get_user(uid) is not None
         if not ok:
@@ -142,12 +174,16 @@ class BossConnection:
             return
         if self._gone:
             return
-        self.user_id = uid
+        self.user_id, self._token = uid, token or None
+        proofs.bound(self.host)
+        proofs.record(uid, self.host, self._token)
         self.write("ok")
         await self.service.hub.login(self)
 
     def _login_failed(self, failure) -> None:
         log.failure("login failed", failure)
+        if self.user_id is not None:
+            self.service.proofs.unbound(self.host)
         self.user_id = None
         self.write(signals.error("login", "server error, try again"))
 
@@ -164,11 +200,17 @@ class BossConnection:
         uid = self._require_login("logout")
         if rest and rest.partition("_")[0] != str(uid):
             raise SignalError("logout", "not logged in as that user")
+        self.service.proofs.forget(uid, self.host)
+        if self._token:
+            d = defer.ensureDeferred(self.service.accounts.revoke(self._token))
+            d.addErrback(lambda f: log.failure("revoking a token at logout failed", f))
+            self._token = None
         self._unbind()
         self.close()
 
     def _unbind(self) -> None:
         if self.user_id is not None:
+            self.service.proofs.unbound(self.host)
             d = defer.ensureDeferred(self.service.hub.logout(self))
             d.addErrback(lambda f: log.failure("logout failed", f))
             self.user_id = None

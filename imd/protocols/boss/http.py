@@ -1,13 +1,23 @@
-"""66boss HTTP side: the group API and the login endpoint, at ``/<name>`` and ``/wsim/<name>``.
+"""66boss HTTP side: the group API and the login endpoint, at ``/<name>`` and ``/wsim/<name>``,
+and the 66boss app's own login, ``POST /ucenter/login/index``.
 
-Replies are JSON with ``code: 1`` on success (the original's convention) and, on failure,
-one of: 400 bad or missing parameter, 401 missing or bad token, 403 not allowed, 404 no such
-group or user, 500 server error, each with a ``message``.  The HTTP status is 200 either way,
-as the original clients only read the JSON.
+Group API replies are JSON with ``code: 0`` on success, as the shipped server answered and the
+app (``BaseModelRequest``) requires, and, on failure, one of: 400 bad or missing parameter,
+401 missing or bad token, 403 not allowed, 404 no such group or user, 500 server error, each
+with a ``message``.  The HTTP status is 200 either way, as the original clients only read the
+JSON.  ``/login`` (imd's own, not the app's) keeps ``code: 1`` on success.
 
-Who is calling: ``token=<token>`` (query or form) or ``Authorization: Bearer <token>``.  With
-``--boss-auth=trust`` the token may be left out; the caller is then taken from ``userid``
-(or ``creator`` for creategrp), and with neither the request is trusted as a whole.
+Who is calling: ``token=<token>``, ``access_token=<token>`` (what the app sends, a form field
+of its POST) or ``Authorization: Bearer <token>``.  A valid token is also a proof of identity
+for ``--boss-auth=address`` (proofs.py).  With ``--boss-auth=trust`` the token may be left
+out; the caller is then taken from ``userid`` (or ``creator`` for creategrp), and with neither
+the request is trusted as a whole.
+
+The app's login reads its reply through ``BaseDataRequest``: ``code: 1`` is success and the
+account (``AccountEntity``: ``user_id``, ``user_name``, ``access_token``, ``avatar``, ...,
+all strings) is in ``result``; any other code is a failure whose ``message`` the app shows.
+``status`` is always present and never 401 there, as the app unboxes it and treats 401 as
+"this session's token expired: log out".
 """
 
 from __future__ import annotations
@@ -19,9 +29,12 @@ from twisted.web import resource, server
 from imd.groups import GroupError, GroupNotFound, NotAllowed
 from imd.model import Group, User
 from imd.protocols.boss.connection import BossService
+from imd.protocols.boss.proofs import source_host
 from imd.web import AsyncJSONResource, arg, request_token
 
-OK = {"code": 1, "message": "OK"}
+OK = {"code": 0, "message": "OK"}
+LOGIN_OK = {"code": 1, "message": "OK"}  # imd's /login, older than the group API fix
+APP_OK = 1  # BaseDataRequest's success code
 
 
 class ApiError(Exception):
@@ -87,17 +100,32 @@ class BossApi:
                 ("refreshgrp", self.refreshgrp), ("login", self.login)]:
             parent.putChild(name.encode(), self.resource(handler))
 
+    def mount_app_login(self, root: resource.Resource) -> None:
+        """``/ucenter/login/index``, where the app's ``LoginRequest`` posts."""
+        node = root
+        for name in (b"ucenter", b"login"):
+            child = node.children.get(name)
+            if child is None:
+                child = resource.Resource()
+                node.putChild(name, child)
+            node = child
+        node.putChild(b"index", AsyncJSONResource(self.app_login))
+
     async def caller(self, request: server.Request, claimed: str = "userid") -> int | None:
         """The user making the request; None for a trusted anonymous caller."""
-        token = request_token(request)
+        token = token_of(request)
         if token:
-            uid = await self.service.accounts.user_for_token(token)
+            uid = await self.service.token_user(token, source_host(request.getClientAddress()))
             if uid is None:
                 raise ApiError(401, "bad or expired token")
             return uid
         if self.service.config.boss_auth == "trust":
             return _id(request, claimed) if arg(request, claimed) else None
-        raise ApiError(401, "a token is required (token=... or Authorization: Bearer ...)")
+        raise ApiError(401, "a token is required (access_token=..., token=... or "
+                            "Authorization: Bearer ...)")
+
+    def _proved(self, request: server.Request, uid: int, token: str) -> None:
+        self.service.proofs.record(uid, source_host(request.getClientAddress()), token)
 
     async def _group_json(self, group: Group, members_as_users: bool) -> dict:
         obj = {"groupid": str(group.id), "creator": str(group.creator), "name": group.name,
@@ -172,7 +200,39 @@ class BossApi:
         if result is None:
             raise ApiError(401, "wrong account or password")
         user, token = result
-        return 200, {**OK, "id": str(user.id), "token": token, "name": user.name}
+        self._proved(request, user.id, token)
+        return 200, {**LOGIN_OK, "id": str(user.id), "token": token, "name": user.name}
+
+    async def app_login(self, request):
+        """The app's ``LoginRequest``: form fields ``mobile_phone`` and ``password``; the
+        phone number is the imd account name."""
+        if request.method != b"POST":
+            return 200, _app_failure(400, "use POST with mobile_phone and password")
+        phone, password = arg(request, "mobile_phone"), arg(request, "password")
+        if not phone or not password:
+            return 200, _app_failure(400, "mobile_phone and password are required")
+        result = await self.service.accounts.login(phone.strip(), password)
+        if result is None:
+            return 200, _app_failure(401, "wrong phone number or password")
+        user, token = result
+        self._proved(request, user.id, token)
+        avatar = user.avatar if user.avatar.startswith(("http://", "https://")) else ""
+        account = {"user_id": str(user.id), "user_name": user.name,
+                   "mobile_phone": user.account, "lastlogin_time": "",
+                   "access_token": token, "avatar": avatar, "sex": user.sex,
+                   "signature": user.sign, "province": "", "city": "", "district": "",
+                   "district_str": "", "cover_pic": ""}
+        return 200, {"code": APP_OK, "status": 200, "message": "OK", "result": account}
+
+
+def token_of(request: server.Request) -> str | None:
+    """The caller's token: ``token``, ``Authorization: Bearer`` or the app's ``access_token``."""
+    return request_token(request) or arg(request, "access_token")
+
+
+def _app_failure(code: int, message: str) -> dict:
+    # ``status`` 0, not 401: the app logs the user out on status 401.
+    return {"code": code, "status": 0, "message": message}
 
 
 def _member(user: User) -> dict:
@@ -183,6 +243,7 @@ def mount(root: resource.Resource, service: BossService) -> None:
     """The group API and login at the root and under /wsim/."""
     api = BossApi(service)
     api.mount(root)
+    api.mount_app_login(root)
     wsim = root.children.get(b"wsim")
     if wsim is None:
         wsim = resource.Resource()

@@ -11,6 +11,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
+from imd.protocols.boss.proofs import source_host
 from imd.protocols.flow import pending_bytes, tune_socket
 
 _ESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
@@ -44,7 +45,8 @@ class BossLine(LineOnlyReceiver):
         self.MAX_LENGTH = service.config.max_frame
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
         self.conn = BossConnection(service, self._send_text, self.transport.loseConnection,
-                                   self.transport.abortConnection)
+                                   self.transport.abortConnection,
+                                   source_host(self.transport.getPeer()))
         self.conn.opened()
 
     def lineReceived(self, line: bytes):

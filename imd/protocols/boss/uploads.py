@@ -5,7 +5,9 @@ The content is sniffed (imd.media), never trusted from the client; the stored na
 ``<32 hex>-<seconds>.<ext>`` for audio and ``<32 hex>-<w>x<h>.<ext>`` for images and videos.
 Files are served back at ``/upload/files/<name>``.  Replies: ``{"code": 0, "message": "OK",
 "data": URL}``; failures a non-zero code (400 no file, 401 no/bad token, 413 too large,
-415 not the expected kind of media) and a message.
+415 not the expected kind of media) and a message.  The token is read as for the group API;
+the app sends none, so with ``--boss-auth=address`` an upload without a token is accepted
+from an address with a recent proof or a bound 66boss connection (proofs.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from twisted.web import resource, server, static
 
 from imd import media
 from imd.protocols.boss.connection import BossService
-from imd.web import AsyncJSONResource, public_base, request_token
+from imd.protocols.boss.http import token_of
+from imd.protocols.boss.proofs import source_host
+from imd.web import AsyncJSONResource, public_base
 
 ACCEPTS = {"writev1": ("audio",), "writev2": ("image", "audio"), "writev3": ("video",)}
 FILES_PATH = "/upload/files/"
@@ -38,10 +42,16 @@ class Uploads:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     async def _caller_ok(self, request: server.Request) -> bool:
-        if self.service.config.boss_auth == "trust":
+        mode = self.service.config.boss_auth
+        if mode == "trust":
             return True
-        token = request_token(request)
-        return bool(token) and await self.service.accounts.user_for_token(token) is not None
+        host = source_host(request.getClientAddress())
+        token = token_of(request)
+        if token:
+            return await self.service.token_user(token, host) is not None
+        # The app uploads without any token: accept what comes from an address that
+        # proved to be some user recently (or has a bound connection now).
+        return mode == "address" and self.service.proofs.host_known(host)
 
     def handler(self, endpoint: str):
         kinds = ACCEPTS[endpoint]

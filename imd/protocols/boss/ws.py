@@ -7,6 +7,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 
 from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
+from imd.protocols.boss.proofs import source_host
 from imd.protocols.flow import pending_bytes, tune_socket
 
 
@@ -16,7 +17,8 @@ class BossWebSocket(WebSocketServerProtocol):
     def onOpen(self):
         service = self.factory.service
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
-        self.conn = BossConnection(service, self._send_text, self._close, self._abort)
+        self.conn = BossConnection(service, self._send_text, self._close, self._abort,
+                                   source_host(self.transport.getPeer()))
         self.conn.opened()
 
     def onMessage(self, payload: bytes, isBinary: bool):
