@@ -408,9 +408,16 @@ async def test_app_bare_login_needs_a_recent_login_from_the_same_address(fresh_d
     ca.send(f"login_{a}")
     assert await ca.next() == "ok"
 
-    # logout_ ends the proof and revokes the token the app got at login.
+    second = await ws_connect(d.web)  # a second connection of the same app user
+    second.send(f"login_{a}")
+    assert await second.next() == "ok"
+
+    # logout_ ends the proof and revokes the token the app got at login, also for a proof
+    # made later by the end of the other connection.
     ca.send(f"logout_{a}")
     assert await ca.next() == CLOSED
+    second.drop()
+    await second.inbox.closed
     again = await ws_connect(d.web)
     again.send(f"login_{a}")
     assert (await again.next()).startswith("error_login_")

@@ -157,16 +157,16 @@ class BossConnection:
 
     async def _check_login(self, uid: int, token: str) -> None:
         proofs = self.service.proofs
-        if token:
-            ok = await self.service.accounts.user_for_token(token) == uid
-        elif self.service.config.boss_auth == "address":
+        if not token and self.service.config.boss_auth == "address":
             proof = proofs.check(uid, self.host)
-            if proof is None:
+            if proof is None or not proof.token:
                 self.write(signals.error(
                     "login", "no recent login of this user from this address; log in over "
                              "HTTP first or send login_<userid>_<token>"))
                 return
-            ok, token = True, proof.token
+            token = proof.token  # checked below: a proof dies with its token (logout_)
+        if token:
+            ok = await self.service.accounts.user_for_token(token) == uid
         else:
             ok = await self.service.hub.store.get_user(uid) is not None
         if not ok:
