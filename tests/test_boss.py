@@ -462,3 +462,41 @@ async def test_app_drops_frames_with_underscores_in_the_body(daemon):
     frame = await cb.next()
     assert f"_snake_case_unicast_{a}_" in frame
     assert app_receive(frame) is None
+
+
+def test_proofs_expire_and_count_hosts():
+    """Proofs (the address mode's memory) on a Clock: expiry, forgetting, bound hosts."""
+    from twisted.internet.task import Clock
+
+    from imd.protocols.boss.proofs import Proofs
+
+    clock = Clock()
+    proofs = Proofs(clock, window=10, enabled=True)
+    proofs.record(1, "10.0.0.1", "t1")
+    clock.advance(5)
+    proofs.record(2, "10.0.0.1", "t2")
+    assert proofs.check(1, "10.0.0.1").token == "t1"
+    assert proofs.check(1, "10.0.0.2") is None and proofs.check(3, "10.0.0.1") is None
+    clock.advance(6)  # 1's proof is 11 s old, 2's 6 s
+    assert proofs.check(1, "10.0.0.1") is None and proofs.check(2, "10.0.0.1") is not None
+    assert proofs.host_known("10.0.0.1") and not proofs.host_known("10.0.0.2")
+    proofs.forget(2, "10.0.0.1")
+    assert not proofs.host_known("10.0.0.1")
+    proofs.bound("10.0.0.3")
+    assert proofs.host_known("10.0.0.3")
+    proofs.unbound("10.0.0.3")
+    assert not proofs.host_known("10.0.0.3")
+    off = Proofs(clock, window=10, enabled=False)
+    off.record(1, "10.0.0.1", "t1")
+    assert off.check(1, "10.0.0.1") is None and not off.host_known("10.0.0.1")
+
+
+def test_source_host_folds_ipv4_mapped_addresses():
+    from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+    from imd.protocols.boss.proofs import source_host
+
+    assert source_host(IPv6Address("TCP", "::ffff:192.0.2.7", 1)) == "192.0.2.7"
+    assert source_host(IPv4Address("TCP", "192.0.2.7", 1)) == "192.0.2.7"
+    assert source_host(IPv6Address("TCP", "2001:db8::1", 1)) == "2001:db8::1"
+    assert source_host(UNIXAddress(None)) == ""
