@@ -29,6 +29,7 @@ from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember,
                              RedisStore)
 
 log = Logger()
+MAX_EVENT_AVATAR = 2048  # a URL; longer avatars (inline pictures) stay out of presence events
 
 
 class Session(Protocol):
@@ -210,10 +211,13 @@ class Hub:
         user, show, status, friends = await self.store.presence_of(uid)
         if user is None:
             return
+        profile = dataclasses.asdict(user)
+        if len(profile["avatar"]) > MAX_EVENT_AVATAR:
+            profile["avatar"] = ""  # an inline picture: too big to send to every node
         event = Event(PRESENCE, {
             "user": uid, "change": change,
             "show": "unavailable" if change == OFFLINE else (show or "available"),
-            "status": status, "profile": dataclasses.asdict(user)})
+            "status": status, "profile": profile})
         self._notice_local(friends, event)
         self._watchers_notice(event)
         await self.store.notify(self.node, friends, event, everyone=True)
