@@ -66,6 +66,7 @@ class Hub:
         self.max_body = max_body
         self.sessions: dict[int, list[Session]] = {}
         self.watchers: set[Session] = set()  # sessions here that watch every user's presence
+        self._presence_channel = store.presence_channel()
         # Sessions whose offline queue is being drained: live deliveries wait here so that
         # queued messages come first.
         self._attaching: dict[Session, list[Message]] = {}
@@ -142,7 +143,7 @@ class Hub:
             await self._presence(uid, ONLINE)
 
     async def logout(self, session: Session) -> None:
-        """Forget a session; when its user is then offline everywhere, tell their friends."""
+        """Forget a session; when its user is then offline everywhere, say so (presence)."""
         self._attaching.pop(session, None)
         if self._remove(session) and not self.stopping:
             uid = session.user_id
@@ -301,7 +302,7 @@ class Hub:
     def remote_delivery(self, channel: str, payload: str) -> None:
         """A message (or, prefixed with '!', a notice) published by another node for users
         with sessions here; or, on the presence channel, a presence Event."""
-        if channel == self.store.presence_channel():
+        if channel == self._presence_channel:
             self._remote_presence(channel, payload)
             return
         try:

@@ -54,8 +54,9 @@ class User:
     mail: str = ""
 
 
-# A presence Event: kind PRESENCE, data {"user": id, "change": one of CHANGES, "show": one of
-# SHOWS ("unavailable" once offline), "status": free text, "profile": the User's fields}.
+# A presence Event: kind PRESENCE, data {"user": id, "change": ONLINE (first session
+# anywhere), OFFLINE (last session everywhere, or its node died), SHOW or PROFILE, "show": one
+# of SHOWS ("unavailable" once offline), "status": free text, "profile": the User's fields}.
 PRESENCE = "presence"
 ONLINE, OFFLINE, SHOW, PROFILE = "online", "offline", "show", "profile"
 # Protocol-neutral shows (webim's names); each adapter maps its own onto these.
