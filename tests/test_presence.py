@@ -4,16 +4,28 @@ them); friends on minami (code 300) and webim (presence packets) see xuanxuan us
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from tests.conftest import unique
+from tests.conftest import CLEAN_EXIT, Daemon, run_blocking, unique
 from tests.test_boss import logged_in
 from tests.test_minami import ok
 from tests.test_minami import new_user as minami_user
 from tests.test_webim import tab
 from tests.test_xuanxuan import XX, connect, login, md5
 from tests.wire import CLOSED
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """A daemon of this module's own: its xuanxuan logins make the system group, which
+    test_webim expects the shared daemon not to have."""
+    d = Daemon(tmp_path_factory.mktemp("presence") / "data", "--poll-timeout", "2").start()
+    yield d
+    run_blocking(d.close_store())
+    assert d.stop() in CLEAN_EXIT, d.log()
+    assert "Traceback" not in d.log(), d.log()
 
 
 async def about(x: XX, method: str, uid: int, wait: float = 5.0) -> dict:
