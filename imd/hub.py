@@ -87,8 +87,7 @@ class Hub:
         self.stopping = True
         if self._heartbeat and self._heartbeat.running:
             self._heartbeat.stop()
-        for uid in await self.store.node_gone(self.node):
-            await self._presence(uid, OFFLINE)
+        await self._announce_offline(await self.store.node_gone(self.node))
 
     def _refresh(self) -> defer.Deferred:
         d = defer.ensureDeferred(self._beat())
@@ -103,7 +102,15 @@ class Hub:
             # and forgotten where its users are.
             log.warn("node {node} had lapsed; re-marking its users live", node=self.node)
             await self.resync()
-        for uid in await self.store.reap(self.node):
+        gone = await self.store.reap(self.node)
+        if gone:
+            # Not awaited: many announcements must not hold up the next heartbeat.
+            defer.ensureDeferred(self._announce_offline(gone)).addErrback(
+                lambda f: log.warn("could not announce a dead node's users offline: {e}",
+                                   e=f.getErrorMessage()))
+
+    async def _announce_offline(self, uids: list[int]) -> None:
+        for uid in uids:
             await self._presence(uid, OFFLINE)
 
     async def resync(self) -> None:
