@@ -174,8 +174,8 @@ class WebimActions:
 
     async def online(self, request: server.Request, uid: int):
         show = arg(request, "show")
-        if show in SHOWS:
-            await self.store.set_user_fields(uid, show=show)
+        if show in SHOWS:  # told to those who see the user if already online elsewhere
+            await self.hub.set_show(uid, show)
         ticket, unseen = await self.tickets.open(uid)
         user = await self.store.get_user(uid)
         fields = await self.store.user_fields(uid, "show", "status", "webim_setting")
