@@ -4,10 +4,18 @@ Protocol adapters register a Session per connection (``login``/``logout``) and h
 protocol-neutral messages (``send``).  The hub asks the store to check, persist and route each
 message in one round trip, then delivers to the sessions on this node; the store publishes to
 the other nodes, whose hubs deliver from ``remote_delivery``.  The hub never builds wire text.
+
+Presence: when a user comes online anywhere (first session), goes offline everywhere (last
+session, or their node died), changes show/status or profile, the hub emits one PRESENCE
+Event.  It goes to the user's friends and to every session that watches the whole directory
+(``watches_directory``, e.g. xuanxuan, whose users see everyone); the latter hear it over one
+channel that every node subscribes to, so a change costs one publish, not one per user.
+Each node's heartbeat also reaps dead nodes and announces their users' logouts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import Protocol
 
@@ -15,25 +23,28 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from imd.model import (GROUP, KINDS, UNICAST, Event, Message, group_conversation,
-                       one2one_gid)
+from imd.model import (GROUP, KINDS, OFFLINE, ONLINE, PRESENCE, PROFILE, SHOW, SHOWS,
+                       UNICAST, Event, Message, group_conversation, one2one_gid)
 from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember, NotFriends,
                              RedisStore)
 
 log = Logger()
+MAX_EVENT_AVATAR = 2048  # a URL; longer avatars (inline pictures) stay out of presence events
 
 
 class Session(Protocol):
     """What a protocol adapter registers with the hub for one client connection."""
 
     user_id: int
+    # Optional ``watches_directory = True``: the session shows every user, so it gets every
+    # user's presence changes, not only its friends'.
 
     def deliver(self, message: Message) -> None:
         """Write a message (sent by anyone, including this user elsewhere) in the
         adapter's own dialect."""
 
     def notice(self, event: Event) -> None:
-        """Act on a notice (friend request, friend offline, newer login); adapters ignore
+        """Act on a notice (friend request, presence change, newer login); adapters ignore
         the kinds their protocol has no way to show."""
 
 
@@ -54,6 +65,8 @@ class Hub:
         self.node_ttl = node_ttl
         self.max_body = max_body
         self.sessions: dict[int, list[Session]] = {}
+        self.watchers: set[Session] = set()  # sessions here that watch every user's presence
+        self._presence_channel = store.presence_channel()
         # Sessions whose offline queue is being drained: live deliveries wait here so that
         # queued messages come first.
         self._attaching: dict[Session, list[Message]] = {}
@@ -74,12 +87,31 @@ class Hub:
         self.stopping = True
         if self._heartbeat and self._heartbeat.running:
             self._heartbeat.stop()
-        await self.store.node_gone(self.node, list(self.sessions))
+        await self._announce_offline(await self.store.node_gone(self.node))
 
     def _refresh(self) -> defer.Deferred:
-        d = defer.ensureDeferred(self.store.node_alive(self.node, int(self.node_ttl * 1000)))
-        return d.addErrback(lambda f: log.warn("could not refresh node liveness: {e}",
+        d = defer.ensureDeferred(self._beat())
+        return d.addErrback(lambda f: log.warn("node heartbeat failed: {e}",
                                                e=f.getErrorMessage()))
+
+    async def _beat(self) -> None:
+        """Stay alive; announce the logouts of the users of nodes that died."""
+        if not await self.store.node_alive(self.node, int(self.node_ttl * 1000)) and \
+                self.sessions:
+            # This node was late (or Redis lost its key): others may have taken it for dead
+            # and forgotten where its users are.
+            log.warn("node {node} had lapsed; re-marking its users live", node=self.node)
+            await self.resync()
+        gone = await self.store.reap(self.node)
+        if gone:
+            # Not awaited: many announcements must not hold up the next heartbeat.
+            defer.ensureDeferred(self._announce_offline(gone)).addErrback(
+                lambda f: log.warn("could not announce a dead node's users offline: {e}",
+                                   e=f.getErrorMessage()))
+
+    async def _announce_offline(self, uids: list[int]) -> None:
+        for uid in uids:
+            await self._presence(uid, OFFLINE)
 
     async def resync(self) -> None:
         """After the pub/sub link came back: re-mark our users live and deliver whatever
@@ -98,6 +130,8 @@ class Hub:
         """Register a session, then deliver its user's offline queue to it, in order."""
         uid = session.user_id
         self.sessions.setdefault(uid, []).append(session)
+        if getattr(session, "watches_directory", False):
+            self.watchers.add(session)
         self._attaching[session] = []
         try:
             was_live, queued = await self.store.attach(uid, self.node)
@@ -113,12 +147,10 @@ class Hub:
             if message.id not in seen:
                 session.deliver(message)
         if not was_live:
-            friends = await self.store.friends(uid)
-            if friends:
-                await self.notify(friends, Event("online", {"user": uid}))
+            await self._presence(uid, ONLINE)
 
     async def logout(self, session: Session) -> None:
-        """Forget a session; when its user is then offline everywhere, tell their friends."""
+        """Forget a session; when its user is then offline everywhere, say so (presence)."""
         self._attaching.pop(session, None)
         if self._remove(session) and not self.stopping:
             uid = session.user_id
@@ -126,9 +158,7 @@ class Hub:
             try:
                 await self.store.detach(uid, self.node)
                 if not await self.store.is_online(uid):
-                    friends = await self.store.friends(uid)
-                    if friends:
-                        await self.notify(friends, Event("offline", {"user": uid}))
+                    await self._presence(uid, OFFLINE)
             finally:
                 self._logouts -= 1
                 if not self._logouts:
@@ -157,11 +187,64 @@ class Hub:
     async def notify(self, uids, event: Event, exclude: Session | None = None) -> None:
         """Give a notice to every session of ``uids`` on every node (never stored)."""
         uids = [int(u) for u in uids]
-        for uid in uids:
-            for session in list(self.sessions.get(uid, ())):
-                if session is not exclude:
-                    _guarded(session.notice, event)
+        self._notice_local(uids, event, exclude)
         await self.store.notify(self.node, uids, event)
+
+    def _notice_local(self, uids, event: Event, exclude: Session | None = None) -> None:
+        watched = event.kind == PRESENCE  # watchers get these from the presence channel
+        for uid in uids:
+            for session in list(self.sessions.get(int(uid), ())):
+                if session is not exclude and not (watched and session in self.watchers):
+                    _guarded(session.notice, event)
+
+    # -- presence ----------------------------------------------------------------------
+
+    async def set_show(self, uid: int, show: str, status: str | None = None) -> None:
+        """Change a user's show (one of SHOWS) and, if given, status text; when the user is
+        online, whoever sees their presence is told."""
+        if show not in SHOWS:
+            raise HubError(f"show must be one of {', '.join(SHOWS)}")
+        fields = {"show": show} if status is None else {"show": show, "status": status}
+        await self.store.set_user_fields(uid, **fields)
+        if await self.is_online(uid):
+            await self._presence(uid, SHOW)
+
+    async def profile_changed(self, uid: int) -> None:
+        """The user's name (or another profile field) changed: tell whoever sees them."""
+        await self._presence(uid, PROFILE)
+
+    async def _presence(self, uid: int, change: str) -> None:
+        """Emit one presence Event about ``uid``: to their friends and to the sessions that
+        watch every user, on every node (one publish for the latter)."""
+        user, show, status, friends = await self.store.presence_of(uid)
+        if user is None:
+            return
+        profile = dataclasses.asdict(user)
+        if len(profile["avatar"]) > MAX_EVENT_AVATAR:
+            profile["avatar"] = ""  # an inline picture: too big to send to every node
+        event = Event(PRESENCE, {
+            "user": uid, "change": change,
+            "show": "unavailable" if change == OFFLINE else (show or "available"),
+            "status": status, "profile": profile})
+        self._notice_local(friends, event)
+        self._watchers_notice(event)
+        await self.store.notify(self.node, friends, event, everyone=True)
+
+    def _watchers_notice(self, event: Event) -> None:
+        uid = event.data["user"]
+        for session in list(self.watchers):
+            if session.user_id != uid:
+                _guarded(session.notice, event)
+
+    def _remote_presence(self, channel: str, payload: str) -> None:
+        """A presence Event published by a node (this one included) for the sessions that
+        watch every user."""
+        try:
+            node, raw = payload.split("|", 1)
+            if node != self.node:
+                self._watchers_notice(Event.from_json(raw))
+        except Exception:
+            log.failure("bad presence on {channel}", channel=channel)
 
     def _remove(self, session: Session) -> bool:
         """Forget a session; True when it was its user's last one on this node."""
@@ -169,6 +252,7 @@ class Hub:
         if mine is None or session not in mine:
             return False
         mine.remove(session)
+        self.watchers.discard(session)
         if not mine:
             del self.sessions[session.user_id]
             return True
@@ -224,14 +308,14 @@ class Hub:
 
     def remote_delivery(self, channel: str, payload: str) -> None:
         """A message (or, prefixed with '!', a notice) published by another node for users
-        with sessions here."""
+        with sessions here; or, on the presence channel, a presence Event."""
+        if channel == self._presence_channel:
+            self._remote_presence(channel, payload)
+            return
         try:
             uids, raw = payload.split("|", 1)
             if uids.startswith("!"):
-                event = Event.from_json(raw)
-                for uid in uids[1:].split(","):
-                    for session in list(self.sessions.get(int(uid), ())):
-                        _guarded(session.notice, event)
+                self._notice_local(uids[1:].split(","), Event.from_json(raw))
                 return
             message = Message.from_json(raw)
             for uid in uids.split(","):

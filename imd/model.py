@@ -54,10 +54,19 @@ class User:
     mail: str = ""
 
 
+# A presence Event: kind PRESENCE, data {"user": id, "change": ONLINE (first session
+# anywhere), OFFLINE (last session everywhere, or its node died), SHOW or PROFILE, "show": one
+# of SHOWS ("unavailable" once offline), "status": free text, "profile": the User's fields}.
+PRESENCE = "presence"
+ONLINE, OFFLINE, SHOW, PROFILE = "online", "offline", "show", "profile"
+# Protocol-neutral shows (webim's names); each adapter maps its own onto these.
+SHOWS = ("available", "away", "chat", "dnd", "busy", "invisible", "unavailable")
+
+
 @dataclass(frozen=True)
 class Event:
     """A protocol-neutral notice for sessions that is never stored: a friend request, a
-    friend going offline, a newer login of the same user (``kind``), with its details."""
+    presence change, a newer login of the same user (``kind``), with its details."""
 
     kind: str
     data: dict

@@ -151,7 +151,8 @@ class ImdService(service.MultiService):
                     lambda f: log.failure("resync after reconnect failed", f))
 
         self._factories.append(connect_subscriber(
-            address, [store.channel(hub.node)], hub.remote_delivery, on_connect))
+            address, [store.channel(hub.node), store.presence_channel()],
+            hub.remote_delivery, on_connect))
         await subscribed
         log.info("node {node} using Redis at {redis}", node=hub.node, redis=address.display)
 

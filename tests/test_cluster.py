@@ -1,4 +1,5 @@
-"""Two imd nodes on one Redis: 66boss delivery across nodes, and a node killed with SIGKILL."""
+"""Two or three imd nodes on one Redis: 66boss delivery across nodes, and a node killed with
+SIGKILL (its messages are queued, its users announced offline once)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from twisted.internet import reactor, task
 
 from imd.store.embedded import find_redis_server
 from tests.conftest import CLEAN_EXIT, unique
-from tests.test_boss import make_group
+from tests.test_boss import logged_in, make_group
+from tests.test_minami import connect as minami_connect
+from tests.test_minami import new_user as minami_user
+from tests.test_minami import ok
+from tests.test_presence import about, none_about
+from tests.test_xuanxuan import login as xuanxuan_login
 from tests.wire import ws_connect
 
 
@@ -110,3 +116,39 @@ def test_a_node_stops_promptly_when_redis_is_gone(fresh_daemon, tmp_path):
     started = time.monotonic()
     assert node.stop() in CLEAN_EXIT
     assert time.monotonic() - started < 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_nodes_users_are_announced_offline_once(shared_redis, fresh_daemon):
+    """Two survivors: the dead node's users are announced offline once, by one of them;
+    a user still online on a survivor is not announced."""
+    timeout = 2.0
+    nodes = [fresh_daemon("--redis", shared_redis, "--node-timeout", str(timeout)).start()
+             for _ in range(3)]
+    node1, node2, node3 = nodes
+    _, a = await minami_user(node1)
+    b_account, b_first = await minami_user(node1)
+    b_first.ws.close()
+    await b_first.ws.inbox.closed
+    store = await node1.store()
+    await store.befriend(int(a.id), int(b_first.id), "B", "A")
+    _, x, _, _ = await xuanxuan_login(node3)
+    b, first = await minami_connect(node2, b_account)
+    assert first["code"] == 200
+    uid_b = int(b.id)
+    await about(x, "login", uid_b)
+    c, token_c, c2 = await logged_in(node2)  # c is on node2 and on node1
+    c1 = await login(node1, c, token_c)
+    await about(x, "login", c)
+
+    node2.stop(signal.SIGKILL)
+    started = time.monotonic()
+    assert await a.next(timeout=timeout + 4) == ok(300, id=b.id)
+    assert time.monotonic() - started < timeout + 3
+    assert (await about(x, "logout", uid_b))["status"] == "offline"
+    await a.ws.nothing(timeout)  # not a second time, from the other survivor
+    await none_about(x, uid_b, 0.5)
+    await none_about(x, c, 0.5)
+    assert await store.is_online(c) and not await store.is_online(uid_b)
+    c1.close()
+    await node1.close_store()

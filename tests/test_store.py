@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 
 from imd.hub import Hub, HubError
 from imd.model import GROUP, TEXT, UNICAST, Message
@@ -189,4 +189,48 @@ async def test_a_broken_session_does_not_stop_delivery_to_the_others(store):
     assert message.id and [m.body for m in sb.got] == ["still arrives"]
     with pytest.raises(HubError):
         await hub.send(FakeSession(None), UNICAST, b, TEXT, "from nobody")
+    await hub.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_nodes_users_are_reaped_once_in_batches(store):
+    uids = await users(store, 5)
+    await store.node_alive("dead", 60_000)
+    await store.node_alive("live", 60_000)
+    for uid in uids:
+        await store.attach(uid, "dead")
+    await store.attach(uids[0], "live")  # still online elsewhere: not announced
+    await store.detach(uids[1], "dead")  # left cleanly: not the reaper's business
+    assert await store.reap("live") == []  # "dead" is still alive
+    await store.redis.delete(f"{store.p}alive:dead")
+    first, second = await defer.gatherResults([
+        defer.ensureDeferred(store.reap("live", batch=1)),
+        defer.ensureDeferred(store.reap("other", batch=1))])
+    assert sorted(first + second) == uids[2:]
+    assert not set(first) & set(second)
+    assert await store.reap("live") == []
+    assert await store.online_among(uids) == {uids[0]}
+    assert await store.redis.smembers(f"{store.p}nodes") == {"live"}
+    assert await store.node_alive("live", 60_000) is True
+    assert await store.node_gone("live") == [uids[0]]
+    assert await store.node_alive("live", 60_000) is False  # it had lapsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_taken_for_dead_marks_its_users_live_again(store):
+    (a,) = await users(store, 1)
+    clock = task.Clock()
+    hub = Hub(store, clock, node_id="n1", node_ttl=3)
+    await hub.start()
+    await hub.login(FakeSession(a))
+    await store.redis.delete(f"{store.p}alive:n1")  # n1 was late: node n2 reaps it
+    assert await store.reap("n2") == [a]
+    assert not await store.is_online(a)
+    clock.advance(1)  # n1's next heartbeat
+    for _ in range(100):
+        if await store.is_online(a):
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    assert await store.is_online(a)
+    assert await store.reap("n2") == []
     await hub.stop()

@@ -28,9 +28,14 @@ Keys (all under the ``imd:`` prefix):
     h:<conversation>          list of message JSON, oldest first, capped
     q:<uid>                   list of message JSON waiting for the user's next login, capped
     loc:<uid>                 set of node ids holding a live session of the user
+    nu:<node>                 set of user ids with a live session on the node (what a
+                              survivor announces offline when the node dies)
+    nodes                     set of node ids not yet cleaned up after they stopped or died
     alive:<node>              string, expires unless the node refreshes it
     chan:<node>               pub/sub channel of one node: "<uids>|<message JSON>" deliveries
                               and "!<uids>|<event JSON>" notices to its sessions
+    presence                  pub/sub channel every node hears: "<node>|<event JSON>", a
+                              presence change for the sessions that watch every user
 
 A message send is one round trip: the ``post`` script assigns id and timestamp, appends to
 history, publishes to every other node with a live session of a recipient, and queues the
@@ -242,12 +247,14 @@ end
 return out
 """)
 
-# ARGV: prefix, node, payload, user ids.  Publishes a notice to the other nodes that hold
-# sessions of those users; returns nothing (notices are never queued).
+# ARGV: prefix, node, payload, '1' to also publish it on the presence channel, user ids.
+# Publishes a notice to the other nodes that hold sessions of those users; returns nothing
+# (notices are never queued).
 _NOTIFY = Script("""
 local p, node = ARGV[1], ARGV[2]
+if ARGV[4] == '1' then redis.call('PUBLISH', p..'presence', node..'|'..ARGV[3]) end
 local bynode = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..ARGV[i])) do
     if n ~= node then
       bynode[n] = bynode[n] or {}
@@ -323,7 +330,7 @@ redis.call('HDEL', p..'fr:'..b, a)
 return was
 """)
 
-# ARGV: prefix, node, uid, ttl ms.  Marks the user live on the node and drains the queue.
+# ARGV: prefix, node, uid.  Marks the user live on the node and drains the queue.
 # Returns {1 if the user was already live on a living node else 0, queued messages...}.
 _ATTACH = Script("""
 local p = ARGV[1]
@@ -333,11 +340,50 @@ for _, n in ipairs(redis.call('SMEMBERS', loc)) do
   if redis.call('EXISTS', p..'alive:'..n) == 1 then was = 1 end
 end
 redis.call('SADD', loc, ARGV[2])
+redis.call('SADD', p..'nu:'..ARGV[2], ARGV[3])
 local q = p..'q:'..ARGV[3]
 local msgs = redis.call('LRANGE', q, 0, -1)
 redis.call('DEL', q)
 table.insert(msgs, 1, was)
 return msgs
+""")
+
+# ARGV: prefix, node, uid.  The user's last session on the node ended.
+_DETACH = Script("""
+redis.call('SREM', ARGV[1]..'loc:'..ARGV[3], ARGV[2])
+redis.call('SREM', ARGV[1]..'nu:'..ARGV[2], ARGV[3])
+return 1
+""")
+
+# ARGV: prefix, calling node, batch size, node to clean up ('' for every dead node).
+# Takes (SPOP, so each user is claimed by exactly one caller) up to a batch of the users of
+# a stopped or dead node (alive key gone), forgets that they were live there, and returns
+# {1 if more remain else 0, the ids of those now live on no living node...}.  A node is
+# dropped from 'nodes' once all its users are taken.
+_REAP = Script("""
+local p, me, room, only = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local gone, more = {}, 0
+local candidates = redis.call('SMEMBERS', p..'nodes')
+if only ~= '' then candidates = {only} end
+for _, n in ipairs(candidates) do
+  if (n == only or n ~= me) and redis.call('EXISTS', p..'alive:'..n) == 0 then
+    local key = p..'nu:'..n
+    local uids = {}
+    if room > 0 then uids = redis.call('SPOP', key, room) end
+    room = room - #uids
+    for _, uid in ipairs(uids) do
+      redis.call('SREM', p..'loc:'..uid, n)
+      local live = false
+      for _, m in ipairs(redis.call('SMEMBERS', p..'loc:'..uid)) do
+        if redis.call('EXISTS', p..'alive:'..m) == 1 then live = true; break end
+      end
+      if not live then gone[#gone + 1] = tonumber(uid) end
+    end
+    if redis.call('EXISTS', key) == 0 then redis.call('SREM', p..'nodes', n) else more = 1 end
+  end
+end
+table.insert(gone, 1, more)
+return gone
 """)
 
 # Puts messages back in a queue (a delivery that found no session any more).
@@ -597,11 +643,26 @@ class RedisStore:
 
     # -- notices -----------------------------------------------------------------------
 
-    async def notify(self, node: str, uids: Iterable[int], event: Event) -> None:
-        """Send a notice to the sessions of ``uids`` on other nodes (never stored)."""
+    async def notify(self, node: str, uids: Iterable[int], event: Event,
+                     everyone: bool = False) -> None:
+        """Send a notice to the sessions of ``uids`` on other nodes (never stored);
+        ``everyone``: also publish it on the presence channel, which every node hears."""
         uids = [int(u) for u in uids]
-        if uids:
-            await _NOTIFY(self.redis, [], [self.p, node, event.to_json(), *uids])
+        if uids or everyone:
+            await _NOTIFY(self.redis, [], [self.p, node, event.to_json(),
+                                           "1" if everyone else "0", *uids])
+
+    async def presence_of(self, uid: int) -> tuple[User | None, str, str, list[int]]:
+        """What a presence notice about ``uid`` says and whom it goes to, in one round trip:
+        the user, their show and status text, and their friends' ids."""
+        row, friends = await self._pipeline([
+            ("HMGET", f"{self.p}u:{int(uid)}", *_USER_FIELDS, "show", "status"),
+            ("HKEYS", f"{self.p}fr:{int(uid)}")])
+        if not row or row[0] is None:
+            return None, "", "", []
+        *fields, show, status = row
+        return (_user(uid, dict(zip(_USER_FIELDS, fields))), show or "", status or "",
+                [int(f) for f in friends or ()])
 
     # -- messages ----------------------------------------------------------------------
 
@@ -696,7 +757,7 @@ class RedisStore:
                                       key=lambda m: m.id)
 
     async def detach(self, uid: int, node: str) -> None:
-        await self.redis.srem(f"{self.p}loc:{int(uid)}", node)
+        await _DETACH(self.redis, [], [self.p, node, int(uid)])
 
     async def requeue(self, uid: int, messages: list[Message]) -> None:
         if messages:
@@ -718,16 +779,35 @@ class RedisStore:
     def channel(self, node: str) -> str:
         return f"{self.p}chan:{node}"
 
-    async def node_alive(self, node: str, ttl_ms: int, uids: Iterable[int] = ()) -> None:
-        """Refresh the node's liveness and (re)mark the given users live on it."""
-        cmds: list[tuple] = [("SET", f"{self.p}alive:{node}", "1", "PX", int(ttl_ms))]
-        cmds += [("SADD", f"{self.p}loc:{int(u)}", node) for u in uids]
-        await self._pipeline(cmds)
+    def presence_channel(self) -> str:
+        """The channel every node subscribes to (presence for sessions watching everyone)."""
+        return f"{self.p}presence"
 
-    async def node_gone(self, node: str, uids: Iterable[int]) -> None:
-        cmds: list[tuple] = [("DEL", f"{self.p}alive:{node}")]
-        cmds += [("SREM", f"{self.p}loc:{int(u)}", node) for u in uids]
-        await self._pipeline(cmds)
+    async def node_alive(self, node: str, ttl_ms: int) -> bool:
+        """Refresh the node's liveness; False when it had lapsed (or never existed), so
+        that other nodes may have taken its users for dead."""
+        was, _, _ = await self._pipeline([
+            ("EXISTS", f"{self.p}alive:{node}"),
+            ("SET", f"{self.p}alive:{node}", "1", "PX", int(ttl_ms)),
+            ("SADD", f"{self.p}nodes", node)])
+        return bool(int(was))
+
+    async def node_gone(self, node: str) -> list[int]:
+        """A node stops: it is no longer alive and its users no longer live on it.
+        Returns those of its users now live nowhere."""
+        await self.redis.delete(f"{self.p}alive:{node}")
+        return await self.reap(node, node)
+
+    async def reap(self, me: str, only: str = "", batch: int = 500) -> list[int]:
+        """Clean up after stopped or dead nodes (all of them, or just ``only``); returns the
+        users who were live on them and are now live nowhere.  Each such user is returned
+        to exactly one caller, however many nodes reap at once."""
+        gone: list[int] = []
+        while True:
+            more, *uids = await _REAP(self.redis, [], [self.p, me, batch, only])
+            gone += [int(u) for u in uids]
+            if not int(more):
+                return gone
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from imd.accounts import Accounts
 from imd.config import Config
 from imd.friends import Friends
 from imd.hub import Hub, HubError
-from imd.model import GROUP, TEXT, UNICAST, Event, Message
+from imd.model import GROUP, OFFLINE, PRESENCE, TEXT, UNICAST, Event, Message
 from imd.passwords import md5hex
 from imd.protocols.flow import pending_bytes, tune_socket
 from imd.protocols.minami.codes import encode, reply
@@ -193,7 +193,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if event.kind == "friend_request":
             self._send(reply(520, id=str(data["from"]), name=data["name"], to=str(data["to"]),
                              note=data["note"]))
-        elif event.kind == "offline":
+        elif event.kind == PRESENCE and data["change"] == OFFLINE:
             self._send(reply(300, id=str(data["user"])))
         elif event.kind == "login" and data.get("protocol") == "minami" and \
                 data.get("session") != self.nonce:

@@ -17,15 +17,14 @@ from imd.accounts import Accounts
 from imd.friends import Friends
 from imd.groups import GroupError, Groups
 from imd.hub import Hub, HubError
-from imd.model import (GROUP, TEXT, UNICAST, Event, Group, Message, User, group_conversation,
-                       one2one_gid)
+from imd.model import (GROUP, SHOWS, TEXT, UNICAST, Event, Group, Message, User,
+                       group_conversation, one2one_gid)
 from imd.protocols.webim.auth import caller, set_cookie
 from imd.protocols.webim.tickets import Ticket, Tickets
 from imd.web import arg, public_base
 
 HISTORY_SIZE = 30
 MAX_IDS = 200
-SHOWS = ("available", "away", "chat", "dnd", "busy", "invisible", "unavailable")
 
 
 class ActionError(Exception):
@@ -175,8 +174,8 @@ class WebimActions:
 
     async def online(self, request: server.Request, uid: int):
         show = arg(request, "show")
-        if show in SHOWS:
-            await self.store.set_user_fields(uid, show=show)
+        if show in SHOWS:  # told to those who see the user if already online elsewhere
+            await self.hub.set_show(uid, show)
         ticket, unseen = await self.tickets.open(uid)
         user = await self.store.get_user(uid)
         fields = await self.store.user_fields(uid, "show", "status", "webim_setting")
@@ -250,10 +249,7 @@ class WebimActions:
         if show not in SHOWS:
             raise ActionError("bad show")
         status = (arg(request, "status") or "")[:256]
-        await self.store.set_user_fields(uid, show=show, status=status)
-        friends = await self.store.friends(uid)
-        await self.hub.notify(friends, Event("presence", {"user": uid, "show": show,
-                                                         "status": status}))
+        await self.hub.set_show(uid, show, status)
         return "ok"
 
     async def status(self, request, uid: int, ticket: Ticket):

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from imd.hub import Hub
-from imd.model import Event, Message
+from imd.model import OFFLINE, ONLINE, PRESENCE, SHOW, Event, Message
 
 log = Logger()
 
@@ -49,12 +49,10 @@ class Ticket:
 
     def notice(self, event: Event) -> None:
         data = event.data
-        if event.kind in ("online", "offline"):
-            self.presences.append({"from": data["user"], "type": event.kind,
-                                   "show": "available" if event.kind == "online"
-                                   else "unavailable", "status": ""})
-        elif event.kind == "presence":
-            self.presences.append({"from": data["user"], "type": "show",
+        if event.kind == PRESENCE:
+            if data["change"] not in (ONLINE, OFFLINE, SHOW):
+                return
+            self.presences.append({"from": data["user"], "type": data["change"],
                                    "show": data["show"], "status": data["status"]})
         elif event.kind in ("join", "leave"):
             self.presences.append({"from": data["user"], "type": event.kind,

@@ -20,12 +20,20 @@ from imd.accounts import Accounts
 from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
 from imd.hub import Hub, HubError
-from imd.model import (EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, Event,
-                       Message, User, group_conversation, one2one_gid)
+from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
+                       SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
+                       one2one_gid)
 from imd.protocols.flow import pending_bytes, tune_socket
 
 log = Logger()
-STATUSES = ("online", "away", "busy")
+SHOW_OF_STATUS = {"online": "available", "away": "away", "busy": "busy"}
+STATUSES = tuple(SHOW_OF_STATUS)
+STATUS_OF_SHOW = {"away": "away", "busy": "busy", "dnd": "busy", "invisible": "offline",
+                  "unavailable": "offline"}  # any other show: online
+# The push the 1.0 client handles for each presence change (socket.js: login, logout,
+# userchangestatus; userChangeName as the original server pushed it).
+PRESENCE_PUSH = {ONLINE: "login", OFFLINE: "logout", SHOW: "userChangeStatus",
+                 PROFILE: "userChangeName"}
 CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
@@ -41,7 +49,7 @@ class XuanxuanService:
         self.connections: set["XuanxuanProtocol"] = set()
 
     async def user_json(self, user: User, online: bool | None = None) -> dict:
-        fields = await self.store.user_fields(user.id, "xstatus", "admin")
+        fields = await self.store.user_fields(user.id, "show", "admin")
         if online is None:
             online = await self.hub.is_online(user.id)
         return self._user_json(user, fields, online)
@@ -50,7 +58,7 @@ class XuanxuanService:
     def _user_json(user: User, fields: dict, online: bool) -> dict:
         return {"id": user.id, "account": user.account, "realname": user.name,
                 "avatar": user.avatar, "role": "", "dept": 0,
-                "status": (fields["xstatus"] or "online") if online else "offline",
+                "status": STATUS_OF_SHOW.get(fields["show"], "online") if online else "offline",
                 "admin": fields["admin"] or "no", "gender": user.sex, "email": user.mail,
                 "mobile": "", "site": "", "phone": ""}
 
@@ -58,7 +66,7 @@ class XuanxuanService:
         """Every user, as userGetlist shows them (three round trips for the lot)."""
         users = await self.store.list_users()
         online = await self.hub.online_among(u.id for u in users)
-        fields = await self.store.users_fields([u.id for u in users], "xstatus", "admin")
+        fields = await self.store.users_fields([u.id for u in users], "show", "admin")
         return [self._user_json(u, fields[u.id], u.id in online) for u in users]
 
 def param(params, index: int, name: str, default=None):
@@ -99,6 +107,7 @@ class Refused(Exception):
 class XuanxuanProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     user_id: int | None = None
+    watches_directory = True  # the client lists every user: it gets everyone's presence
 
     def connectionMade(self):
         self.service: XuanxuanService = self.factory.service
@@ -196,8 +205,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if user is None:
             self._reply(request, "fail", "wrong account or password")
             return
-        await service.store.set_user_fields(
-            user.id, xstatus=status if status in STATUSES else "online")
+        await service.hub.set_show(user.id, SHOW_OF_STATUS.get(status, "available"))
         self.sid = await service.accounts.issue_token(user.id)
         self.user_id = user.id
         me = await service.user_json(user, online=True)
@@ -217,13 +225,6 @@ class XuanxuanProtocol(LineOnlyReceiver):
             packets.append(self._packet("chat", "message",
                                         [await self._message_json(m) for m in queued]))
         self.push(*packets)
-        await self._announce("login", me)
-
-    async def _announce(self, method: str, data: dict) -> None:
-        """Tell the other users' xuanxuan sessions (chat/login, logout, userChange...)."""
-        others = [u for u in await self.service.store.user_ids() if u != self.user_id]
-        await self.service.hub.notify(others, Event("xuanxuan", {"method": method,
-                                                                "data": data}))
 
     async def _chat_infos(self, chats: list[Chat]) -> list[dict]:
         flags = await self.service.store.chat_flags(self.user_id)
@@ -267,6 +268,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
         data = event.data
         if event.kind == "xuanxuan":
             self.push(self._packet("chat", data["method"], data["data"]))
+        elif event.kind == PRESENCE and data["change"] in PRESENCE_PUSH:
+            user = User(**data["profile"])
+            self.push(self._packet("chat", PRESENCE_PUSH[data["change"]],
+                                   XuanxuanService._user_json(
+                                       user, {"show": data["show"], "admin": ""},
+                                       data["change"] != OFFLINE)))
         elif event.kind == "login" and data.get("protocol") == "xuanxuan" and \
                 data.get("session") != self.nonce:
             self._write({"module": "chat", "method": "kickoff",
@@ -289,8 +296,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         user = await self.service.store.get_user(self.user_id)
         me = {**await self.service.user_json(user, online=False), "status": "offline"}
         self._reply(request, "success", data=me)
-        await self._announce("logout", me)
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # the hub announces the logout
 
     async def m_usergetlist(self, request, params):
         self._reply(request, "success", data=await self.service.all_users_json())
@@ -306,16 +312,14 @@ class XuanxuanProtocol(LineOnlyReceiver):
         await self.service.store.rename_user(self.user_id, name.strip())
         user = await self.service.store.get_user(self.user_id)
         self._reply(request, "success", data={"id": self.user_id, "name": user.name})
-        await self._announce("userChangeName", await self.service.user_json(user, True))
+        await self.service.hub.profile_changed(self.user_id)
 
     async def m_userchangestatus(self, request, params):
         status = param(params, 0, "status")
         if status not in STATUSES:
             raise Refused(f"status must be one of {', '.join(STATUSES)}")
-        await self.service.store.set_user_fields(self.user_id, xstatus=status)
+        await self.service.hub.set_show(self.user_id, SHOW_OF_STATUS[status])
         self._reply(request, "success", data={"id": self.user_id, "status": status})
-        user = await self.service.store.get_user(self.user_id)
-        await self._announce("userChangeStatus", await self.service.user_json(user, True))
 
     async def m_create(self, request, params):
         gid = param(params, 0, "gid")
