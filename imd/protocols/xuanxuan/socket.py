@@ -30,6 +30,7 @@ STATUSES = ("online", "away", "busy")
 CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
+PER_USER = ("star", "hide", "mute")  # chat fields that differ per user
 # A message a xuanxuan client sent keeps the client's gid in its extension after this mark,
 # so that its sender is shown that gid again (the client matches its own copy by gid).
 OWN_GID = "xx:"
@@ -234,14 +235,26 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._collect = []
         await service.hub.login(self)
         queued, self._collect = self._collect, None
+        # Live messages from now on wait for the login array (they need the chats shown).
+        self._out = gate = defer.Deferred()
+        try:
+            await self._send_lists(user.id, queued)
+        finally:
+            gate.callback(None)
+        await self._announce("login", me)
+
+    async def _send_lists(self, uid: int, queued: list[Message]) -> None:
+        """The login array: every user, my chats (with the chats of queued messages from
+        chats I was never shown), the queued messages."""
+        service = self.service
         users = await service.all_users_json()
-        mine = await service.chats.of_user(user.id)
+        mine = await service.chats.of_user(uid)
         keys = {c.conversation for c in mine}
         for m in queued:  # e.g. the first message from another protocol's user
             if m.conversation not in keys:
                 keys.add(m.conversation)
                 try:
-                    mine.append(await service.chats.of_message(m, user.id))
+                    mine.append(await service.chats.of_message(m, uid))
                 except ChatError:
                     pass  # the group is gone
         chats = await self._chat_infos(mine)
@@ -253,7 +266,6 @@ class XuanxuanProtocol(LineOnlyReceiver):
             packets.append(self._packet("chat", "message",
                                         [self._message_json(m) for m in queued]))
         self.push(*packets)
-        await self._announce("login", me)
 
     async def _announce(self, method: str, data: dict) -> None:
         """Tell the other users' xuanxuan sessions (chat/login, logout, userChange...)."""
@@ -278,10 +290,11 @@ class XuanxuanProtocol(LineOnlyReceiver):
     async def _chat_info(self, chat: Chat) -> dict:
         return (await self._chat_infos([chat]))[0]
 
-    async def _push_chat(self, chat: Chat, method: str, to=None) -> None:
+    async def _push_chat(self, chat: Chat, method: str, to=None, info=None) -> None:
         """Push a chat's new state to its members, or to ``to`` (every session, every
-        node)."""
-        info = await self._chat_info(chat)
+        node), without this user's own star/hide/mute (the client assigns what it gets)."""
+        info = {k: v for k, v in (info or await self._chat_info(chat)).items()
+                if k not in PER_USER}
         await self.service.hub.notify(chat.members if to is None else to,
                                       Event("xuanxuan", {"method": method, "data": info}))
 
@@ -398,7 +411,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # The client reads a joinchat without a true "join" as "I left" and drops the chat:
         # the other members get the new member list as an addmember push.
         await self._push_chat(chat, "addmember",
-                              to=[m for m in chat.members if m != self.user_id])
+                              to=[m for m in chat.members if m != self.user_id], info=info)
 
     async def m_changename(self, request, params):
         gid, name = param(params, 0, "gid"), param(params, 1, "name")
