@@ -1,7 +1,7 @@
 """xuanxuan's chats over the hub's conversations: one-to-one chats, group chats (the hub's
 groups, so a xuanxuan group chat is a webim room and a 66boss group) and the system chat.
 
-A chat gid is resolved as: ``a&b`` (sorted user ids) a one-to-one chat; ``system`` the group
+A chat gid is resolved as: ``a&b`` (the two user ids, in either order) a one-to-one chat; ``system`` the group
 every user is in; a gid a xuanxuan client made for a group chat (linked to its group); or the
 decimal id of a group made by another protocol.
 
@@ -39,6 +39,14 @@ class Chat:
         return [int(x) for x in raw.split(",") if x.strip().isdigit()]
 
     @property
+    def shown_gid(self) -> str:
+        """The gid the 1.0 client knows the chat by: for a one-to-one chat the ids sorted as
+        text (JavaScript's default sort, so 100000&99999), else the gid."""
+        if self.type != "one2one":
+            return self.gid
+        return "&".join(sorted(self.gid.split("&")))
+
+    @property
     def conversation(self) -> str:
         """The hub's conversation key (a message's ``conversation``) of this chat."""
         return self.gid if self.type == "one2one" else group_conversation(self.group.id)
@@ -53,11 +61,13 @@ class Chats:
         gid = str(gid or "")
         if "&" in gid:
             parts = gid.split("&")
-            if len(parts) != 2 or not all(p.isdigit() and len(p) <= 18 for p in parts):
+            if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 18
+                                          for p in parts):
                 raise ChatError("bad chat gid")
             a, b = int(parts[0]), int(parts[1])
-            if one2one_gid(a, b) != gid:
+            if gid not in (f"{a}&{b}", f"{b}&{a}"):
                 raise ChatError("bad chat gid")
+            gid = one2one_gid(a, b)  # numeric order inside, the client's order on the wire
             if await self.store.users_exist([a, b]):
                 raise ChatError("no such user")
             peer = None if uid is None else (b if uid == a else a)
@@ -105,7 +115,7 @@ class Chats:
         editor = meta.get("editedBy", "")
         return {
             "id": chat.group.id if chat.group else _one2one_id(chat.gid),
-            "gid": chat.gid, "name": name, "type": chat.type,
+            "gid": chat.shown_gid, "name": name, "type": chat.type,
             "admins": meta.get("admins", ""), "committers": meta.get("committers", ""),
             "subject": int(meta.get("subject") or 0),
             "public": int(bool(chat.group and chat.group.public)),
@@ -166,9 +176,9 @@ class Chats:
             chat = await self.resolve(gid, uid)  # validates the gid and both users
             if uid not in chat.members:
                 raise ChatError("not a member of this chat")
-            await self.store.set_chat_meta(gid, type="one2one", **meta)
-            await self.store.add_one2one(gid, *chat.members)
-            return await self.resolve(gid, uid), True
+            await self.store.set_chat_meta(chat.gid, type="one2one", **meta)
+            await self.store.add_one2one(chat.gid, *chat.members)
+            return await self.resolve(chat.gid, uid), True
         if not gid or len(gid) > 64 or gid == "system" or gid.isdigit():
             raise ChatError("bad chat gid")
         try:

@@ -201,8 +201,8 @@ async def test_one2one_chat_message_history_and_offline(daemon):
     assert (await c.call("members", [gid]))["result"] == "fail"
     assert (await c.call("message", [{"cgid": gid, "content": "intruder"}]))["result"] == \
         "fail"
-    bad_gid = f"{max(uid_a, uid_b)}&{min(uid_a, uid_b)}"  # not sorted
-    assert (await a.call("create", [bad_gid, "", "one2one", [], 0]))["result"] == "fail"
+    for bad_gid in (f"{uid_a}&{uid_c}&{uid_b}", f"0{uid_a}&{uid_b}", f"{uid_a}&²"):
+        assert (await a.call("create", [bad_gid, "", "one2one", [], 0]))["result"] == "fail"
 
 
 @pytest_twisted.ensureDeferred
@@ -606,3 +606,28 @@ async def test_getconfig_for_a_client_that_drops_the_port(fresh_daemon):
     bad = (await http("GET", f"http://127.0.0.1:{plain.web}/sys/index.php?mode=getconfig",
                       headers={"Host": "x y<"})).json()
     assert bad["ip"] == "127.0.0.1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one2one_gid_in_the_clients_own_order(fresh_daemon):
+    """The 1.0 client sorts the two ids as text (JavaScript's default sort): 100000&10001."""
+    d = fresh_daemon().start()
+    uid_a, a, _, _ = await login(d)
+    store = await d.store()
+    await store.redis.set(store.p + "nextid", 99999)  # the next id has six digits
+    uid_b, b, _, _ = await login(d)
+    assert len(str(uid_a)) == 5 and len(str(uid_b)) == 6
+    gid = "&".join(sorted([str(uid_a), str(uid_b)]))
+    assert gid != one2one(uid_a, uid_b)
+    created = await a.call("create", [gid, "", "one2one", [uid_a, uid_b], 0])
+    assert created["result"] == "success" and created["data"]["gid"] == gid
+    assert (await b.push("create"))["gid"] == gid
+    await a.call("message", [{"gid": "o-1", "cgid": gid, "content": "in order"}])
+    (m,) = await b.push("message")
+    assert m["cgid"] == gid
+    assert gid in [c["gid"] for c in (await b.call("getList"))["data"]]
+    assert (await b.call("history", [gid, 10, 1]))["pager"]["gid"] == gid
+    # the numeric order names the same chat
+    again = await b.call("create", [one2one(uid_a, uid_b), "", "one2one", [uid_a, uid_b]])
+    assert again["data"]["gid"] == gid and again["data"]["id"] == created["data"]["id"]
+    await d.close_store()

@@ -22,7 +22,7 @@ from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
 from imd.hub import Hub, HubError
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, Event, Message, User,
-                       group_conversation)
+                       group_conversation, one2one_gid)
 from imd.protocols.flow import pending_bytes, tune_socket
 
 log = Logger()
@@ -52,7 +52,9 @@ def message_gid(m: Message, viewer: int) -> str:
 
 def chat_key(info: dict) -> str:
     """The hub conversation of a chat object as the client is shown it."""
-    return info["gid"] if info.get("type") == "one2one" else group_conversation(info["id"])
+    if info.get("type") == "one2one":
+        return one2one_gid(*info["gid"].split("&"))
+    return group_conversation(info["id"])
 
 
 class XuanxuanService:
@@ -407,7 +409,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         gid, join = param(params, 0, "gid"), truthy(param(params, 1, "join"))
         chat = await self.service.chats.join(self.user_id, str(gid), join)
         info = await self._chat_info(chat)
-        self._reply(request, "success", data={"gid": chat.gid, "join": join, "chat": info})
+        self._reply(request, "success", data={"gid": chat.shown_gid, "join": join, "chat": info})
         # The client reads a joinchat without a true "join" as "I left" and drops the chat:
         # the other members get the new member list as an addmember push.
         await self._push_chat(chat, "addmember",
@@ -416,7 +418,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
     async def m_changename(self, request, params):
         gid, name = param(params, 0, "gid"), param(params, 1, "name")
         chat = await self.service.chats.rename(self.user_id, str(gid), name or "")
-        self._reply(request, "success", data={"gid": chat.gid, "name": name})
+        self._reply(request, "success", data={"gid": chat.shown_gid, "name": name})
         await self._push_chat(chat, "changename")
 
     async def _flag(self, request, params, name: str):
@@ -424,7 +426,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         chat = await self.service.chats.resolve(gid, self.user_id)
         self.service.chats.require_member(chat, self.user_id)
         await self.service.store.set_chat_flag(self.user_id, chat.gid, name, value)
-        self._reply(request, "success", data={"gid": chat.gid, name: value})
+        self._reply(request, "success", data={"gid": chat.shown_gid, name: value})
 
     async def m_star(self, request, params):
         await self._flag(request, params, "star")
@@ -445,7 +447,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
             removed = [m for m in before.members if m not in chat.members]
             info = await self._chat_info(chat)
             await self.service.hub.notify(removed, Event("xuanxuan", {
-                "method": "joinchat", "data": {"gid": chat.gid, "join": False, "chat": info}}))
+                "method": "joinchat", "data": {"gid": chat.shown_gid, "join": False, "chat": info}}))
 
     async def m_message(self, request, params):
         messages = param(params, 0, "messages") if isinstance(params, list) and params and \
@@ -468,7 +470,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
             client_gid = str(item.get("gid") or "")[:64]
             extension = OWN_GID + client_gid if client_gid else ""
             if chat.conversation not in self.shown:  # the client named it: it knows it
-                self.shown[chat.conversation] = chat.gid
+                self.shown[chat.conversation] = chat.shown_gid
                 if chat.type == "one2one":  # in both users' getList from now on
                     await self.service.store.add_one2one(chat.gid, *chat.members)
             if chat.type == "one2one":
@@ -492,25 +494,25 @@ class XuanxuanProtocol(LineOnlyReceiver):
         per_page = min(per_page, PAGE_MAX)
         chat = await self.service.chats.resolve(gid, self.user_id)
         self.service.chats.require_member(chat, self.user_id)
-        self.shown.setdefault(chat.conversation, chat.gid)
+        self.shown.setdefault(chat.conversation, chat.shown_gid)
         everything = await self.service.store.history(chat.conversation, limit=0)
         total = len(everything)
         end = total - (page - 1) * per_page
         window = everything[max(0, end - per_page):max(0, end)]
         data = [self._message_json(m) for m in window]
         self._reply(request, "success", data=data, pager={
-            "recPerPage": per_page, "pageID": page, "recTotal": total, "gid": chat.gid,
+            "recPerPage": per_page, "pageID": page, "recTotal": total, "gid": chat.shown_gid,
             "continued": continued})
 
     async def m_members(self, request, params):
         chat = await self.service.chats.resolve(str(param(params, 0, "gid")), self.user_id)
         self.service.chats.require_member(chat, self.user_id)
-        self._reply(request, "success", data={"gid": chat.gid, "members": chat.members})
+        self._reply(request, "success", data={"gid": chat.shown_gid, "members": chat.members})
 
     async def m_changepublic(self, request, params):
         gid, public = str(param(params, 0, "gid")), truthy(param(params, 1, "public"))
         chat = await self.service.chats.set_public(self.user_id, gid, public)
-        self._reply(request, "success", data={"gid": chat.gid, "public": public})
+        self._reply(request, "success", data={"gid": chat.shown_gid, "public": public})
         await self._push_chat(chat, "changepublic")
 
     async def m_getpubliclist(self, request, params):
