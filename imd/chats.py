@@ -1,9 +1,10 @@
 """xuanxuan's chats over the hub's conversations: one-to-one chats, group chats (the hub's
 groups, so a xuanxuan group chat is a webim room and a 66boss group) and the system chat.
 
-A chat gid is resolved as: ``a&b`` (the two user ids, in either order) a one-to-one chat; ``system`` the group
-every user is in; a gid a xuanxuan client made for a group chat (linked to its group); or the
-decimal id of a group made by another protocol.
+A chat gid is resolved as: ``a&b`` (the two user ids, either order) a one-to-one chat;
+``system`` the group every user is in; a gid a xuanxuan client made for a group chat (linked
+to its group); or the decimal id of a group made by another protocol.  A one-to-one chat's
+``gid`` is kept in numeric order; the client is shown its own order (``shown_gid``).
 
 Rules (the seed's): only group chats can be joined, left or renamed; only public ones joined
 by non-members; only admins (or the creator) may remove members; when committers are set,

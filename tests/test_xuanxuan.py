@@ -580,6 +580,7 @@ async def test_leaving_a_group_keeps_it_for_the_others(daemon):
         got = await x.pushes_until("addmember")
         assert "joinchat" not in methods(got)
         assert got[-1]["data"]["gid"] == gid and uid_c not in got[-1]["data"]["members"]
+        assert "star" not in got[-1]["data"]  # the client keeps its own star/hide
     # joining a public chat: the joiner gets joinchat with join, the others addmember
     await a.call("changePublic", [gid, True])
     joined = await c.call("joinchat", [gid, True])

@@ -50,6 +50,11 @@ def message_gid(m: Message, viewer: int) -> str:
     return str(uuid.uuid5(GIDS, str(m.id)))
 
 
+def shared(info: dict) -> dict:
+    """A chat object fit for every member: without one user's star/hide/mute."""
+    return {k: v for k, v in info.items() if k not in PER_USER}
+
+
 def chat_key(info: dict) -> str:
     """The hub conversation of a chat object as the client is shown it."""
     if info.get("type") == "one2one":
@@ -295,8 +300,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
     async def _push_chat(self, chat: Chat, method: str, to=None, info=None) -> None:
         """Push a chat's new state to its members, or to ``to`` (every session, every
         node), without this user's own star/hide/mute (the client assigns what it gets)."""
-        info = {k: v for k, v in (info or await self._chat_info(chat)).items()
-                if k not in PER_USER}
+        info = shared(info or await self._chat_info(chat))
         await self.service.hub.notify(chat.members if to is None else to,
                                       Event("xuanxuan", {"method": method, "data": info}))
 
@@ -441,13 +445,14 @@ class XuanxuanProtocol(LineOnlyReceiver):
             raise Refused("members must be a list of user ids")
         before = await self.service.chats.resolve(gid, self.user_id)
         chat = await self.service.chats.members_change(self.user_id, gid, members, join)
-        self._reply(request, "success", data=await self._chat_info(chat))
-        await self._push_chat(chat, "addmember")
+        info = await self._chat_info(chat)
+        self._reply(request, "success", data=info)
+        await self._push_chat(chat, "addmember", info=info)
         if not join:  # the removed members' clients drop the chat
             removed = [m for m in before.members if m not in chat.members]
-            info = await self._chat_info(chat)
-            await self.service.hub.notify(removed, Event("xuanxuan", {
-                "method": "joinchat", "data": {"gid": chat.shown_gid, "join": False, "chat": info}}))
+            dropped = {"gid": chat.shown_gid, "join": False, "chat": shared(info)}
+            await self.service.hub.notify(removed, Event("xuanxuan", {"method": "joinchat",
+                                                                     "data": dropped}))
 
     async def m_message(self, request, params):
         messages = param(params, 0, "messages") if isinstance(params, list) and params and \
