@@ -1,9 +1,10 @@
 """xuanxuan's chats over the hub's conversations: one-to-one chats, group chats (the hub's
 groups, so a xuanxuan group chat is a webim room and a 66boss group) and the system chat.
 
-A chat gid is resolved as: ``a&b`` (sorted user ids) a one-to-one chat; ``system`` the group
-every user is in; a gid a xuanxuan client made for a group chat (linked to its group); or the
-decimal id of a group made by another protocol.
+A chat gid is resolved as: ``a&b`` (the two user ids, either order) a one-to-one chat;
+``system`` the group every user is in; a gid a xuanxuan client made for a group chat (linked
+to its group); or the decimal id of a group made by another protocol.  A one-to-one chat's
+``gid`` is kept in numeric order; the client is shown its own order (``shown_gid``).
 
 Rules (the seed's): only group chats can be joined, left or renamed; only public ones joined
 by non-members; only admins (or the creator) may remove members; when committers are set,
@@ -17,7 +18,7 @@ import zlib
 from dataclasses import dataclass
 
 from imd.groups import GroupError, Groups
-from imd.model import Group, one2one_gid
+from imd.model import GROUP, Group, Message, group_conversation, one2one_gid
 from imd.store.redis import RedisStore
 
 
@@ -38,6 +39,19 @@ class Chat:
         raw = (self.meta or {}).get(name, "")
         return [int(x) for x in raw.split(",") if x.strip().isdigit()]
 
+    @property
+    def shown_gid(self) -> str:
+        """The gid the 1.0 client knows the chat by: for a one-to-one chat the ids sorted as
+        text (JavaScript's default sort, so 100000&99999), else the gid."""
+        if self.type != "one2one":
+            return self.gid
+        return "&".join(sorted(self.gid.split("&")))
+
+    @property
+    def conversation(self) -> str:
+        """The hub's conversation key (a message's ``conversation``) of this chat."""
+        return self.gid if self.type == "one2one" else group_conversation(self.group.id)
+
 
 class Chats:
     def __init__(self, store: RedisStore, groups: Groups):
@@ -48,11 +62,13 @@ class Chats:
         gid = str(gid or "")
         if "&" in gid:
             parts = gid.split("&")
-            if len(parts) != 2 or not all(p.isdigit() and len(p) <= 18 for p in parts):
+            if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 18
+                                          for p in parts):
                 raise ChatError("bad chat gid")
             a, b = int(parts[0]), int(parts[1])
-            if one2one_gid(a, b) != gid:
+            if gid not in (f"{a}&{b}", f"{b}&{a}"):
                 raise ChatError("bad chat gid")
+            gid = one2one_gid(a, b)  # numeric order inside, the client's order on the wire
             if await self.store.users_exist([a, b]):
                 raise ChatError("no such user")
             peer = None if uid is None else (b if uid == a else a)
@@ -74,27 +90,56 @@ class Chats:
     async def gid_of_group(self, group_id: int) -> str:
         return await self.store.gid_for_group(group_id) or str(group_id)
 
-    def info(self, chat: Chat, uid: int, flags: dict[str, dict]) -> dict:
-        """The chat object of the 1.0 client (ints, Unix-second dates, comma strings)."""
+    async def infos(self, chats: list[Chat], uid: int) -> list[dict]:
+        """The chat objects ``uid`` is shown (two round trips for the lot)."""
+        flags = await self.store.chat_flags(uid)
+        people = {int(x) for c in chats for x in (_creator(c), (c.meta or {}).get("editedBy"))
+                  if str(x or "").isdigit()}
+        accounts = {u: user.account for u, user in (await self.store.get_users(people)).items()}
+        return [self.info(c, flags, accounts) for c in chats]
+
+    @staticmethod
+    def info(chat: Chat, flags: dict[str, dict], accounts: dict[int, str]) -> dict:
+        """The chat object of the 1.0 client (ints, Unix-second dates, comma strings);
+        ``createdBy``/``editedBy`` are accounts, as the client compares them with
+        ``user.account`` to find a group's owner."""
         meta = chat.meta or {}
         mine = flags.get(chat.gid, {})
         created = int(meta.get("createdDate") or 0)
-        name = meta.get("name") or (chat.group.name if chat.group else "")
+        if chat.group is None:
+            name = meta.get("name", "")
+        elif meta.get("unnamed") and chat.group.name == unnamed(chat.group.id):
+            name = ""  # made without a name: the client shows its own label
+        else:
+            name = chat.group.name
+        creator = _creator(chat)
+        editor = meta.get("editedBy", "")
         return {
             "id": chat.group.id if chat.group else _one2one_id(chat.gid),
-            "gid": chat.gid, "name": name, "type": chat.type,
+            "gid": chat.shown_gid, "name": name, "type": chat.type,
             "admins": meta.get("admins", ""), "committers": meta.get("committers", ""),
             "subject": int(meta.get("subject") or 0),
             "public": int(bool(chat.group and chat.group.public)),
-            "createdBy": meta.get("createdBy", str(chat.group.creator) if chat.group else ""),
+            "createdBy": accounts.get(int(creator), "") if str(creator).isdigit() else creator,
             "createdDate": created or "",
-            "editedBy": meta.get("editedBy", ""),
+            "editedBy": accounts.get(int(editor), "") if editor.isdigit() else editor,
             "editedDate": int(meta.get("editedDate") or 0) or "",
             "lastActiveTime": int(meta.get("lastActiveTime") or 0) or "",
             "star": int(bool(mine.get("star"))), "hide": int(bool(mine.get("hide"))),
             "mute": int(bool(mine.get("mute"))),
             "members": sorted(chat.members),
         }
+
+    async def of_message(self, message: Message, uid: int) -> Chat:
+        """The chat a message belongs to, as ``uid`` sees it; a one-to-one chat is also
+        listed as ``uid``'s from now on (so it is in their next getList)."""
+        if message.ctype == GROUP:
+            system = await self.store.system_group()
+            return await self.resolve("system" if message.to == system
+                                      else await self.gid_of_group(message.to), uid)
+        chat = await self.resolve(one2one_gid(message.sender, message.to), uid)
+        await self.store.add_one2one(chat.gid, *chat.members)
+        return chat
 
     async def of_user(self, uid: int) -> list[Chat]:
         chats = [await self.resolve("system", uid)]
@@ -114,7 +159,8 @@ class Chats:
 
     async def create(self, uid: int, gid: str, name: str, kind: str, members: list[int],
                      subject: int = 0, public: bool = False) -> tuple[Chat, bool]:
-        """The chat ``gid``, made if new; returns (chat, created)."""
+        """The chat ``gid``, made if new; returns (chat, created).  A one-to-one chat
+        counts as made by its first ``create`` (until then it only had messages)."""
         try:
             chat = await self.resolve(gid, uid)
         except ChatError:
@@ -122,7 +168,8 @@ class Chats:
         else:
             if uid not in chat.members and not (chat.group and chat.group.public):
                 raise ChatError("not a member of this chat")
-            return chat, False
+            if chat.type != "one2one" or chat.meta.get("createdDate"):
+                return chat, False
         now = int(time.time())
         meta = {"createdBy": uid, "createdDate": now, "subject": int(subject or 0),
                 "name": name or ""}
@@ -130,13 +177,18 @@ class Chats:
             chat = await self.resolve(gid, uid)  # validates the gid and both users
             if uid not in chat.members:
                 raise ChatError("not a member of this chat")
-            await self.store.set_chat_meta(gid, type="one2one", **meta)
-            await self.store.add_one2one(gid, *chat.members)
-            return await self.resolve(gid, uid), True
+            await self.store.set_chat_meta(chat.gid, type="one2one", **meta)
+            await self.store.add_one2one(chat.gid, *chat.members)
+            return await self.resolve(chat.gid, uid), True
         if not gid or len(gid) > 64 or gid == "system" or gid.isdigit():
             raise ChatError("bad chat gid")
         try:
-            group = await self.groups.create(uid, members, name or "group")
+            # The other protocols need a room name: an unnamed chat gets a placeholder
+            # there and stays unnamed here.
+            group = await self.groups.create(uid, members, name or unnamed(0))
+            if not name:
+                meta["unnamed"] = 1
+                await self.store.edit_group(group.id, name=unnamed(group.id))
         except GroupError as e:
             raise ChatError(str(e)) from None
         await self.store.set_chat_meta(gid, type="group", **meta)
@@ -239,6 +291,22 @@ class Chats:
     def may_post(chat: Chat, uid: int) -> bool:
         committers = chat.csv("committers")
         return uid in chat.members and (not committers or uid in committers)
+
+
+def unnamed(group_id: int) -> str:
+    """The name other protocols show for a group chat made without one (the 1.0
+    client's own label for it)."""
+    return f"讨论组{group_id}"
+
+
+def _creator(chat: Chat) -> str:
+    """Who made a chat: a user id (as text), or "system" for the system chat."""
+    if chat.type == "system":
+        return "system"
+    creator = (chat.meta or {}).get("createdBy")
+    if creator is None and chat.group is not None:
+        creator = chat.group.creator
+    return str(creator or "")
 
 
 def _one2one_id(gid: str) -> int:

@@ -7,6 +7,8 @@ import hashlib
 import json
 
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests.conftest import CLEAN_EXIT, unique
 from tests.test_boss import logged_in, make_group
@@ -36,6 +38,16 @@ class XX:
             reply = await self.next()
             if isinstance(reply, dict) and reply.get("method") == method:
                 return reply
+
+    async def pushes_until(self, method, **kw):
+        """Every pushed packet up to and including the next one with that method."""
+        seen = []
+        while True:
+            packets = await self.next(**kw)
+            if isinstance(packets, list):
+                seen.extend(packets)
+                if any(p["method"].lower() == method.lower() for p in packets):
+                    return seen
 
     async def push(self, method, **kw):
         """The next pushed packet with that method (other pushes are skipped)."""
@@ -189,8 +201,8 @@ async def test_one2one_chat_message_history_and_offline(daemon):
     assert (await c.call("members", [gid]))["result"] == "fail"
     assert (await c.call("message", [{"cgid": gid, "content": "intruder"}]))["result"] == \
         "fail"
-    bad_gid = f"{max(uid_a, uid_b)}&{min(uid_a, uid_b)}"  # not sorted
-    assert (await a.call("create", [bad_gid, "", "one2one", [], 0]))["result"] == "fail"
+    for bad_gid in (f"{uid_a}&{uid_c}&{uid_b}", f"0{uid_a}&{uid_b}", f"{uid_a}&²"):
+        assert (await a.call("create", [bad_gid, "", "one2one", [], 0]))["result"] == "fail"
 
 
 @pytest_twisted.ensureDeferred
@@ -381,3 +393,242 @@ async def test_user_methods_settings_and_logout(daemon):
     assert await a.next() is CLOSED
     users = {u["id"]: u for u in (await b.call("userGetlist"))["data"]}
     assert users[uid_a]["status"] == "offline"
+
+
+def one2one(a: int, b: int) -> str:
+    return "&".join(map(str, sorted((a, b))))
+
+
+async def stored(daemon, conversation: str, count: int) -> None:
+    """Wait until the conversation's history holds ``count`` messages."""
+    store = await daemon.store()
+    for _ in range(200):
+        if len(await store.history(conversation, limit=0)) >= count:
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"{conversation} never got {count} messages")
+
+
+def methods(packets) -> list[str]:
+    return [p["method"] for p in packets]
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_create_of_a_one2one_chat_reaches_the_other_member(daemon):
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    gid = one2one(uid_a, uid_b)
+    created = await a.call("create", [gid, "", "one2one", [uid_a, uid_b], 0])
+    assert created["result"] == "success"
+    await a.call("message", [{"gid": "first-1", "cgid": gid, "content": "first contact"}])
+    got = await b.pushes_until("message")
+    assert methods(got).index("create") < methods(got).index("message")
+    chat = got[methods(got).index("create")]["data"]
+    assert (chat["gid"], chat["type"], chat["members"]) == (gid, "one2one",
+                                                            sorted([uid_a, uid_b]))
+    assert got[-1]["data"][0]["cgid"] == gid
+    # a second create of the same chat is no news
+    await b.call("create", [gid, "", "one2one", [uid_a, uid_b], 0])
+    await a.call("message", [{"gid": "first-2", "cgid": gid, "content": "again"}])
+    assert methods(await b.pushes_until("message")) == ["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_message_from_another_protocol_comes_after_its_chat(daemon):
+    uid_x, x, _, _ = await login(daemon)
+    boss_id, boss_token, boss = await logged_in(daemon)
+    boss.send(f"text_{uid_x}_hello from 66boss_unicast_e1")
+    got = await x.pushes_until("message")
+    assert "create" in methods(got), got
+    assert methods(got).index("create") < methods(got).index("message")
+    chat = got[methods(got).index("create")]["data"]
+    gid = one2one(uid_x, boss_id)
+    assert chat["gid"] == gid and chat["members"] == sorted([uid_x, boss_id])
+    (m,) = got[-1]["data"]
+    assert (m["cgid"], m["content"], m["user"]) == (gid, "hello from 66boss", boss_id)
+    boss.send(f"text_{uid_x}_second_unicast_e2")  # shown now: no second chat push
+    assert methods(await x.pushes_until("message")) == ["message"]
+    # the chat is in the next getList too
+    assert gid in [c["gid"] for c in (await x.call("getList"))["data"]]
+    # a 66boss group the xuanxuan user was put in: its first message brings the chat
+    group = await make_group(daemon, boss_id, boss_token, [uid_x])
+    boss.send(f"text_{group}_group hello_group_e3")
+    got = await x.pushes_until("message")
+    assert methods(got).index("create") < methods(got).index("message")
+    assert got[methods(got).index("create")]["data"]["gid"] == group
+    assert got[-1]["data"][0]["cgid"] == group
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_message_from_another_protocol_while_offline(daemon):
+    account = unique("xx")
+    uid_x, _ = await daemon.user(account, password="pw")
+    boss_id, _, boss = await logged_in(daemon)
+    boss.send(f"text_{uid_x}_while you were away_unicast_e1")
+    await stored(daemon, one2one(uid_x, boss_id), 1)
+    x = await connect(daemon)
+    x.send("chat", "login", [account, md5("pw"), "online"])
+    assert (await x.next())["result"] == "success"
+    pushed = await x.next()
+    chats = [p for p in pushed if p["method"] == "getList"][0]["data"]
+    gid = one2one(uid_x, boss_id)
+    assert gid in [c["gid"] for c in chats]
+    (m,) = [p for p in pushed if p["method"] == "message"][0]["data"]
+    assert (m["cgid"], m["content"]) == (gid, "while you were away")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_group_name_stays_empty(daemon):
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    chat = (await a.call("create", ["n-" + unique(), "", "group", [uid_a, uid_b], 0]))["data"]
+    assert chat["name"] == ""
+    assert (await b.push("create"))["name"] == ""
+    mine = {c["gid"]: c for c in (await b.call("getList"))["data"]}
+    assert mine[chat["gid"]]["name"] == ""
+    await a.call("changename", [chat["gid"], "named now"])
+    mine = {c["gid"]: c for c in (await a.call("getList"))["data"]}
+    assert mine[chat["gid"]]["name"] == "named now"
+
+
+@pytest_twisted.ensureDeferred
+async def test_created_by_is_the_creators_account(daemon):
+    account_a = unique("xx")
+    uid_a, a, _, _ = await login(daemon, account_a)
+    uid_b, b, _, _ = await login(daemon)
+    chat = (await a.call("create", ["c-" + unique(), "mine", "group", [uid_a, uid_b], 0]))[
+        "data"]
+    assert chat["createdBy"] == account_a
+    assert (await b.push("create"))["createdBy"] == account_a
+    mine = {c["gid"]: c for c in (await b.call("getList"))["data"]}
+    assert mine[chat["gid"]]["createdBy"] == account_a
+    await a.call("changename", [chat["gid"], "still mine"])  # edits: the editor's account
+    mine = {c["gid"]: c for c in (await a.call("getList"))["data"]}
+    assert mine[chat["gid"]]["editedBy"] == account_a
+    # groups made by other protocols: their creator's account
+    boss_account = unique("boss")
+    boss_id, boss_token, _ = await logged_in(daemon, account=boss_account)
+    group = await make_group(daemon, boss_id, boss_token, [uid_a])
+    mine = {c["gid"]: c for c in (await a.call("getList"))["data"]}
+    assert mine[group]["createdBy"] == boss_account
+    assert mine["system"]["createdBy"] == "system"
+
+
+# Every socket method the shipped 1.0 client sends (app/models/socket.js, chat/app.js).
+CLIENT_METHODS = ["ping", "logout", "userGetlist", "userChangeStatus", "uploadfile", "create",
+                  "setCommitters", "hide", "changePublic", "getPublicList", "history",
+                  "message", "changeName", "addmember", "joinchat", "getList", "star"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_client_method_is_known(daemon):
+    uid, x, _, _ = await login(daemon)
+    chunk = {"fileExt": ".txt", "gid": "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+             "filesize": 4, "filename": "a.txt", "filetype": "text/plain", "cursor": 4,
+             "size": 4, "data": "dGVzdA=="}
+    reply = await x.call("uploadfile", [chunk])
+    assert reply["result"] == "fail" and "HTTP" in reply["message"]
+    for method in CLIENT_METHODS:
+        if method == "logout":
+            continue
+        reply = await x.call(method, [])
+        assert "unknown method" not in str(reply.get("message")), (method, reply)
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_gids_are_unique(daemon):
+    uid_x, x, _, _ = await login(daemon)
+    uid_y, y, _, _ = await login(daemon)
+    boss_id, _, boss = await logged_in(daemon)
+    for body in ("one", "two"):  # the same 66boss extension twice
+        boss.send(f"text_{uid_x}_{body}_unicast_same")
+    first = (await x.pushes_until("message"))[-1]["data"][0]
+    second = (await x.pushes_until("message"))[-1]["data"][0]
+    assert (first["content"], second["content"]) == ("one", "two")
+    assert first["gid"] != second["gid"]
+    # two xuanxuan users who send the same client gid: one gid each for a third member
+    gid = "u-" + unique()
+    await x.call("create", [gid, "three", "group", [uid_x, uid_y, boss_id]])
+    await y.push("create")
+    mine = await x.call("message", [{"gid": "dup-gid", "cgid": gid, "content": "x says"}])
+    assert mine["data"][0]["gid"] == "dup-gid"  # the sender's ack keeps its own gid
+    (from_x,) = (await y.pushes_until("message"))[-1]["data"]
+    assert from_x["content"] == "x says" and from_x["gid"] != "dup-gid"
+    theirs = await y.call("message", [{"gid": "dup-gid", "cgid": gid, "content": "y says"}])
+    assert theirs["data"][0]["gid"] == "dup-gid"
+    history = (await x.call("history", [gid, 10, 1]))["data"]
+    gids = {m["content"]: m["gid"] for m in history}
+    assert gids["x says"] == "dup-gid"  # x's own message: x's gid, in history too
+    assert gids["y says"] != "dup-gid"
+    assert len(set(gids.values())) == 2
+    history_boss = (await x.call("history", [one2one(uid_x, boss_id), 10, 1]))["data"]
+    assert len({m["gid"] for m in history_boss}) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaving_a_group_keeps_it_for_the_others(daemon):
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    uid_c, c, _, _ = await login(daemon)
+    gid = (await a.call("create", ["l-" + unique(), "stay", "group", [uid_a, uid_b, uid_c]]))[
+        "data"]["gid"]
+    for x in (b, c):
+        await x.push("create")
+    left = await c.call("joinchat", [gid, False])
+    assert left["result"] == "success" and left["data"]["join"] is False  # c drops it
+    for x in (a, b):
+        got = await x.pushes_until("addmember")
+        assert "joinchat" not in methods(got)
+        assert got[-1]["data"]["gid"] == gid and uid_c not in got[-1]["data"]["members"]
+        assert "star" not in got[-1]["data"]  # the client keeps its own star/hide
+    # joining a public chat: the joiner gets joinchat with join, the others addmember
+    await a.call("changePublic", [gid, True])
+    joined = await c.call("joinchat", [gid, True])
+    assert joined["data"]["join"] is True and uid_c in joined["data"]["chat"]["members"]
+    for x in (a, b):
+        got = await x.pushes_until("addmember")
+        assert "joinchat" not in methods(got) and uid_c in got[-1]["data"]["members"]
+    # a member removed by an admin: their client drops the chat
+    await a.call("addmember", [gid, [uid_c], False])
+    dropped = await c.push("joinchat")
+    assert dropped["gid"] == gid and dropped["join"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_getconfig_for_a_client_that_drops_the_port(fresh_daemon):
+    d = fresh_daemon("--public-url", "https://im.example.org/").start()
+    config = (await http("GET", f"http://127.0.0.1:{d.web}/index.php?mode=getconfig")).json()
+    assert config["ip"] == "im.example.org" and config["port"] == d.xuanxuan
+    # behind a proxy that passes the Host the client asked (no port: 80 or 443)
+    plain = fresh_daemon().start()
+    config = (await http("GET", f"http://127.0.0.1:{plain.web}/index.php?mode=getconfig",
+                         headers={"Host": "chat.example.com"})).json()
+    assert config["ip"] == "chat.example.com" and config["port"] == plain.xuanxuan
+    bad = (await http("GET", f"http://127.0.0.1:{plain.web}/sys/index.php?mode=getconfig",
+                      headers={"Host": "x y<"})).json()
+    assert bad["ip"] == "127.0.0.1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one2one_gid_in_the_clients_own_order(fresh_daemon):
+    """The 1.0 client sorts the two ids as text (JavaScript's default sort): 100000&10001."""
+    d = fresh_daemon().start()
+    uid_a, a, _, _ = await login(d)
+    store = await d.store()
+    await store.redis.set(store.p + "nextid", 99999)  # the next id has six digits
+    uid_b, b, _, _ = await login(d)
+    assert len(str(uid_a)) == 5 and len(str(uid_b)) == 6
+    gid = "&".join(sorted([str(uid_a), str(uid_b)]))
+    assert gid != one2one(uid_a, uid_b)
+    created = await a.call("create", [gid, "", "one2one", [uid_a, uid_b], 0])
+    assert created["result"] == "success" and created["data"]["gid"] == gid
+    assert (await b.push("create"))["gid"] == gid
+    await a.call("message", [{"gid": "o-1", "cgid": gid, "content": "in order"}])
+    (m,) = await b.push("message")
+    assert m["cgid"] == gid
+    assert gid in [c["gid"] for c in (await b.call("getList"))["data"]]
+    assert (await b.call("history", [gid, 10, 1]))["pager"]["gid"] == gid
+    # the numeric order names the same chat
+    again = await b.call("create", [one2one(uid_a, uid_b), "", "one2one", [uid_a, uid_b]])
+    assert again["data"]["gid"] == gid and again["data"]["id"] == created["data"]["id"]
+    await d.close_store()

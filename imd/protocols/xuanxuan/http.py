@@ -12,13 +12,14 @@ import re
 import secrets
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from twisted.internet import defer, threads
 from twisted.web import resource, server, static
 
 from imd.chats import ChatError
 from imd.protocols.xuanxuan.socket import XuanxuanService
-from imd.web import AsyncJSONResource, arg, multipart_files
+from imd.web import AsyncJSONResource, arg, multipart_files, public_base
 
 DOWNLOAD_RE = re.compile(rb"^attach-download-(\d{1,18})\.json$")
 UPLOAD_MARKERS = (b"attach-upload", b"f=upload")  # request bodies that may be uploads
@@ -42,8 +43,11 @@ class XuanxuanHttp:
                      "message": message, "data": data}
 
     async def getconfig(self, request: server.Request):
-        host = (request.getHeader(b"host") or b"").decode("latin-1").rsplit(":", 1)[0]
-        host = host.strip("[]") or request.getHost().host
+        # The 1.0 client connects its socket to ``ip`` (unless it is 127.0.0.1, then to the
+        # host it asked) at ``port``; it reaches this web port by host name only, so on port
+        # 80 (443), directly or through a proxy: --public-url, else the Host it asked.
+        host = urlsplit(public_base(request, self.service.config.public_url)).hostname or \
+            request.getHost().host
         now = int(time.time())
         return 200, {
             "version": "1.0.0", "requestType": "PATH_INFO", "requestFix": "-",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import uuid
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -37,6 +38,36 @@ PRESENCE_PUSH = {ONLINE: "login", OFFLINE: "logout", SHOW: "userChangeStatus",
 CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
+PER_USER = ("star", "hide", "mute")  # chat fields that differ per user
+# A message a xuanxuan client sent keeps the client's gid in its extension after this mark,
+# so that its sender is shown that gid again (the client matches its own copy by gid).
+OWN_GID = "xx:"
+GIDS = uuid.UUID("5c0b8bb4-3f0e-4d1c-9a57-9f1d0c3e6b21")  # namespace of the gids shown
+
+
+def message_gid(m: Message, viewer: int) -> str:
+    """The gid ``viewer`` is shown for a message: the client's own gid to its sender; to
+    everyone else one no other message has (the client updates, not adds, on a repeated gid:
+    a repeat from the same sender with the same client gid is an update, as the 1.0 server
+    made it for images and files)."""
+    if m.extension.startswith(OWN_GID):
+        own = m.extension[len(OWN_GID):]
+        if m.sender == viewer:
+            return own
+        return str(uuid.uuid5(GIDS, f"{m.sender}/{own}"))
+    return str(uuid.uuid5(GIDS, str(m.id)))
+
+
+def shared(info: dict) -> dict:
+    """A chat object fit for every member: without one user's star/hide/mute."""
+    return {k: v for k, v in info.items() if k not in PER_USER}
+
+
+def chat_key(info: dict) -> str:
+    """The hub conversation of a chat object as the client is shown it."""
+    if info.get("type") == "one2one":
+        return one2one_gid(*info["gid"].split("&"))
+    return group_conversation(info["id"])
 
 
 class XuanxuanService:
@@ -119,6 +150,9 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._chain = defer.succeed(None)
         self._out = defer.succeed(None)
         self._collect: list[Message] | None = None
+        # The chats this client has been shown (conversation -> the chat's gid): a message
+        # on any other chat is preceded by the chat (a 1.0 client drops it otherwise).
+        self.shown: dict[str, str] = {}
         self._push_serial = 0
         self.service.connections.add(self)
 
@@ -216,28 +250,60 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._collect = []
         await service.hub.login(self)
         queued, self._collect = self._collect, None
+        # Live messages from now on wait for the login array (they need the chats shown).
+        self._out = gate = defer.Deferred()
+        try:
+            await self._send_lists(user.id, queued)
+        finally:
+            gate.callback(None)
+
+    async def _send_lists(self, uid: int, queued: list[Message]) -> None:
+        """The login array: every user, my chats (with the chats of queued messages from
+        chats I was never shown), the queued messages."""
+        service = self.service
         users = await service.all_users_json()
-        chats = await self._chat_infos(await service.chats.of_user(user.id))
+        mine = await service.chats.of_user(uid)
+        keys = {c.conversation for c in mine}
+        for m in queued:  # e.g. the first message from another protocol's user
+            if m.conversation not in keys:
+                keys.add(m.conversation)
+                try:
+                    mine.append(await service.chats.of_message(m, uid))
+                except ChatError:
+                    pass  # the group is gone
+        chats = await self._chat_infos(mine)
+        queued = [m for m in queued if m.conversation in self.shown]
         packets = [self._packet("chat", "userGetlist", users)]
         if chats:
             packets.append(self._packet("chat", "getList", chats))
         if queued:
             packets.append(self._packet("chat", "message",
-                                        [await self._message_json(m) for m in queued]))
+                                        [self._message_json(m) for m in queued]))
         self.push(*packets)
 
     async def _chat_infos(self, chats: list[Chat]) -> list[dict]:
-        flags = await self.service.store.chat_flags(self.user_id)
-        return [self.service.chats.info(c, self.user_id, flags) for c in chats]
+        """The chat objects for this client; the ones it is a member of count as shown."""
+        infos = await self.service.chats.infos(chats, self.user_id)
+        for info in infos:
+            self._saw(info)
+        return infos
+
+    def _saw(self, info: dict) -> None:
+        """This client was just sent ``info``: a chat it is (or no longer is) a member of."""
+        if self.user_id in info["members"]:
+            self.shown[chat_key(info)] = info["gid"]
+        else:
+            self.shown.pop(chat_key(info), None)
 
     async def _chat_info(self, chat: Chat) -> dict:
         return (await self._chat_infos([chat]))[0]
 
-    async def _push_chat(self, chat: Chat, method: str) -> None:
-        """Push a chat's new state to its members (every session, every node)."""
-        info = await self._chat_info(chat)
-        await self.service.hub.notify(chat.members, Event("xuanxuan", {
-            "method": method, "data": info}))
+    async def _push_chat(self, chat: Chat, method: str, to=None, info=None) -> None:
+        """Push a chat's new state to its members, or to ``to`` (every session, every
+        node), without this user's own star/hide/mute (the client assigns what it gets)."""
+        info = shared(info or await self._chat_info(chat))
+        await self.service.hub.notify(chat.members if to is None else to,
+                                      Event("xuanxuan", {"method": method, "data": info}))
 
     # -- hub Session -----------------------------------------------------------------------
 
@@ -249,25 +315,35 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
 
     async def _push_message(self, message: Message) -> None:
-        self.push(self._packet("chat", "message", [await self._message_json(message)]))
+        packets = []
+        if message.conversation not in self.shown:  # first contact: the chat comes first
+            try:
+                chat = await self.service.chats.of_message(message, self.user_id)
+            except ChatError:
+                return  # the group is gone
+            packets.append(self._packet("chat", "create", await self._chat_info(chat)))
+            if message.conversation not in self.shown:
+                return  # no longer a member
+        packets.append(self._packet("chat", "message", [self._message_json(message)]))
+        self.push(*packets)
 
-    async def _message_json(self, m: Message) -> dict:
-        if m.ctype == GROUP:
-            system = await self.service.store.system_group()
-            cgid = "system" if m.to == system else \
-                await self.service.chats.gid_of_group(m.to)
-        else:
-            cgid = one2one_gid(m.sender, m.to)
+    def _message_json(self, m: Message) -> dict:
+        """A message on a chat this client has been shown."""
         kind = CONTENT_OUT.get(m.kind)
         content = m.body if kind else f"[{m.kind}] {m.body}"
-        return {"id": m.id, "gid": m.extension or str(m.id), "cgid": cgid, "user": m.sender,
+        return {"id": m.id, "gid": message_gid(m, self.user_id),
+                "cgid": self.shown[m.conversation], "user": m.sender,
                 "date": m.ts // 1000, "type": "normal", "contentType": kind or "text",
                 "content": content}
 
     def notice(self, event: Event) -> None:
         data = event.data
         if event.kind == "xuanxuan":
-            self.push(self._packet("chat", data["method"], data["data"]))
+            pushed = data["data"]
+            chat = pushed.get("chat", pushed) if isinstance(pushed, dict) else None
+            if isinstance(chat, dict) and "members" in chat and "gid" in chat:
+                self._saw(chat)
+            self.push(self._packet("chat", data["method"], pushed))
         elif event.kind == PRESENCE and data["change"] in PRESENCE_PUSH:
             user = User(**data["profile"])
             self.push(self._packet("chat", PRESENCE_PUSH[data["change"]],
@@ -341,13 +417,16 @@ class XuanxuanProtocol(LineOnlyReceiver):
         gid, join = param(params, 0, "gid"), truthy(param(params, 1, "join"))
         chat = await self.service.chats.join(self.user_id, str(gid), join)
         info = await self._chat_info(chat)
-        self._reply(request, "success", data={"gid": chat.gid, "join": join, "chat": info})
-        await self._push_chat(chat, "joinchat")
+        self._reply(request, "success", data={"gid": chat.shown_gid, "join": join, "chat": info})
+        # The client reads a joinchat without a true "join" as "I left" and drops the chat:
+        # the other members get the new member list as an addmember push.
+        await self._push_chat(chat, "addmember",
+                              to=[m for m in chat.members if m != self.user_id], info=info)
 
     async def m_changename(self, request, params):
         gid, name = param(params, 0, "gid"), param(params, 1, "name")
         chat = await self.service.chats.rename(self.user_id, str(gid), name or "")
-        self._reply(request, "success", data={"gid": chat.gid, "name": name})
+        self._reply(request, "success", data={"gid": chat.shown_gid, "name": name})
         await self._push_chat(chat, "changename")
 
     async def _flag(self, request, params, name: str):
@@ -355,7 +434,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         chat = await self.service.chats.resolve(gid, self.user_id)
         self.service.chats.require_member(chat, self.user_id)
         await self.service.store.set_chat_flag(self.user_id, chat.gid, name, value)
-        self._reply(request, "success", data={"gid": chat.gid, name: value})
+        self._reply(request, "success", data={"gid": chat.shown_gid, name: value})
 
     async def m_star(self, request, params):
         await self._flag(request, params, "star")
@@ -370,13 +449,14 @@ class XuanxuanProtocol(LineOnlyReceiver):
             raise Refused("members must be a list of user ids")
         before = await self.service.chats.resolve(gid, self.user_id)
         chat = await self.service.chats.members_change(self.user_id, gid, members, join)
-        self._reply(request, "success", data=await self._chat_info(chat))
-        await self._push_chat(chat, "addmember")
-        if not join:  # the removed members learn it too
+        info = await self._chat_info(chat)
+        self._reply(request, "success", data=info)
+        await self._push_chat(chat, "addmember", info=info)
+        if not join:  # the removed members' clients drop the chat
             removed = [m for m in before.members if m not in chat.members]
-            info = await self._chat_info(chat)
-            await self.service.hub.notify(removed, Event("xuanxuan", {"method": "addmember",
-                                                                     "data": info}))
+            dropped = {"gid": chat.shown_gid, "join": False, "chat": shared(info)}
+            await self.service.hub.notify(removed, Event("xuanxuan", {"method": "joinchat",
+                                                                     "data": dropped}))
 
     async def m_message(self, request, params):
         messages = param(params, 0, "messages") if isinstance(params, list) and params and \
@@ -397,15 +477,19 @@ class XuanxuanProtocol(LineOnlyReceiver):
             if kind is None:
                 raise Refused("contentType must be text, emoticon, image or file")
             client_gid = str(item.get("gid") or "")[:64]
+            extension = OWN_GID + client_gid if client_gid else ""
+            if chat.conversation not in self.shown:  # the client named it: it knows it
+                self.shown[chat.conversation] = chat.shown_gid
+                if chat.type == "one2one":  # in both users' getList from now on
+                    await self.service.store.add_one2one(chat.gid, *chat.members)
             if chat.type == "one2one":
-                await self.service.store.add_one2one(chat.gid, *chat.members)
                 m = await self.service.hub.send(self, UNICAST, chat.peer, kind,
-                                                item["content"], extension=client_gid)
+                                                item["content"], extension=extension)
             else:
                 m = await self.service.hub.send(self, GROUP, chat.group.id, kind,
-                                                item["content"], extension=client_gid)
+                                                item["content"], extension=extension)
             await self.service.store.set_chat_meta(chat.gid, lastActiveTime=m.ts // 1000)
-            stored.append(await self._message_json(m))
+            stored.append(self._message_json(m))
         self._reply(request, "success", data=stored)
 
     async def m_history(self, request, params):
@@ -419,25 +503,25 @@ class XuanxuanProtocol(LineOnlyReceiver):
         per_page = min(per_page, PAGE_MAX)
         chat = await self.service.chats.resolve(gid, self.user_id)
         self.service.chats.require_member(chat, self.user_id)
-        conversation = chat.gid if chat.type == "one2one" else group_conversation(chat.group.id)
-        everything = await self.service.store.history(conversation, limit=0)
+        self.shown.setdefault(chat.conversation, chat.shown_gid)
+        everything = await self.service.store.history(chat.conversation, limit=0)
         total = len(everything)
         end = total - (page - 1) * per_page
         window = everything[max(0, end - per_page):max(0, end)]
-        data = [await self._message_json(m) for m in window]
+        data = [self._message_json(m) for m in window]
         self._reply(request, "success", data=data, pager={
-            "recPerPage": per_page, "pageID": page, "recTotal": total, "gid": chat.gid,
+            "recPerPage": per_page, "pageID": page, "recTotal": total, "gid": chat.shown_gid,
             "continued": continued})
 
     async def m_members(self, request, params):
         chat = await self.service.chats.resolve(str(param(params, 0, "gid")), self.user_id)
         self.service.chats.require_member(chat, self.user_id)
-        self._reply(request, "success", data={"gid": chat.gid, "members": chat.members})
+        self._reply(request, "success", data={"gid": chat.shown_gid, "members": chat.members})
 
     async def m_changepublic(self, request, params):
         gid, public = str(param(params, 0, "gid")), truthy(param(params, 1, "public"))
         chat = await self.service.chats.set_public(self.user_id, gid, public)
-        self._reply(request, "success", data={"gid": chat.gid, "public": public})
+        self._reply(request, "success", data={"gid": chat.shown_gid, "public": public})
         await self._push_chat(chat, "changepublic")
 
     async def m_getpubliclist(self, request, params):
@@ -470,6 +554,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
             raise Refused("settings too large")
         await self.service.store.set_user_fields(self.user_id, xsettings=text)
         self._reply(request, "success", data=value)
+
+    async def m_uploadfile(self, request, params):
+        # The 1.0 client's socket code has a chunked upload path that nothing in the client
+        # calls; its server had no such method and answered "fail".  Files go over HTTP.
+        self._reply(request, "fail", "files are uploaded over HTTP (sys/attach-upload.json), "
+                                     "not over the socket")
 
     async def m_attach_getlist(self, request, params):
         chat = await self.service.chats.resolve(str(param(params, 0, "gid")), self.user_id)
