@@ -149,8 +149,6 @@ class Chats:
             except ChatError:
                 pass
         for group_id in await self.store.user_groups(uid):
-            if group_id == chats[0].group.id:
-                continue
             try:
                 chats.append(await self.resolve(await self.gid_of_group(group_id), uid))
             except ChatError:

@@ -58,6 +58,20 @@ async def test_users_and_groups_share_one_id_counter(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_system_group_is_no_ones_room(store):
+    """xuanxuan's system chat holds every user; it is not listed among a user's groups (webim
+    rooms, 66boss querymygrps), before or after it was made."""
+    a, b = await users(store, 2)
+    group = await store.create_group(a, "g", [b])
+    system = await store.system_group()
+    c = (await store.create_user("later", "Later", "v")).id
+    assert a in (await store.get_group(system)).members
+    assert c in await store.group_members(system)
+    assert await store.user_groups(a) == [group.id]
+    assert await store.user_groups(c) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_password_verifier_is_salted_scrypt_of_md5(store):
     v1, v2 = await make_verifier(md5hex("pw")), await make_verifier(md5hex("pw"))
     assert v1 != v2 and v1.startswith("scrypt$")

@@ -556,7 +556,11 @@ class RedisStore:
         return sorted(int(g) for g in await self.redis.smembers(f"{self.p}public"))
 
     async def user_groups(self, uid: int) -> list[int]:
-        return sorted(int(g) for g in await self.redis.smembers(f"{self.p}ug:{int(uid)}"))
+        """The user's groups, without the system group: every user is in that one, and
+        only xuanxuan shows it (as its system chat), not as a room or a 66boss group."""
+        groups, system = await self._pipeline([("SMEMBERS", f"{self.p}ug:{int(uid)}"),
+                                               ("GET", f"{self.p}system")])
+        return sorted(int(g) for g in groups if g != system)
 
     # -- friends -----------------------------------------------------------------------
 
