@@ -19,6 +19,7 @@ from imd.model import (GROUP, KINDS, UNICAST, Event, Message, group_conversation
                        one2one_gid)
 from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember, NotFriends,
                              RedisStore)
+from imd.unavailable import Unavailable
 
 log = Logger()
 
@@ -78,8 +79,9 @@ class Hub:
 
     def _refresh(self) -> defer.Deferred:
         d = defer.ensureDeferred(self.store.node_alive(self.node, int(self.node_ttl * 1000)))
-        return d.addErrback(lambda f: log.warn("could not refresh node liveness: {e}",
-                                               e=f.getErrorMessage()))
+        # An outage is logged once by the store's connection layer, not at every refresh.
+        return d.addErrback(lambda f: None if f.check(Unavailable) else log.warn(
+            "could not refresh node liveness: {e}", e=f.getErrorMessage()))
 
     async def resync(self) -> None:
         """After the pub/sub link came back: re-mark our users live and deliver whatever

@@ -57,7 +57,7 @@ def test_help_documents_every_option():
 
 @pytest.mark.parametrize("args,expected", [
     (["--redis", "http://example.invalid"], "unsupported Redis URL scheme"),
-    (["--redis", "redis://127.0.0.1:1"], "cannot connect to Redis"),
+    (["--redis", "redis://127.0.0.1:1", "--redis-wait", "1"], "cannot connect to Redis"),
     (["--boss-auth", "maybe"], "--boss-auth must be"),
     (["--max-frame", "-1"], "--max-frame must be positive"),
     (["--heartbeat", "soon"], "not a valid value"),
@@ -182,3 +182,160 @@ def test_embedded_redis_that_cannot_start_is_one_clear_line(tmp_path):
     errors = [line for line in output.splitlines() if "imd: error:" in line]
     assert len(errors) == 1 and "embedded redis-server exited at start" in errors[0], output
     assert "Traceback" not in output
+
+
+def write_aof(path, keys: int) -> None:
+    """An append-only file of ``keys`` 100-byte strings (~140 bytes each), written directly:
+    enough data that a redis-server takes a measurable time to load it."""
+    value = b"v" * 100
+    with open(path, "wb") as f:
+        f.write(b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n")
+        for start in range(0, keys, 10000):
+            f.write(b"".join(b"*3\r\n$3\r\nSET\r\n$14\r\nbulk:%09d\r\n$100\r\n%s\r\n"
+                             % (i, value) for i in range(start, min(start + 10000, keys))))
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarts_on_a_large_data_set(fresh_daemon, tmp_path):
+    """SIGKILL of imd, SIGKILL of imd and its redis-server, SIGTERM: after each the next
+    start waits for Redis to load (it answers LOADING meanwhile) and comes up first time."""
+    data = tmp_path / "big"
+    data.mkdir()
+    write_aof(data / "appendonly.aof", 800_000)
+    d = fresh_daemon(data_dir=data).start()
+    assert "is loading its data (" in d.log(), d.log()
+    a, ta, ca = await logged_in(d)
+    b, tb = await d.user(unique())
+    ca.send(f"text_{b}_kept across restarts_unicast_x")
+    ca.send(f"records_{a}_0")  # answered once the send is stored
+    await ca.next()
+    await d.close_store()
+
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL  # its redis-server lives on
+    d.start()
+    assert "left behind by an earlier imd" in d.log() and "is loading its data" in d.log()
+
+    redis_pid = int((d.data_dir / "redis.pid").read_text())
+    os.kill(redis_pid, signal.SIGKILL)
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    d.start()
+    assert "is loading its data" in d.log()
+
+    assert d.stop() in CLEAN_EXIT
+    d.start()
+    assert "is loading its data" in d.log()
+    assert "imd: error" not in d.log()
+    cb = await ws_connect(d.web)
+    cb.send(f"login_{b}_{tb}")
+    assert await cb.next() == "ok"
+    assert (await cb.next()).startswith(f"text_{a}_kept across restarts_unicast_{a}_")
+    await cb.nothing()
+
+
+def test_data_directory_is_private(fresh_daemon, tmp_path):
+    data = tmp_path / "old"
+    data.mkdir(mode=0o755)
+    (data / "appendonly.aof").write_bytes(b"")
+    (data / "appendonly.aof").chmod(0o644)
+    d = fresh_daemon(data_dir=data).start()
+    assert d.stop() in CLEAN_EXIT  # the server wrote its files, and stopped
+    assert data.stat().st_mode & 0o777 == 0o700
+    for name in ("appendonly.aof", "redis.pid", "imd.lock"):
+        if (data / name).exists():
+            assert (data / name).stat().st_mode & 0o777 == 0o600, name
+    d.start()
+    assert (data / "redis.sock").stat().st_mode & 0o077 == 0
+    fresh = tmp_path / "new" / "data"
+    assert run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(fresh), "--web",
+                "tcp:notaport"]).returncode == 1
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+class ExternalRedis:
+    """A redis-server of our own on 127.0.0.1 (the binary imd embeds), to stop and start."""
+
+    def __init__(self, directory):
+        import socket
+
+        from imd.store.embedded import find_redis_server
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = directory
+        self.dir.mkdir()
+        self.binary = find_redis_server()
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "ExternalRedis":
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", str(self.dir), "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import socket
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def external_redis(tmp_path):
+    redis = ExternalRedis(tmp_path / "redis").start()
+    yield redis
+    redis.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_outage_refuses_logins_quickly_and_keeps_sends(fresh_daemon,
+                                                                   external_redis):
+    from tests.wire import post_form
+
+    d = fresh_daemon("--redis", external_redis.url, "--redis-timeout", "2").start()
+    a, ta, ca = await logged_in(d)
+    b, tb = await d.user(unique("outage"), password="pw")
+    await d.close_store()
+
+    external_redis.stop()
+    ca.send(f"text_{b}_sent during the outage_unicast_x")
+    started = time.monotonic()
+    cb = await ws_connect(d.web)
+    cb.send(f"login_{b}_{tb}")
+    assert (await cb.next(timeout=8)).startswith("error_login_")
+    login = await post_form(d.web, "/login", account=f"{b}", password="pw")
+    assert login.status == 503, login.body
+    assert time.monotonic() - started < 8  # each within --redis-timeout, not forever
+
+    external_redis.start()
+    deadline = time.monotonic() + 15
+    while "is back" not in d.log() and time.monotonic() < deadline:
+        await ws_sleep(0.1)
+    cb.send(f"login_{b}_{tb}")
+    assert await cb.next() == "ok"
+    assert (await cb.next()).startswith(f"text_{a}_sent during the outage_unicast_{a}_")
+    ca.send(f"text_{b}_after it_unicast_x")
+    assert (await cb.next()).startswith(f"text_{a}_after it_unicast_{a}_")
+    log = d.log()
+    assert log.count("is down") == 1 and log.count("is back") == 1, log
+    await d.close_store()
+    assert d.stop() in CLEAN_EXIT  # while its Redis runs
+
+
+async def ws_sleep(seconds: float) -> None:
+    from twisted.internet import reactor, task
+
+    await task.deferLater(reactor, seconds, lambda: None)

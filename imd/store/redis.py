@@ -643,7 +643,8 @@ class RedisStore:
         batch = good
         if not batch:
             return
-        _POST(self.redis, [], args).addCallbacks(
+        # A send waits out a Redis outage (the patient handle) rather than fail.
+        _POST(self.redis.patient, [], args).addCallbacks(
             self._posted, self._post_failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     @staticmethod
@@ -733,6 +734,4 @@ class RedisStore:
 
     async def _pipeline(self, commands: list[tuple]) -> list:
         """Run several commands in one round trip (pipelined on one connection)."""
-        conn = await self.redis._factory.getConnection(peek=True)
-        ds = [conn.execute_command(*c) for c in commands]
-        return list(await defer.gatherResults(ds, consumeErrors=True))
+        return await self.redis.pipeline(commands)

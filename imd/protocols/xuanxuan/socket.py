@@ -23,6 +23,7 @@ from imd.hub import Hub, HubError
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, Event,
                        Message, User, group_conversation, one2one_gid)
 from imd.protocols.flow import pending_bytes, tune_socket
+from imd.unavailable import log_failure
 
 log = Logger()
 STATUSES = ("online", "away", "busy")
@@ -155,7 +156,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._write(list(packets))
 
     def _failed(self, failure, request):
-        log.failure("xuanxuan request failed", failure)
+        log_failure(log, "xuanxuan request failed", failure)
         self._reply(request, "fail", "server error")
 
     # -- requests --------------------------------------------------------------------------
@@ -277,10 +278,10 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self.service.connections.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
-                lambda f: log.failure("revoke failed", f))
+                lambda f: log_failure(log, "revoke failed", f))
         if self.user_id is not None:
             defer.ensureDeferred(self.service.hub.logout(self)).addErrback(
-                lambda f: log.failure("xuanxuan logout failed", f))
+                lambda f: log_failure(log, "xuanxuan logout failed", f))
             self.user_id = None
 
     # -- methods ---------------------------------------------------------------------------
