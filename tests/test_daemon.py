@@ -1,5 +1,6 @@
 """The daemon as an operator sees it: start-up, options, config file, errors, clean stop,
-persistence across a restart, and the imdctl admin command."""
+persistence across a restart and on a large data set, a private data directory, and a Redis
+outage under a running daemon (imdctl: tests/test_ctl.py)."""
 
 from __future__ import annotations
 
@@ -133,42 +134,6 @@ async def test_offline_messages_survive_a_restart(fresh_daemon, tmp_path):
     assert (await cb.next()).startswith(f"text_{a}_group before restart_group_{gid}_")
     await cb.nothing()
     await d.close_store()
-
-
-@pytest_twisted.ensureDeferred
-async def test_imdctl_against_the_running_daemon(fresh_daemon):
-    d = fresh_daemon().start()
-    imdctl = [sys.executable, "-c", "from imd.ctl import main; main()",
-              "--data-dir", str(d.data_dir)]
-    account = unique("ctl")
-    added = run([*imdctl, "adduser", account, "pw", "Ctl User"])
-    assert added.returncode == 0, added.stderr
-    uid = int(added.stdout.split()[0])
-    again = run([*imdctl, "adduser", account, "pw2"])
-    assert again.returncode == 1 and "already exists" in again.stderr
-    listed = run([*imdctl, "users"]).stdout
-    assert f"{uid}\t{account}\tCtl User" in listed
-    issued = run([*imdctl, "token", account])
-    assert issued.returncode == 0
-    tuid, token = issued.stdout.split()
-    assert int(tuid) == uid
-    assert run([*imdctl, "token", "nobody-" + account]).returncode == 1
-    assert run([*imdctl, "admin", account]).stdout.split() == [str(uid), "super"]
-    store = await d.store()
-    assert (await store.user_fields(uid, "admin"))["admin"] == "super"
-    c = await ws_connect(d.web)
-    c.send(f"login_{uid}_{token}")
-    assert await c.next() == "ok"
-
-
-def test_imdctl_without_a_daemon_uses_the_embedded_store(tmp_path):
-    imdctl = [sys.executable, "-c", "from imd.ctl import main; main()",
-              "--data-dir", str(tmp_path / "data")]
-    assert run([*imdctl, "adduser", "solo", "pw"]).returncode == 0
-    assert "solo" in run([*imdctl, "users"]).stdout
-    pid = int((tmp_path / "data" / "redis.pid").read_text()) if (
-        tmp_path / "data" / "redis.pid").exists() else None
-    assert pid is None or not alive(pid)  # the server it started is gone again
 
 
 def test_embedded_redis_that_cannot_start_is_one_clear_line(tmp_path):

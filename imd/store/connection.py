@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -104,7 +104,7 @@ def endpoint_for(address: RedisAddress) -> IStreamClientEndpoint:
         return UNIXClientEndpoint(reactor, address.path, timeout=10)
     endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=10)
     if address.scheme == "rediss":
-        return txredisapi._TLSEndpoint(endpoint, optionsForClientTLS(address.host))
+        return wrapClientTLS(optionsForClientTLS(address.host), endpoint)
     return endpoint
 
 
@@ -250,7 +250,8 @@ def _megabytes(size: str) -> str:
 
 
 async def wait_until_ready(address: RedisAddress, bound: float,
-                           check: Callable[[], None] | None = None) -> None:
+                           check: Callable[[], None] | None = None,
+                           option: str = "--redis-wait") -> None:
     """Return once Redis at ``address`` answers PING, waiting at most ``bound`` seconds.
 
     Refused connections and the "not yet" answers (LOADING, BUSY, MASTERDOWN, TRYAGAIN)
@@ -281,35 +282,39 @@ async def wait_until_ready(address: RedisAddress, bound: float,
             reason = reply[1:]
             if code == "LOADING" and not loading_logged:
                 loading_logged = True
-                await _log_loading(address, bound)
+                await _log_loading(address, bound, option)
         waited = time.monotonic() - started
         if waited >= bound:
             raise RedisNotReady(
                 f"Redis at {address.display} is not ready after {bound:g} s ({reason}): "
-                "check that it runs, or allow it longer with --redis-wait")
+                f"check that it runs, or allow it longer with {option}")
         if not (loading_logged or waiting_logged) and waited > 1:
             waiting_logged = True
             log.info("waiting for Redis at {redis} ({reason}), up to {bound:g} s "
-                     "(--redis-wait)", redis=address.display, reason=reason, bound=bound)
+                     "({option})", redis=address.display, reason=reason, bound=bound,
+                     option=option)
         await task.deferLater(reactor, delay, lambda: None)
         delay = min(delay * 1.5, 0.25)
 
 
-async def _log_loading(address: RedisAddress, bound: float) -> None:
+async def _log_loading(address: RedisAddress, bound: float, option: str) -> None:
     try:
         info = (await _probe(address, [("INFO", "persistence")]))[0]
     except Exception:
         info = ""
     log.info("Redis at {redis} is loading its data ({size}); waiting up to {bound:g} s "
-             "(--redis-wait)", redis=address.display,
-             size=_megabytes(_info_field(info, "loading_total_bytes")), bound=bound)
+             "({option})", redis=address.display,
+             size=_megabytes(_info_field(info, "loading_total_bytes")), bound=bound,
+             option=option)
 
 
 def _reason(e: BaseException) -> str:
-    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     if isinstance(e, defer.TimeoutError):
-        text = "no answer"
-    return text.strip().rstrip(".")
+        return "no answer"
+    # Twisted's connect errors read "Connection was refused by other side: 111: Connection
+    # refused."; the last part is the one to show.
+    text = str(e).strip().rstrip(".") or type(e).__name__
+    return text.rsplit(": ", 1)[-1]
 
 
 # -- the command pool ---------------------------------------------------------------------
