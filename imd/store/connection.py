@@ -344,9 +344,17 @@ class RedisLink(txredisapi.ConnectionHandler):
 
         def wrapper(*args, **kwargs):
             if factory.size:
-                return call(*args, **kwargs)
-            return factory.when_up(self._wait).addCallback(lambda _: call(*args, **kwargs))
+                d = call(*args, **kwargs)
+            else:
+                d = factory.when_up(self._wait).addCallback(lambda _: call(*args, **kwargs))
+            return d.addErrback(self._lost)
         return wrapper
+
+    def _lost(self, failure):
+        """A command cut off by a lost connection fails as the outage it is."""
+        failure.trap(txredisapi.ConnectionError)
+        raise RedisUnavailable(f"Redis at {self._factory.address.display}: "
+                               f"{failure.getErrorMessage()}")
 
     async def pipeline(self, commands: list[tuple]) -> list:
         """Run several commands in one round trip (pipelined on one connection)."""
@@ -354,7 +362,13 @@ class RedisLink(txredisapi.ConnectionHandler):
             await self._factory.when_up(self._wait)
         conn = await self._factory.getConnection(peek=True)
         ds = [conn.execute_command(*c) for c in commands]
-        return list(await defer.gatherResults(ds, consumeErrors=True))
+        d = defer.gatherResults(ds, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+        return list(await d.addErrback(self._lost))
+
+    def before_use(self, prepare: Callable[[object], defer.Deferred]) -> None:
+        """Run ``prepare(connection)`` on every new connection before commands use it."""
+        self._factory.preparers.append(prepare)
 
 
 class _Pool(txredisapi.RedisFactory):
@@ -370,6 +384,7 @@ class _Pool(txredisapi.RedisFactory):
         self._was_up = False
         self._down = False
         self._waiters: list[defer.Deferred] = []
+        self.preparers: list[Callable] = []
 
     def addConnection(self, conn) -> None:
         defer.ensureDeferred(self._join(conn)).addErrback(
@@ -386,6 +401,11 @@ class _Pool(txredisapi.RedisFactory):
             except txredisapi.ConnectionError:
                 return
             await task.deferLater(reactor, 0.1, lambda: None)
+        for prepare in self.preparers:
+            try:
+                await prepare(conn)
+            except txredisapi.ConnectionError:
+                return
         if not conn.connected:
             return
         super().addConnection(conn)

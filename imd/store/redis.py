@@ -113,6 +113,11 @@ class Script:
         return d.addErrback(reload)
 
 
+async def _load_scripts(redis) -> None:
+    for script in Script.all:
+        await redis.execute_command("SCRIPT", "LOAD", script.source)
+
+
 _CREATE_USER = Script("""
 local p = ARGV[1]
 if redis.call('EXISTS', p..'acct:'..ARGV[2]) == 1 then return 0 end
@@ -372,9 +377,10 @@ class RedisStore:
         self.p = prefix
 
     async def prepare(self) -> None:
-        """Load the Lua scripts (once per Redis server start)."""
-        for script in Script.all:
-            await self.redis.execute_command("SCRIPT", "LOAD", script.source)
+        """Load the Lua scripts, now and on every reconnection (Redis may have restarted
+        and lost them) before the connection is used."""
+        await _load_scripts(self.redis)
+        self.redis.before_use(_load_scripts)
 
     # -- users -------------------------------------------------------------------------
 
