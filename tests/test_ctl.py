@@ -12,6 +12,7 @@ import time
 import pytest_twisted
 
 from tests.conftest import REPO, unique
+from tests.test_daemon import alive
 from tests.wire import post_form, ws_connect
 
 
@@ -21,14 +22,6 @@ def imdctl(*args: str, stdin: str | None = None, timeout: float = 60
     return subprocess.run([sys.executable, "-c", "from imd.ctl import main; main()", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
                           input=stdin if stdin is not None else "")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest_twisted.ensureDeferred

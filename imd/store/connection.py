@@ -194,7 +194,7 @@ class _Probe(protocol.Protocol):
             if not sep:
                 return
             if line.startswith(b"$"):
-                size = int(line[1:])
+                size = int(line[1:]) if line[1:].lstrip(b"-").isdigit() else -1
                 if size < 0:
                     self.replies.append("")
                     self._buffer = rest
@@ -224,9 +224,11 @@ async def _probe(address: RedisAddress, commands: list[tuple[str, ...]],
     probe = _Probe(auth + commands)
     factory = protocol.Factory.forProtocol(lambda: probe)
     factory.noisy = False
-    connecting = endpoint_for(address).connect(factory).addTimeout(timeout, reactor)
-    await connecting
-    replies = await probe.done.addTimeout(timeout, reactor)
+    await endpoint_for(address).connect(factory).addTimeout(timeout, reactor)
+    try:
+        replies = await probe.done.addTimeout(timeout, reactor)
+    finally:
+        probe.transport.loseConnection()
     for reply in replies[:len(auth)]:
         if reply.startswith("-"):
             raise RedisNotReady(f"Redis at {address.display} refused the password "
