@@ -12,6 +12,7 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, reactor, task
 
 from tests.conftest import CLEAN_EXIT, REPO, unique
 from tests.test_boss import logged_in
@@ -266,27 +267,48 @@ def external_redis(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_redis_outage_refuses_logins_quickly_and_keeps_sends(fresh_daemon,
                                                                    external_redis):
-    from tests.wire import post_form
+    from tests.test_minami import connect as minami_connect
+    from tests.test_xuanxuan import XX, md5
+    from tests.wire import line_connect, post_form
 
     d = fresh_daemon("--redis", external_redis.url, "--redis-timeout", "2").start()
     a, ta, ca = await logged_in(d)
-    b, tb = await d.user(unique("outage"), password="pw")
+    account = unique("outage")
+    b, tb = await d.user(account, password="pw")
     await d.close_store()
 
     external_redis.stop()
     ca.send(f"text_{b}_sent during the outage_unicast_x")
     started = time.monotonic()
     cb = await ws_connect(d.web)
-    cb.send(f"login_{b}_{tb}")
-    assert (await cb.next(timeout=8)).startswith("error_login_")
-    login = await post_form(d.web, "/login", account=f"{b}", password="pw")
-    assert login.status == 503, login.body
-    assert time.monotonic() - started < 8  # each within --redis-timeout, not forever
+
+    async def boss_login():
+        cb.send(f"login_{b}_{tb}")
+        return await cb.next(timeout=8)
+
+    async def http_login():
+        return (await post_form(d.web, "/login", account=account, password="pw")).status
+
+    async def xuanxuan_login():
+        x = XX(await line_connect(d.xuanxuan))
+        x.send("chat", "login", [account, md5("pw"), "online"])
+        return (await x.next(timeout=8))["result"]
+
+    async def minami_login():
+        return (await minami_connect(d, account))[1]["code"]
+
+    # Every protocol's login answers with its own error within --redis-timeout, not never.
+    boss, status, xuanxuan, minami = await defer.gatherResults([
+        defer.ensureDeferred(login()) for login in (boss_login, http_login,
+                                                     xuanxuan_login, minami_login)])
+    assert boss.startswith("error_login_") and status == 503
+    assert xuanxuan == "fail" and minami == 500
+    assert time.monotonic() - started < 8
 
     external_redis.start()
     deadline = time.monotonic() + 15
     while "is back" not in d.log() and time.monotonic() < deadline:
-        await ws_sleep(0.1)
+        await task.deferLater(reactor, 0.1, lambda: None)
     cb.send(f"login_{b}_{tb}")
     assert await cb.next() == "ok"
     assert (await cb.next()).startswith(f"text_{a}_sent during the outage_unicast_{a}_")
@@ -296,9 +318,3 @@ async def test_redis_outage_refuses_logins_quickly_and_keeps_sends(fresh_daemon,
     assert log.count("is down") == 1 and log.count("is back") == 1, log
     await d.close_store()
     assert d.stop() in CLEAN_EXIT  # while its Redis runs
-
-
-async def ws_sleep(seconds: float) -> None:
-    from twisted.internet import reactor, task
-
-    await task.deferLater(reactor, seconds, lambda: None)
