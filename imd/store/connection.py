@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from zope.interface import implementer
+
 from imd.unavailable import Unavailable
 
 log = Logger()
@@ -334,10 +335,6 @@ class RedisLink(txredisapi.ConnectionHandler):
         """The same commands, waiting for Redis however long an outage lasts."""
         return self._factory.patient
 
-    @property
-    def up(self) -> bool:
-        return self._factory.size > 0
-
     def __getattr__(self, method: str):
         if method.startswith("__"):
             raise AttributeError(method)
@@ -408,6 +405,8 @@ class _Pool(txredisapi.RedisFactory):
                 await prepare(conn)
             except txredisapi.ConnectionError:
                 return
+            except Exception as e:  # the connection is still usable: let it join
+                log.warn("preparing a Redis connection failed: {e}", e=e)
         if not conn.connected:
             return
         super().addConnection(conn)
