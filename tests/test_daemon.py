@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
+from imd.store.embedded import find_redis_server
 from tests.conftest import CLEAN_EXIT, REPO, unique
 from tests.test_boss import logged_in
 from tests.wire import ws_connect
@@ -219,10 +221,6 @@ class ExternalRedis:
     """A redis-server of our own on 127.0.0.1 (the binary imd embeds), to stop and start."""
 
     def __init__(self, directory):
-        import socket
-
-        from imd.store.embedded import find_redis_server
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -232,13 +230,13 @@ class ExternalRedis:
         self.proc: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "ExternalRedis":
+    def start(self, wait: bool = True) -> "ExternalRedis":
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--dir", str(self.dir), "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import socket
-
+        if not wait:
+            return self
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -318,3 +316,15 @@ async def test_redis_outage_refuses_logins_quickly_and_keeps_sends(fresh_daemon,
     assert log.count("is down") == 1 and log.count("is back") == 1, log
     await d.close_store()
     assert d.stop() in CLEAN_EXIT  # while its Redis runs
+
+
+def test_waits_for_an_external_redis_that_is_starting_and_loading(fresh_daemon, tmp_path):
+    redis = ExternalRedis(tmp_path / "redis")
+    write_aof(redis.dir / "appendonly.aof", 500_000)
+    try:
+        redis.start(wait=False)  # imd finds it refusing connections, then LOADING
+        d = fresh_daemon("--redis", redis.url).start()
+        assert "is loading its data (" in d.log(), d.log()
+        assert d.stop() in CLEAN_EXIT
+    finally:
+        redis.stop()
