@@ -18,6 +18,7 @@ from twisted.internet import defer, reactor, task
 from imd.store.embedded import find_redis_server
 from tests.conftest import CLEAN_EXIT, REPO, unique
 from tests.test_boss import logged_in
+from tests.test_cluster import free_port
 from tests.wire import ws_connect
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -218,12 +219,11 @@ def test_data_directory_is_private(fresh_daemon, tmp_path):
 
 
 class ExternalRedis:
-    """A redis-server of our own on 127.0.0.1 (the binary imd embeds), to stop and start."""
+    """A redis-server of our own on 127.0.0.1 (the binary imd embeds) that keeps its port
+    and data across a stop and a start (test_cluster's start_redis makes a new one)."""
 
     def __init__(self, directory):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.dir = directory
         self.dir.mkdir()
         self.binary = find_redis_server()
