@@ -423,6 +423,8 @@ class _Pool(txredisapi.RedisFactory):
 
     def delConnection(self, conn) -> None:
         super().delConnection(conn)
+        if conn in self.connectionQueue.pending:  # not left for a command to stumble on
+            self.connectionQueue.remove(conn)
         if not self.size and self._was_up and not self.disconnectCalled and not self._down:
             self._down = True
             log.warn("Redis at {redis} is down: logins and requests get an error until it "
