@@ -22,6 +22,10 @@ _OPTIONS = [
     ("redis", "", str,
      "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path.sock); "
      "empty = start the embedded redis-server"),
+    ("redis-wait", 300.0, float,
+     "seconds to wait at start for Redis to be reachable and to load its data"),
+    ("redis-timeout", 5.0, float,
+     "seconds a login or request waits for an unreachable Redis before it gets an error"),
     ("data-dir", "./imd-data", str,
      "directory for the embedded Redis' data and for uploaded files"),
     ("public-url", "", str,
@@ -72,6 +76,8 @@ class Config:
     boss_line: str = "tcp:6061"
     xuanxuan: str = "tcp:8080"
     redis: str = ""
+    redis_wait: float = 300.0
+    redis_timeout: float = 5.0
     data_dir: str = "./imd-data"
     public_url: str = ""
     boss_auth: str = "token"
@@ -157,8 +163,8 @@ def _check(config: Config) -> None:
         raise ConfigError("--boss-auth must be 'token', 'address' or 'trust'")
     if config.boss_address_window <= 0:
         raise ConfigError("--boss-address-window must be positive")
-    for name in ("heartbeat", "heartbeat_timeout", "node_timeout", "token_ttl", "max_frame",
-                 "max_body", "max_upload", "max_queue", "max_outbuf", "history_limit",
-                 "poll_timeout", "ticket_timeout", "offline_grace"):
+    for name in ("redis_wait", "redis_timeout", "heartbeat", "heartbeat_timeout",
+                 "node_timeout", "token_ttl", "max_frame", "max_body", "max_upload",
+                 "max_queue", "max_outbuf", "history_limit", "poll_timeout", "ticket_timeout", "offline_grace"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")

@@ -1,34 +1,50 @@
-"""``imdctl``: the admin command.  Creates users, lists them, issues tokens.
+"""imdctl: the admin command.  Creates users, lists them, issues tokens.
 
 It works on the same store as the daemon: ``--redis URL`` for a shared Redis, otherwise the
 embedded one in ``--data-dir`` (reached through the running daemon's socket, or started for
-the length of the command when no daemon runs).
+the length of the command when no daemon runs).  Whatever goes wrong (Redis unreachable, no
+such data directory) is one ``imdctl: error:`` line and exit status 1, within ``--wait``
+seconds.  Passwords are read from a prompt or, with ``--password-stdin``, from the first
+line of standard input: never from the command line, where other users see them.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
+from pathlib import Path
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 
 from imd.accounts import AccountError, Accounts
 from imd.config import ConfigError, build_config
-from imd.store.connection import BadRedisURL, connect_pool, parse_redis_url
+from imd.store.connection import (BadRedisURL, RedisNotReady, RedisUnavailable, connect_pool,
+                                  parse_redis_url, wait_until_ready)
 from imd.store.embedded import EmbeddedRedis, EmbeddedRedisError
 from imd.store.redis import RedisStore
 
 
+class CtlError(Exception):
+    """The command cannot run; the message says why."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imdctl", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="imdctl", description="imd's admin command: create users, list them, issue "
+        "tokens, on the daemon's store (its embedded Redis in --data-dir, or --redis URL).")
     p.add_argument("-c", "--config", help="the daemon's INI config file")
     p.add_argument("--redis", help="Redis URL (default: the embedded one in --data-dir)")
-    p.add_argument("--data-dir", help="the daemon's data directory (default ./imd-data)")
-    sub = p.add_subparsers(dest="command", required=True)
-    add = sub.add_parser("adduser", help="create a user")
+    p.add_argument("--data-dir",
+                   help="the daemon's data directory, which must exist (default ./imd-data)")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for Redis before giving up (default 10)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser("adduser", help="create a user (the password is prompted for)")
     add.add_argument("account")
-    add.add_argument("password")
-    add.add_argument("name", nargs="?", default="")
+    add.add_argument("name", nargs="?", default="", help="display name (default: account)")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
     sub.add_parser("users", help="list users (id, account, name)")
     tok = sub.add_parser("token", help="issue a login token for a user")
     tok.add_argument("account")
@@ -38,25 +54,47 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(args, config) -> int:
-    embedded = None
-    if config.redis:
-        url = config.redis
+def read_password(from_stdin: bool) -> str:
+    """The new user's password, from standard input or a prompt (never from argv)."""
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password (again): ") != password:
+            raise CtlError("the passwords differ")
     else:
-        embedded = EmbeddedRedis(config.data_dir)
+        raise CtlError("no terminal to ask for the password on: use --password-stdin")
+    if not password:
+        raise CtlError("empty password")
+    return password
+
+
+async def _run(args, config) -> int:
+    embedded = own_server = None
+    if config.redis:
+        address = parse_redis_url(config.redis)
+    else:
+        if not Path(config.data_dir).is_dir():
+            raise CtlError(f"no data directory {config.data_dir}: give the daemon's "
+                           "--data-dir (or --config), or --redis URL")
+        embedded = EmbeddedRedis(config.data_dir, wait=max(args.wait, config.redis_wait))
         # No daemon holds the data dir: run the server for the length of this command.
         own_server = embedded.try_lock()
         if own_server:
             await embedded.start()
-        url = embedded.url
-    factory = connect_pool(parse_redis_url(url), poolsize=1)
+        address = parse_redis_url(embedded.url)
     try:
-        redis = await factory.deferred
-        accounts = Accounts(RedisStore(redis), config.token_ttl)
-        return await _command(args, accounts)
+        if not own_server:
+            await wait_until_ready(address, args.wait, option="--wait")
+        factory = connect_pool(address, poolsize=1, wait=args.wait)
+        try:
+            redis = await factory.deferred.addTimeout(args.wait, reactor)
+            accounts = Accounts(RedisStore(redis), config.token_ttl)
+            return await _command(args, accounts)
+        finally:
+            await factory.disconnect()
     finally:
-        await factory.disconnect()
-        if embedded is not None and own_server:
+        if own_server:
             await embedded.stop()
 
 
@@ -95,19 +133,29 @@ def main(argv: list[str] | None = None) -> None:
         config = build_config(options)
         if config.redis:
             parse_redis_url(config.redis)
-    except (ConfigError, BadRedisURL) as e:
+        if args.wait <= 0:
+            raise CtlError("--wait must be positive")
+        if args.command == "adduser":
+            args.password = read_password(args.password_stdin)
+    except (ConfigError, BadRedisURL, CtlError) as e:
         sys.exit(f"imdctl: error: {e}")
+    except (KeyboardInterrupt, EOFError):
+        sys.exit(1)
 
-    async def run(reactor):
+    async def run(_reactor):
         try:
             code = await _run(args, config)
-        except EmbeddedRedisError as e:
+        except (CtlError, EmbeddedRedisError, RedisNotReady) as e:
             print(f"imdctl: error: {e}", file=sys.stderr)
+            code = 1
+        except (RedisUnavailable, defer.TimeoutError):
+            print(f"imdctl: error: Redis did not answer within {args.wait:g} s (--wait)",
+                  file=sys.stderr)
             code = 1
         if code:
             raise SystemExit(code)
 
-    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    task.react(lambda _reactor: defer.ensureDeferred(run(_reactor)))
 
 
 if __name__ == "__main__":

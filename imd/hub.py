@@ -27,6 +27,7 @@ from imd.model import (GROUP, KINDS, OFFLINE, ONLINE, PRESENCE, PROFILE, SHOW, S
                        UNICAST, Event, Message, group_conversation, one2one_gid)
 from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember, NotFriends,
                              RedisStore)
+from imd.unavailable import Unavailable
 
 log = Logger()
 MAX_EVENT_AVATAR = 2048  # a URL; longer avatars (inline pictures) stay out of presence events
@@ -91,8 +92,9 @@ class Hub:
 
     def _refresh(self) -> defer.Deferred:
         d = defer.ensureDeferred(self._beat())
-        return d.addErrback(lambda f: log.warn("node heartbeat failed: {e}",
-                                               e=f.getErrorMessage()))
+        # An outage is logged once by the store's connection layer, not at every beat.
+        return d.addErrback(lambda f: None if f.check(Unavailable) else log.warn(
+            "node heartbeat failed: {e}", e=f.getErrorMessage()))
 
     async def _beat(self) -> None:
         """Stay alive; announce the logouts of the users of nodes that died."""

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from twisted.application import service
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -36,10 +36,10 @@ from imd.protocols.webim.tickets import Tickets
 from imd.protocols.xuanxuan import http as xuanxuan_http
 from imd.protocols.xuanxuan.http import XuanxuanHttp
 from imd.protocols.xuanxuan.socket import XuanxuanService, socket_factory
-from imd.store.connection import BadRedisURL, RedisAddress, connect_pool, connect_subscriber
-from imd.store.connection import endpoint_for
-from imd.store.connection import parse_redis_url
-from imd.store.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
+from imd.store.connection import (BadRedisURL, RedisAddress, RedisNotReady, connect_pool,
+                                  connect_subscriber, parse_redis_url, wait_until_ready)
+from imd.store.embedded import (EmbeddedRedis, EmbeddedRedisError, find_redis_server,
+                                prepare_data_dir)
 from imd.store.redis import RedisStore
 from imd.web import ImdSite, build_root
 
@@ -57,30 +57,30 @@ def fail(message: str) -> None:
 
 async def open_store(config: Config, embedded: EmbeddedRedis | None
                      ) -> tuple[RedisAddress, object, RedisStore]:
-    """Connect to Redis (starting the embedded one first) and return the store."""
+    """Connect to Redis (starting the embedded one first) and return the store.
+
+    Waits up to ``--redis-wait`` seconds for Redis to answer (a server still loading its
+    data answers LOADING), then fails with one line.
+    """
     if embedded is not None:
         await embedded.start()
         address = parse_redis_url(embedded.url)
     else:
         address = parse_redis_url(config.redis)
-    advice = "check that it runs and that the URL and password are right"
-    try:
-        # One plain attempt first, for a clear reason; the pool itself retries forever.
-        probe = protocol.Factory.forProtocol(protocol.Protocol)
-        probe.noisy = False
-        (await endpoint_for(address).connect(probe)).transport.loseConnection()
-    except Exception as e:
-        raise StartupError(f"cannot connect to Redis at {address.display} ({e}): "
-                           f"{advice}") from None
-    factory = connect_pool(address, poolsize=1)
-    timeout = reactor.callLater(15, factory.deferred.cancel)
+        try:
+            await wait_until_ready(address, config.redis_wait)
+        except RedisNotReady as e:
+            raise StartupError(f"cannot connect to Redis: {e}") from None
+    factory = connect_pool(address, poolsize=1, wait=config.redis_timeout)
+    timeout = reactor.callLater(max(15, config.redis_timeout), factory.deferred.cancel)
     try:
         redis = await factory.deferred
     except Exception as e:
         factory.disconnect()
         reason = "timed out" if isinstance(e, defer.CancelledError) else str(e)
         raise StartupError(f"cannot use Redis at {address.display} ({reason}): "
-                           f"{advice}") from None
+                           "check that it runs and that the URL and password are right"
+                           ) from None
     finally:
         if timeout.active():
             timeout.cancel()
@@ -110,10 +110,10 @@ class ImdService(service.MultiService):
         try:
             if self.config.redis:
                 parse_redis_url(self.config.redis)
-                self.data_dir.mkdir(parents=True, exist_ok=True)
+                prepare_data_dir(self.config.data_dir)
             else:
                 find_redis_server()
-                self.embedded = EmbeddedRedis(self.config.data_dir)
+                self.embedded = EmbeddedRedis(self.config.data_dir, self.config.redis_wait)
                 self.embedded.lock()
         except (BadRedisURL, EmbeddedRedisError) as e:
             fail(str(e))
@@ -147,8 +147,10 @@ class ImdService(service.MultiService):
             if not subscribed.called:
                 subscribed.callback(None)
             else:
-                defer.ensureDeferred(hub.resync()).addErrback(
-                    lambda f: log.failure("resync after reconnect failed", f))
+                # The pool may still be waiting for a restarted Redis to load its data.
+                d = factory.when_up(None)
+                d.addCallback(lambda _: defer.ensureDeferred(hub.resync()))
+                d.addErrback(lambda f: log.failure("resync after reconnect failed", f))
 
         self._factories.append(connect_subscriber(
             address, [store.channel(hub.node), store.presence_channel()],

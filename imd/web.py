@@ -18,6 +18,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from imd.unavailable import Unavailable
+
 log = Logger()
 
 # twisted.web parses every request's Content-Type with the email package (about a fifth of
@@ -189,6 +191,11 @@ class AsyncJSONResource(resource.Resource):
                 write_json(request, obj, status)
 
         def failed(failure):
+            if failure.check(Unavailable):  # the outage itself is logged once, elsewhere
+                if not gone:
+                    write_json(request, {"code": 503, "message": "service unavailable, try "
+                                                                "again"}, 503)
+                return
             log.failure("error handling {uri}", failure, uri=request.uri)
             if not gone:
                 write_json(request, {"code": 500, "message": "internal error"}, 500)

@@ -1,19 +1,24 @@
 """The daemon as an operator sees it: start-up, options, config file, errors, clean stop,
-persistence across a restart, and the imdctl admin command."""
+persistence across a restart and on a large data set, a private data directory, and a Redis
+outage under a running daemon (imdctl: tests/test_ctl.py)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, reactor, task
 
+from imd.store.embedded import find_redis_server
 from tests.conftest import CLEAN_EXIT, REPO, unique
 from tests.test_boss import logged_in
+from tests.test_cluster import free_port
 from tests.wire import ws_connect
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -57,7 +62,7 @@ def test_help_documents_every_option():
 
 @pytest.mark.parametrize("args,expected", [
     (["--redis", "http://example.invalid"], "unsupported Redis URL scheme"),
-    (["--redis", "redis://127.0.0.1:1"], "cannot connect to Redis"),
+    (["--redis", "redis://127.0.0.1:1", "--redis-wait", "1"], "cannot connect to Redis"),
     (["--boss-auth", "maybe"], "--boss-auth must be"),
     (["--max-frame", "-1"], "--max-frame must be positive"),
     (["--heartbeat", "soon"], "not a valid value"),
@@ -135,42 +140,6 @@ async def test_offline_messages_survive_a_restart(fresh_daemon, tmp_path):
     await d.close_store()
 
 
-@pytest_twisted.ensureDeferred
-async def test_imdctl_against_the_running_daemon(fresh_daemon):
-    d = fresh_daemon().start()
-    imdctl = [sys.executable, "-c", "from imd.ctl import main; main()",
-              "--data-dir", str(d.data_dir)]
-    account = unique("ctl")
-    added = run([*imdctl, "adduser", account, "pw", "Ctl User"])
-    assert added.returncode == 0, added.stderr
-    uid = int(added.stdout.split()[0])
-    again = run([*imdctl, "adduser", account, "pw2"])
-    assert again.returncode == 1 and "already exists" in again.stderr
-    listed = run([*imdctl, "users"]).stdout
-    assert f"{uid}\t{account}\tCtl User" in listed
-    issued = run([*imdctl, "token", account])
-    assert issued.returncode == 0
-    tuid, token = issued.stdout.split()
-    assert int(tuid) == uid
-    assert run([*imdctl, "token", "nobody-" + account]).returncode == 1
-    assert run([*imdctl, "admin", account]).stdout.split() == [str(uid), "super"]
-    store = await d.store()
-    assert (await store.user_fields(uid, "admin"))["admin"] == "super"
-    c = await ws_connect(d.web)
-    c.send(f"login_{uid}_{token}")
-    assert await c.next() == "ok"
-
-
-def test_imdctl_without_a_daemon_uses_the_embedded_store(tmp_path):
-    imdctl = [sys.executable, "-c", "from imd.ctl import main; main()",
-              "--data-dir", str(tmp_path / "data")]
-    assert run([*imdctl, "adduser", "solo", "pw"]).returncode == 0
-    assert "solo" in run([*imdctl, "users"]).stdout
-    pid = int((tmp_path / "data" / "redis.pid").read_text()) if (
-        tmp_path / "data" / "redis.pid").exists() else None
-    assert pid is None or not alive(pid)  # the server it started is gone again
-
-
 def test_embedded_redis_that_cannot_start_is_one_clear_line(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -182,3 +151,180 @@ def test_embedded_redis_that_cannot_start_is_one_clear_line(tmp_path):
     errors = [line for line in output.splitlines() if "imd: error:" in line]
     assert len(errors) == 1 and "embedded redis-server exited at start" in errors[0], output
     assert "Traceback" not in output
+
+
+def write_aof(path, keys: int) -> None:
+    """An append-only file of ``keys`` 100-byte strings (~140 bytes each), written directly:
+    enough data that a redis-server takes a measurable time to load it."""
+    value = b"v" * 100
+    with open(path, "wb") as f:
+        f.write(b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n")
+        for start in range(0, keys, 10000):
+            f.write(b"".join(b"*3\r\n$3\r\nSET\r\n$14\r\nbulk:%09d\r\n$100\r\n%s\r\n"
+                             % (i, value) for i in range(start, min(start + 10000, keys))))
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarts_on_a_large_data_set(fresh_daemon, tmp_path):
+    """SIGKILL of imd, SIGKILL of imd and its redis-server, SIGTERM: after each the next
+    start waits for Redis to load (it answers LOADING meanwhile) and comes up first time."""
+    data = tmp_path / "big"
+    data.mkdir()
+    write_aof(data / "appendonly.aof", 800_000)
+    d = fresh_daemon(data_dir=data).start()
+    assert "is loading its data (" in d.log(), d.log()
+    a, ta, ca = await logged_in(d)
+    b, tb = await d.user(unique())
+    ca.send(f"text_{b}_kept across restarts_unicast_x")
+    ca.send(f"records_{a}_0")  # answered once the send is stored
+    await ca.next()
+    await d.close_store()
+
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL  # its redis-server lives on
+    d.start()
+    assert "left behind by an earlier imd" in d.log() and "is loading its data" in d.log()
+
+    redis_pid = int((d.data_dir / "redis.pid").read_text())
+    os.kill(redis_pid, signal.SIGKILL)
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    d.start()
+    assert "is loading its data" in d.log()
+
+    assert d.stop() in CLEAN_EXIT
+    d.start()
+    assert "is loading its data" in d.log()
+    assert "imd: error" not in d.log()
+    cb = await ws_connect(d.web)
+    cb.send(f"login_{b}_{tb}")
+    assert await cb.next() == "ok"
+    assert (await cb.next()).startswith(f"text_{a}_kept across restarts_unicast_{a}_")
+    await cb.nothing()
+
+
+def test_data_directory_is_private(fresh_daemon, tmp_path):
+    data = tmp_path / "old"  # as an older imd left it: world-readable
+    data.mkdir(mode=0o755)
+    (data / "notes").write_text("x")
+    (data / "notes").chmod(0o644)
+    d = fresh_daemon(data_dir=data).start()
+    assert data.stat().st_mode & 0o777 == 0o700
+    # Made private at start, or created private by the server (umask 077).
+    for name in ("notes", "appendonly.aof", "redis.pid", "redis.sock", "imd.lock"):
+        assert (data / name).stat().st_mode & 0o777 == 0o600, name
+    assert d.stop() in CLEAN_EXIT
+    fresh = tmp_path / "new" / "data"
+    assert run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(fresh), "--web",
+                "tcp:notaport"]).returncode == 1
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+class ExternalRedis:
+    """A redis-server of our own on 127.0.0.1 (the binary imd embeds) that keeps its port
+    and data across a stop and a start (test_cluster's start_redis makes a new one)."""
+
+    def __init__(self, directory):
+        self.port = free_port()
+        self.dir = directory
+        self.dir.mkdir()
+        self.binary = find_redis_server()
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, wait: bool = True) -> "ExternalRedis":
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", str(self.dir), "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait:
+            return self
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def external_redis(tmp_path):
+    redis = ExternalRedis(tmp_path / "redis").start()
+    yield redis
+    redis.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_outage_refuses_logins_quickly_and_keeps_sends(fresh_daemon,
+                                                                   external_redis):
+    from tests.test_minami import connect as minami_connect
+    from tests.test_xuanxuan import XX, md5
+    from tests.wire import line_connect, post_form
+
+    d = fresh_daemon("--redis", external_redis.url, "--redis-timeout", "2").start()
+    a, ta, ca = await logged_in(d)
+    account = unique("outage")
+    b, tb = await d.user(account, password="pw")
+    await d.close_store()
+
+    external_redis.stop()
+    ca.send(f"text_{b}_sent during the outage_unicast_x")
+    started = time.monotonic()
+    cb = await ws_connect(d.web)
+
+    async def boss_login():
+        cb.send(f"login_{b}_{tb}")
+        return await cb.next(timeout=8)
+
+    async def http_login():
+        return (await post_form(d.web, "/login", account=account, password="pw")).status
+
+    async def xuanxuan_login():
+        x = XX(await line_connect(d.xuanxuan))
+        x.send("chat", "login", [account, md5("pw"), "online"])
+        return (await x.next(timeout=8))["result"]
+
+    async def minami_login():
+        return (await minami_connect(d, account))[1]["code"]
+
+    # Every protocol's login answers with its own error within --redis-timeout, not never.
+    boss, status, xuanxuan, minami = await defer.gatherResults([
+        defer.ensureDeferred(login()) for login in (boss_login, http_login,
+                                                     xuanxuan_login, minami_login)])
+    assert boss.startswith("error_login_") and status == 503
+    assert xuanxuan == "fail" and minami == 500
+    assert time.monotonic() - started < 8
+
+    external_redis.start()
+    deadline = time.monotonic() + 15
+    while "is back" not in d.log() and time.monotonic() < deadline:
+        await task.deferLater(reactor, 0.1, lambda: None)
+    cb.send(f"login_{b}_{tb}")
+    assert await cb.next() == "ok"
+    assert (await cb.next()).startswith(f"text_{a}_sent during the outage_unicast_{a}_")
+    ca.send(f"text_{b}_after it_unicast_x")
+    assert (await cb.next()).startswith(f"text_{a}_after it_unicast_{a}_")
+    log = d.log()
+    assert log.count("is down") == 1 and log.count("is back") == 1, log
+    await d.close_store()
+    assert d.stop() in CLEAN_EXIT  # while its Redis runs
+
+
+def test_waits_for_an_external_redis_that_is_starting_and_loading(fresh_daemon, tmp_path):
+    redis = ExternalRedis(tmp_path / "redis")
+    write_aof(redis.dir / "appendonly.aof", 500_000)
+    try:
+        redis.start(wait=False)  # imd finds it refusing connections, then LOADING
+        d = fresh_daemon("--redis", redis.url).start()
+        assert "is loading its data (" in d.log(), d.log()
+        assert d.stop() in CLEAN_EXIT
+    finally:
+        redis.stop()

@@ -4,6 +4,10 @@ Used when no ``--redis`` URL is given.  The server binary comes from the ``redis
 package, or from PATH.  Persistence is append-only, so everything survives a restart.  A lock
 file keeps two imd processes from sharing (and killing) one embedded server; a server left
 behind by an imd that was killed is stopped before a new one starts.
+
+The data directory is private: created (or put back to) mode 0700, its files 0600, and the
+server runs with umask 077 so that what it writes later (the append-only file, its rewrites,
+the socket) is private too.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import signal
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
+
+from imd.store.connection import RedisNotReady, parse_redis_url, wait_until_ready
 
 log = Logger()
 
@@ -43,9 +48,11 @@ def find_redis_server() -> str:
 
 
 def prepare_data_dir(data_dir: str) -> Path:
+    """Create the data directory (0700) or make an existing one private again."""
     path = Path(data_dir).resolve()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_private(path)
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
@@ -59,6 +66,19 @@ def prepare_data_dir(data_dir: str) -> Path:
             f"data directory path {path} is too long for a unix socket: choose a shorter "
             "--data-dir")
     return path
+
+
+def _make_private(path: Path) -> None:
+    """Directories 0700, everything else 0600, under ``path`` (an older imd made them
+    world-readable)."""
+    path.chmod(0o700)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+        for name in files:
+            full = os.path.join(root, name)
+            if not os.path.islink(full):
+                os.chmod(full, 0o600)
 
 
 class _ServerProcess(protocol.ProcessProtocol):
@@ -79,8 +99,9 @@ class _ServerProcess(protocol.ProcessProtocol):
 class EmbeddedRedis:
     """Starts and stops one redis-server child process."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, wait: float = 300.0):
         self.dir = prepare_data_dir(data_dir)
+        self.wait = wait
         self.socket = str(self.dir / "redis.sock")
         self.pidfile = self.dir / "redis.pid"
         self._proc: _ServerProcess | None = None
@@ -110,66 +131,53 @@ class EmbeddedRedis:
                 f"another imd is already using the data directory {self.dir}: stop it, or "
                 "give this one its own --data-dir (or a shared --redis URL)")
 
-    def _stop_leftover(self) -> None:
-        """Stop a redis-server that a killed imd left running on our socket."""
+    def _stop_leftover(self) -> int | None:
+        """SIGTERM a redis-server that a killed imd left running on our socket; its pid."""
         try:
             pid = int(self.pidfile.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
-            return
+            return None
         if b"redis-server" in cmdline and self.socket.encode() in cmdline:
             log.warn("stopping a redis-server (pid {pid}) left behind by an earlier imd",
                      pid=pid)
             os.kill(pid, signal.SIGTERM)
+            return pid
+        return None
 
     async def start(self) -> None:
         self.lock()
-        self._stop_leftover()
-        await self._wait_gone()
+        leftover = self._stop_leftover()
+        if leftover is not None:
+            await _wait_gone(leftover)
         binary = find_redis_server()
-        args = [binary, "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700",
+        args = [binary, "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "600",
                 "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
                 "--save", "", "--daemonize", "no", "--pidfile", str(self.pidfile),
                 "--logfile", "", "--loglevel", "warning"]
         self._proc = _ServerProcess()
-        self._transport = reactor.spawnProcess(self._proc, binary, args, env=os.environ.copy(),
-                                               path=str(self.dir))
+        # The child inherits the umask at fork: everything it creates is 0600.
+        umask = os.umask(0o077)
+        try:
+            self._transport = reactor.spawnProcess(self._proc, binary, args,
+                                                   env=os.environ.copy(), path=str(self.dir))
+        finally:
+            os.umask(umask)
         log.info("started embedded redis-server (pid {pid}) on {socket}",
                  pid=self._transport.pid, socket=self.socket)
-        await self._wait_ready()
-
-    async def _wait_gone(self) -> None:
-        for _ in range(100):
-            if not os.path.exists(self.socket) or not await self._can_connect():
-                return
-            await task.deferLater(reactor, 0.05, lambda: None)
-
-    async def _can_connect(self) -> bool:
         try:
-            factory = protocol.Factory.forProtocol(protocol.Protocol)
-            factory.noisy = False
-            p = await UNIXClientEndpoint(reactor, self.socket, timeout=1).connect(factory)
-        except Exception:
-            return False
-        p.transport.loseConnection()
-        return True
+            await wait_until_ready(parse_redis_url(self.url), self.wait, self._check_running)
+        except RedisNotReady as e:
+            await self.stop()
+            raise EmbeddedRedisError(f"the embedded redis-server did not start: {e}") from None
 
-    async def _wait_ready(self, timeout: float = 20.0) -> None:
-        delay, waited = 0.02, 0.0
-        while waited < timeout:
-            if self._proc.ended.called:
-                output = b"".join(self._proc.output).decode(errors="replace").strip()
-                last = output.splitlines()[-1] if output else "no output"
-                raise EmbeddedRedisError(
-                    f"the embedded redis-server exited at start ({last}): check the data "
-                    f"directory {self.dir}, or use --redis with a running Redis")
-            if os.path.exists(self.socket) and await self._can_connect():
-                return
-            await task.deferLater(reactor, delay, lambda: None)
-            waited += delay
-            delay = min(delay * 1.5, 0.5)
-        raise EmbeddedRedisError(
-            f"the embedded redis-server did not open {self.socket} within {timeout:.0f} s")
+    def _check_running(self) -> None:
+        if self._proc.ended.called:
+            output = b"".join(self._proc.output).decode(errors="replace").strip()
+            last = output.splitlines()[-1] if output else "no output"
+            raise EmbeddedRedisError(
+                f"the embedded redis-server exited at start ({last}): check the data "
+                f"directory {self.dir}, or use --redis with a running Redis")
 
     async def stop(self) -> None:
         """SIGTERM the server (it flushes the append-only file) and wait for it to exit."""
@@ -190,3 +198,23 @@ class EmbeddedRedis:
         if self._proc is not None and not self._proc.ended.called:
             log.warn("embedded redis-server did not stop in 10 s; killing it")
             self._transport.signalProcess("KILL")
+
+
+async def _wait_gone(pid: int, timeout: float = 30.0) -> None:
+    """Wait for a process to exit (a server flushing a large file takes a while); SIGKILL it
+    past ``timeout``: two servers must never write one append-only file."""
+    waited = 0.0
+    while waited < timeout:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rpartition(")")[2].split()[0] == "Z":  # exited, not yet reaped
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+    log.warn("the left-over redis-server (pid {pid}) did not stop; killing it", pid=pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass

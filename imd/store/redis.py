@@ -118,6 +118,11 @@ class Script:
         return d.addErrback(reload)
 
 
+async def _load_scripts(redis) -> None:
+    for script in Script.all:
+        await redis.execute_command("SCRIPT", "LOAD", script.source)
+
+
 _CREATE_USER = Script("""
 local p = ARGV[1]
 if redis.call('EXISTS', p..'acct:'..ARGV[2]) == 1 then return 0 end
@@ -418,9 +423,10 @@ class RedisStore:
         self.p = prefix
 
     async def prepare(self) -> None:
-        """Load the Lua scripts (once per Redis server start)."""
-        for script in Script.all:
-            await self.redis.execute_command("SCRIPT", "LOAD", script.source)
+        """Load the Lua scripts, now and on every reconnection (Redis may have restarted
+        and lost them) before the connection is used."""
+        await _load_scripts(self.redis)
+        self.redis.before_use(_load_scripts)
 
     # -- users -------------------------------------------------------------------------
 
@@ -708,7 +714,8 @@ class RedisStore:
         batch = good
         if not batch:
             return
-        _POST(self.redis, [], args).addCallbacks(
+        # A send waits out a Redis outage (the patient handle) rather than fail.
+        _POST(self.redis.patient, [], args).addCallbacks(
             self._posted, self._post_failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     @staticmethod
@@ -817,6 +824,4 @@ class RedisStore:
 
     async def _pipeline(self, commands: list[tuple]) -> list:
         """Run several commands in one round trip (pipelined on one connection)."""
-        conn = await self.redis._factory.getConnection(peek=True)
-        ds = [conn.execute_command(*c) for c in commands]
-        return list(await defer.gatherResults(ds, consumeErrors=True))
+        return await self.redis.pipeline(commands)

@@ -26,6 +26,7 @@ from imd.model import Message
 from imd.protocols.boss import signals
 from imd.protocols.boss.proofs import Proofs
 from imd.protocols.boss.signals import SignalError
+from imd.unavailable import log_failure
 
 log = Logger()
 
@@ -181,7 +182,7 @@ class BossConnection:
         await self.service.hub.login(self)
 
     def _login_failed(self, failure) -> None:
-        log.failure("login failed", failure)
+        log_failure(log, "login failed", failure)
         if self.user_id is not None:
             self.service.proofs.unbound(self.host)
         self.user_id = None
@@ -212,7 +213,7 @@ class BossConnection:
         if self.user_id is not None:
             self.service.proofs.unbound(self.host)
             d = defer.ensureDeferred(self.service.hub.logout(self))
-            d.addErrback(lambda f: log.failure("logout failed", f))
+            d.addErrback(lambda f: log_failure(log, "logout failed", f))
             self.user_id = None
 
     def _send(self, text: str) -> None:
@@ -228,7 +229,7 @@ class BossConnection:
         elif failure.check(HubError, GroupError):
             self.write(signals.error(command, str(failure.value)))
         else:
-            log.failure("send failed", failure)
+            log_failure(log, "send failed", failure)
             self.write(signals.error(command, "server error, message not sent"))
 
     def _query(self, handler, command: str, rest: str) -> None:

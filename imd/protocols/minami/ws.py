@@ -28,6 +28,7 @@ from imd.hub import Hub, HubError
 from imd.model import GROUP, OFFLINE, PRESENCE, TEXT, UNICAST, Event, Message
 from imd.passwords import md5hex
 from imd.protocols.flow import pending_bytes, tune_socket
+from imd.unavailable import log_failure
 from imd.protocols.minami.codes import encode, reply
 from imd.protocols.minami.http import parse_id, profile_json
 
@@ -104,7 +105,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
             self._queue_frame(frame)
 
     def _login_failed(self, failure) -> None:
-        log.failure("minami login failed", failure)
+        log_failure(log, "minami login failed", failure)
         self._send(reply(500))
         self.sendClose(1000)
 
@@ -216,10 +217,10 @@ class MinamiWebSocket(WebSocketServerProtocol):
         service.connections.discard(self)
         if getattr(self, "token", None):
             defer.ensureDeferred(service.accounts.revoke(self.token)).addErrback(
-                lambda f: log.failure("token revoke failed", f))
+                lambda f: log_failure(log, "token revoke failed", f))
         if self.user_id is not None:
             defer.ensureDeferred(service.hub.logout(self)).addErrback(
-                lambda f: log.failure("minami logout failed", f))
+                lambda f: log_failure(log, "minami logout failed", f))
             self.user_id = None
 
 

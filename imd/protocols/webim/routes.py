@@ -19,6 +19,7 @@ from twisted.web import resource, server, static
 
 from imd.protocols.webim.actions import ActionError, Download, WebimActions
 from imd.protocols.webim.tickets import Tickets
+from imd.unavailable import Unavailable
 from imd.web import arg
 
 log = Logger()
@@ -81,6 +82,9 @@ class ActionResource(resource.Resource):
             if failure.check(ActionError):
                 status = 404 if str(failure.value) == "Unknown action" else 200
                 reply(request, {"success": False, "error_msg": str(failure.value)}, status)
+            elif failure.check(Unavailable):
+                reply(request, {"success": False, "error_msg": "service unavailable, try again"},
+                      503)
             else:
                 log.failure("webim action {name} failed", failure, name=name)
                 reply(request, {"success": False, "error_msg": "internal error"}, 500)

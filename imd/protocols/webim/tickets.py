@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from imd.hub import Hub
 from imd.model import OFFLINE, ONLINE, PRESENCE, SHOW, Event, Message
+from imd.unavailable import log_failure
 
 log = Logger()
 
@@ -209,7 +210,7 @@ class Tickets:
     @staticmethod
     def _finish(coroutine) -> None:
         defer.ensureDeferred(coroutine).addErrback(
-            lambda f: log.failure("webim ticket logout failed", f))
+            lambda f: log_failure(log, "webim ticket logout failed", f))
 
     def close_all(self) -> None:
         for ticket in list(self.by_id.values()):

@@ -25,6 +25,7 @@ from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, 
                        SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
                        one2one_gid)
 from imd.protocols.flow import pending_bytes, tune_socket
+from imd.unavailable import log_failure
 
 log = Logger()
 SHOW_OF_STATUS = {"online": "available", "away": "away", "busy": "busy"}
@@ -198,7 +199,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._write(list(packets))
 
     def _failed(self, failure, request):
-        log.failure("xuanxuan request failed", failure)
+        log_failure(log, "xuanxuan request failed", failure)
         self._reply(request, "fail", "server error")
 
     # -- requests --------------------------------------------------------------------------
@@ -360,10 +361,10 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self.service.connections.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
-                lambda f: log.failure("revoke failed", f))
+                lambda f: log_failure(log, "revoke failed", f))
         if self.user_id is not None:
             defer.ensureDeferred(self.service.hub.logout(self)).addErrback(
-                lambda f: log.failure("xuanxuan logout failed", f))
+                lambda f: log_failure(log, "xuanxuan logout failed", f))
             self.user_id = None
 
     # -- methods ---------------------------------------------------------------------------
