@@ -593,8 +593,12 @@ async def test_the_cookie_alone_does_not_change_state_cross_site(daemon):
             assert reply["success"] is False, (action, how, reply)
     assert (await store.user_fields(uid, "webim_setting"))["webim_setting"] == '{"a": 1}'
     assert (await store.user_fields(uid, "show"))["show"] != "dnd"
-    # reads work with the cookie alone
+    # reads work with the cookie alone, but JSONP only for a page of this origin
     assert await browser_call(daemon, "notifications", cookie, method="GET") == []
+    url = f"http://127.0.0.1:{daemon.web}/webim/notifications?callback=cb"
+    for site, ok in (("same-origin", True), ("same-site", False), ("cross-site", False)):
+        r = await http("GET", url, headers={"Cookie": cookie, "Sec-Fetch-Site": site})
+        assert (parse(r) == []) is ok, (site, r.body)
     # the page of this origin: POST with its Origin, then the ticket
     reply = await browser_call(daemon, "online", cookie, show="dnd")
     assert reply["success"] is True and reply["user"]["show"] == "dnd"

@@ -19,7 +19,8 @@ from imd.groups import GroupError, Groups
 from imd.hub import Hub, HubError
 from imd.model import (GROUP, TEXT, UNICAST, Event, Group, Message, User, group_conversation,
                        one2one_gid)
-from imd.protocols.webim.auth import caller, clear_cookie, same_origin_post, set_cookie
+from imd.protocols.webim.auth import (caller, clear_cookie, foreign_script, same_origin_post,
+                                     set_cookie)
 from imd.protocols.webim.tickets import Ticket, Tickets
 from imd.web import arg, public_base
 
@@ -112,9 +113,11 @@ class WebimActions:
             raise ActionError("Not Authorized")
         else:
             uid = credential.uid
-            if (credential.ambient and name in CHANGES_STATE
-                    and not same_origin_post(request, self.public_url)):
-                raise ActionError("Not Authorized: send the ticket, or POST from this site")
+            if credential.ambient:
+                if name in CHANGES_STATE and not same_origin_post(request, self.public_url):
+                    raise ActionError("Not Authorized: send the ticket, or POST from this site")
+                if arg(request, "callback") is not None and foreign_script(request):
+                    raise ActionError("Not Authorized: no JSONP for another site's page")
         if name in self.needs_ticket:
             if ticket is None:
                 raise ActionError("Not Authorized: unknown ticket")

@@ -12,7 +12,8 @@ Credentials, in the order they are looked at:
 The first two are secrets the caller had to be given, so they authorize any action.  The
 cookie is ambient: the browser attaches it whatever page made the request.  A request that
 carries nothing but the cookie may read, but may change state only as a POST whose ``Origin``
-is this daemon's own (``same_origin_post``).  The tab's ticket (issued by ``online``) is the
+is this daemon's own (``same_origin_post``), and gets no JSONP reply when the browser says
+another page made it (``foreign_script``: JSONP is readable by any page that includes it).  The tab's ticket (issued by ``online``) is the
 other credential; the actions check it against the caller (see ``actions.WebimActions.run``).
 """
 
@@ -90,6 +91,12 @@ def same_origin_post(request: server.Request, public_url: str) -> bool:
         scheme, _, rest = public_url.partition("://")
         own.add(f"{scheme}://{rest.split('/', 1)[0]}")
     return origin in own
+
+
+def foreign_script(request: server.Request) -> bool:
+    """A request the browser marks as made by a page of another origin (``Sec-Fetch-Site``;
+    browsers that do not send it are not told apart)."""
+    return request.getHeader(b"sec-fetch-site") in (b"same-site", b"cross-site")
 
 
 def set_cookie(request: server.Request, token: str, ttl: int) -> None:
