@@ -13,8 +13,9 @@ The first two are secrets the caller had to be given, so they authorize any acti
 cookie is ambient: the browser attaches it whatever page made the request.  A request that
 carries nothing but the cookie may read, but may change state only as a POST whose ``Origin``
 is this daemon's own (``same_origin_post``), and gets no JSONP reply when the browser says
-another page made it (``foreign_script``: JSONP is readable by any page that includes it).  The tab's ticket (issued by ``online``) is the
-other credential; the actions check it against the caller (see ``actions.WebimActions.run``).
+another site's page made it (``foreign_script``: any page that includes JSONP can read it).
+The tab's ticket (issued by ``online``) is the other credential; the actions check it against
+the caller (see ``actions.WebimActions.run``).
 """
 
 from __future__ import annotations
