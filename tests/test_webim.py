@@ -535,12 +535,21 @@ async def test_blocking_a_room_is_not_leaving_it(daemon):
     assert reply.online_reply["new_messages"] == []
     # unblock: join answers the roomInfo the client expects, and delivery resumes
     joined = await b.call("join", id=gid)
-    assert joined["id"] == gid and joined["all_count"] == 3 and joined["blocked"] is False
+    assert joined["id"] == gid and joined["all_count"] == 3
     assert {"nick", "name", "pic_url", "count", "members"} <= set(joined)
+    assert "blocked" not in joined  # the client keeps its own flag (it joins to peek too)
     assert await a.call("message", type="multicast", to=gid, body="after unblock") == "ok"
     for t in (b, b2):
         await t.poll_until("messages", lambda m: m["body"] == "after unblock")
     assert (await another_tab(b)).online_reply["rooms"][0]["blocked"] is False
+    # the client's own setting lists the blocked rooms too, as the original's online read it
+    assert await b.call("setting", data=json.dumps({"blocked_rooms": [gid]})) == "ok"
+    b3 = await another_tab(b)
+    assert b3.online_reply["rooms"][0]["blocked"] is True
+    assert await a.call("message", type="multicast", to=gid, body="blocked by setting") == "ok"
+    assert await a.call("message", to=str(b.uid), body="marker 2") == "ok"
+    (m,) = await b3.poll_until("messages", lambda m: True)
+    assert m["body"] == "marker 2"
     boss.close()
 
 

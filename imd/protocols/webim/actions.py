@@ -58,6 +58,17 @@ def blocked_rooms(fields: dict) -> frozenset[int]:
     return frozenset(i for i in ids if isinstance(i, int))
 
 
+def setting_blocked(setting) -> frozenset[int]:
+    """The ``blocked_rooms`` the client keeps in its own setting (the original's ``online``
+    marked those rooms blocked)."""
+    ids = setting.get("blocked_rooms") if isinstance(setting, dict) else None
+    if not isinstance(ids, list):
+        return frozenset()
+    return frozenset(int(i) for i in ids
+                     if isinstance(i, (int, str)) and str(i).isascii() and str(i).isdigit()
+                     and len(str(i)) <= 18)
+
+
 def one_id(request: server.Request, *names: str) -> int:
     ids = ids_param(request, *names)
     if not ids:
@@ -160,15 +171,17 @@ class WebimActions:
                 "presence": "online" if online else "offline",
                 "show": (fields.get("show") or "available") if online else "unavailable"}
 
-    async def _room_json(self, group: Group, blocked: bool = False) -> dict:
+    async def _room_json(self, group: Group, blocked: bool | None = False) -> dict:
+        """roomInfo; without ``blocked`` when it is None (the client keeps its own flag)."""
         online_set = await self.hub.online_among(group.members)
         online = [u for u in group.members if u in online_set]
         users = await self.store.get_users(online)
         return {"id": str(group.id), "name": group.name, "nick": group.name,
                 "pic_url": group.snap, "default_pic_url": "", "url": "",
-                "all_count": len(group.members), "count": len(online), "blocked": blocked,
+                "all_count": len(group.members), "count": len(online),
                 "members": [{"id": str(u), "nick": users[u].name if u in users else str(u)}
-                            for u in online]}
+                            for u in online],
+                **({} if blocked is None else {"blocked": blocked})}
 
     def _conversation(self, uid: int, peer: int, kind: str | None) -> str:
         if kind == "multicast":
@@ -223,7 +236,11 @@ class WebimActions:
             await self.store.set_user_fields(uid, show=show)
         fields = await self.store.user_fields(uid, "show", "status", "webim_setting",
                                               "webim_blocked")
-        blocked = blocked_rooms(fields)
+        try:
+            setting = json.loads(fields.get("webim_setting") or "{}")
+        except ValueError:
+            setting = {}
+        blocked = blocked_rooms(fields) | setting_blocked(setting)
         self.tickets.set_blocked(uid, blocked)
         ticket, unseen = await self.tickets.open(uid)
         # A blocked room's messages are not news; they are in its history.
@@ -257,10 +274,6 @@ class WebimActions:
             rooms.append(info)
         users = await self._nicks(m.sender for m in unseen)
         base = public_base(request, self.public_url)
-        try:
-            setting = json.loads(fields.get("webim_setting") or "{}")
-        except ValueError:
-            setting = {}
         return {
             "success": True, "server_time": int(time.time() * 1000),
             "user": {**self._user_json(user, fields), "presence": "online"},
@@ -347,7 +360,9 @@ class WebimActions:
         await self._block(uid, gid, False)
         others = [m for m in group.members if m != uid]
         await self.hub.notify(others, Event("join", {"user": uid, "room": gid}))
-        return await self._room_json(group)
+        # No "blocked" here: the client also joins a blocked room while its window is open
+        # (and leaves it again on close), and must keep its own flag meanwhile.
+        return await self._room_json(group, blocked=None)
 
     async def leave(self, request, uid: int, ticket: Ticket):
         """Block a room: the client calls ``leave`` when its user blocks a room (or closes a
@@ -367,14 +382,16 @@ class WebimActions:
         return "ok"
 
     async def _block(self, uid: int, gid: int, block: bool) -> None:
-        fields = await self.store.user_fields(uid, "webim_blocked")
-        blocked = blocked_rooms(fields)
-        if (gid in blocked) == block:
-            self.tickets.set_blocked(uid, blocked)
-            return
-        blocked = blocked | {gid} if block else blocked - {gid}
-        await self.store.set_user_fields(uid, webim_blocked=json.dumps(sorted(blocked)))
-        self.tickets.set_blocked(uid, blocked)
+        """Record a block or unblock and apply it to the user's tickets on this node (whose
+        set also holds the rooms the client's setting lists as blocked)."""
+        stored = blocked_rooms(await self.store.user_fields(uid, "webim_blocked"))
+        live = self.tickets.blocked.get(uid, frozenset()) | stored
+        if block:
+            stored, live = stored | {gid}, live | {gid}
+        else:
+            stored, live = stored - {gid}, live - {gid}
+        await self.store.set_user_fields(uid, webim_blocked=json.dumps(sorted(stored)))
+        self.tickets.set_blocked(uid, live)
 
     async def buddies(self, request, uid: int):
         friends = await self.store.friends(uid)
