@@ -89,6 +89,29 @@ async def befriend(daemon, a: Webim, b: Webim):
     await store.befriend(a.uid, b.uid, "B", "A")
 
 
+async def cookie_login(daemon, name: str = "") -> tuple[int, str]:
+    """A user logged in with our login form: (id, the ``Cookie`` header value)."""
+    account = unique("cookie")
+    uid, _ = await daemon.user(account, password="pw", name=name)
+    r = await post_form(daemon.web, "/webim/login", account=account, password="pw")
+    assert parse(r)["success"] is True
+    return uid, r.header("set-cookie").split(";")[0]
+
+
+async def browser_call(daemon, action: str, cookie: str | None = None, method: str = "POST",
+                       origin: str | None = "own", **params):
+    """An action as a browser sends it: the cookie, and on a POST the page's Origin
+    (``own``: this daemon's)."""
+    url = f"http://127.0.0.1:{daemon.web}/webim/{action}"
+    headers = {"Cookie": cookie} if cookie else {}
+    if method == "GET":
+        return parse(await http("GET", f"{url}?{urlencode(params)}", headers=headers))
+    if origin:
+        headers["Origin"] = f"http://127.0.0.1:{daemon.web}" if origin == "own" else origin
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    return parse(await http("POST", url, urlencode(params).encode(), headers))
+
+
 @pytest.mark.parametrize("form", ["path", "im.php"])
 @pytest_twisted.ensureDeferred
 async def test_online_shape_in_both_url_forms(daemon, form):
@@ -144,9 +167,8 @@ async def test_auth(daemon, fresh_daemon):
     cookie = r.header("set-cookie")
     assert "HttpOnly" in cookie and "SameSite=lax" in cookie.replace("Lax", "lax")
     value = cookie.split(";")[0]
-    r = await http("GET", f"http://127.0.0.1:{daemon.web}/webim/online",
-                   headers={"Cookie": value})
-    assert parse(r)["user"]["id"] == str(uid)
+    reply = await browser_call(daemon, "online", value)
+    assert reply["user"]["id"] == str(uid)
     bad = await post_form(daemon.web, "/webim/login", account=account, password="nope")
     assert parse(bad)["success"] is False and bad.header("set-cookie") is None
 
@@ -260,6 +282,7 @@ async def test_online_lists_buddies_with_history_and_new_messages(daemon):
     stranger = await tab(daemon)
     for i in range(35):
         assert await b.call("message", to=str(a.uid), body=f"m{i}") == "ok"
+    await a.poll_until("messages", lambda m: m["body"] == "m34")
     assert await a.call("offline") == "ok"
     assert await stranger.call("message", to=str(a.uid), body="from a stranger") == "ok"
     assert await b.call("offline") == "ok"
@@ -340,18 +363,18 @@ async def test_rooms_are_66boss_groups(daemon):
     members = await a.call("members", id=gid)
     assert sorted(int(x["id"]) for x in members) == sorted([boss_id, a.uid, b.uid])
     assert (await a.call("rooms", ids=gid))[0]["id"] == gid
-    # leave / join: presences to the other members; a closed group cannot be joined
+    # leave / join (block / unblock in the client): presences to the other members
     assert await b.call("leave", id=gid) == "ok"
     (p,) = await a.poll_until("presences", lambda p: p["type"] == "leave")
     assert p["from"] == str(b.uid) and p["status"] == gid
-    assert (await b.call("join", id=gid))["success"] is False
-    await (await daemon.store()).set_public(int(gid), True)
     joined = await b.call("join", id=gid)
     assert joined["id"] == gid and joined["all_count"] == 3
     (p,) = await a.poll_until("presences", lambda p: p["type"] == "join")
     assert p["from"] == str(b.uid) and p["status"] == gid
+    # a closed group cannot be joined by an outsider; a public one can
     outsider = await tab(daemon)
-    await (await daemon.store()).set_public(int(gid), False)
+    assert (await outsider.call("join", id=gid))["success"] is False
+    assert (await outsider.call("leave", id=gid))["success"] is False
     assert (await outsider.call("members", id=gid))["success"] is False
     assert (await outsider.call("message", type="multicast", to=gid, body="x"))[
         "success"] is False
@@ -405,3 +428,238 @@ async def test_bad_input(daemon):
     results = [await p for p in polls]
     assert any(r.get("messages") for r in results) or \
         (await w.poll_until("messages", lambda p: p["body"] == "after the flood"))
+
+
+EVIL = "<img src=x onerror=alert(1)>\"&'"
+EVIL_HTML = "&lt;img src=x onerror=alert(1)&gt;&quot;&amp;&#x27;"
+
+
+@pytest_twisted.ensureDeferred
+async def test_names_are_html_escaped_as_the_host_data_was(daemon):
+    """The shipped client puts names and status texts into its HTML as they come."""
+    store = await daemon.store()
+    evil_id, evil_token = await daemon.user(unique("evil"), name=EVIL)
+    evil = Webim(daemon, evil_id, evil_token)
+    reader = await tab(daemon)
+    await store.befriend(evil.uid, reader.uid, EVIL, EVIL)
+    gid = await make_group(daemon, evil.uid, evil_token, [reader.uid])
+    await store.edit_group(int(gid), name=EVIL)
+    own = await evil.online()
+    assert own["user"]["nick"] == EVIL_HTML
+    assert own["buddies"][0]["nick"] == EVIL_HTML
+    (room,) = own["rooms"]
+    assert room["name"] == room["nick"] == EVIL_HTML
+    assert {m["nick"] for m in room["members"]} >= {EVIL_HTML}
+    body = "<b>bold</b> & \"quoted\""
+    assert await evil.call("presence", show="away", status=EVIL) == "ok"
+    (p,) = await reader.poll_until("presences", lambda p: p["type"] == "show")
+    assert p["nick"] == p["status"] == EVIL_HTML
+    assert await evil.call("status", to=str(reader.uid), show="typing") == "ok"
+    (s,) = await reader.poll_until("statuses", lambda s: True)
+    assert s["nick"] == EVIL_HTML
+    assert await evil.call("message", to=str(reader.uid), body=body) == "ok"
+    (m,) = await reader.poll_until("messages", lambda m: m["from"] == str(evil.uid))
+    assert m["nick"] == EVIL_HTML and m["body"] == body  # the client escapes bodies itself
+    (h,) = await reader.call("history", id=str(evil.uid), type="unicast")
+    assert h["nick"] == EVIL_HTML and h["body"] == body
+    (b,) = await reader.call("buddies", ids=str(evil.uid))
+    assert b["nick"] == EVIL_HTML and b["status"] == EVIL_HTML
+    assert {m["nick"] for m in await reader.call("members", id=gid)} >= {EVIL_HTML}
+    assert (await reader.call("rooms", ids=gid))[0]["name"] == EVIL_HTML
+    again = await reader.online(buddy_ids=str(evil.uid))
+    (b,) = [x for x in again["buddies"] if x["id"] == str(evil.uid)]
+    assert b["nick"] == EVIL_HTML and b["history"][0]["body"] == body
+    # the raw text appears nowhere in what the client gets
+    r = await get(daemon.web, "/webim/online", token=reader.token, callback="cb")
+    assert b"<img" not in r.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_online_history_leaves_out_what_new_messages_carry(daemon):
+    """The client appends new_messages to the history online gave: each message once."""
+    a = await tab(daemon)
+    b = await tab(daemon)
+    await befriend(daemon, a, b)
+    assert await a.call("message", to=str(b.uid), body="seen before") == "ok"
+    await b.poll_until("messages", lambda m: m["body"] == "seen before")
+    assert await b.call("offline") == "ok"
+    assert await a.call("message", to=str(b.uid), body="while offline") == "ok"
+    reply = await b.online(buddy_ids=str(a.uid))
+    assert [m["body"] for m in reply["new_messages"]] == ["while offline"]
+    (buddy,) = [x for x in reply["buddies"] if x["id"] == str(a.uid)]
+    assert [h["body"] for h in buddy["history"]] == ["seen before"]
+    # a reload gap: the old tab's unseen messages move to the new one, once
+    assert await b.call("refresh") == "ok"
+    assert await a.call("message", to=str(b.uid), body="during reload") == "ok"
+    reply = await b.online(buddy_ids=str(a.uid))
+    assert [m["body"] for m in reply["new_messages"]] == ["during reload"]
+    (buddy,) = [x for x in reply["buddies"] if x["id"] == str(a.uid)]
+    assert [h["body"] for h in buddy["history"]] == ["seen before", "while offline"]
+    # delivered now: the next online has it in the history only
+    reply = await b.online(buddy_ids=str(a.uid))
+    assert reply["new_messages"] == []
+    (buddy,) = [x for x in reply["buddies"] if x["id"] == str(a.uid)]
+    assert [h["body"] for h in buddy["history"]] == [
+        "seen before", "while offline", "during reload"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocking_a_room_is_not_leaving_it(daemon):
+    """The client calls leave when its user blocks a room and join when they unblock."""
+    boss_id, boss_token, boss = await logged_in(daemon)
+    a = await tab(daemon)
+    b = await tab(daemon)
+    b2 = await another_tab(b)
+    gid = await make_group(daemon, boss_id, boss_token, [a.uid, b.uid])
+    assert await b.call("leave", id=gid) == "ok"  # block
+    assert await a.call("message", type="multicast", to=gid, body="while blocked") == "ok"
+    assert await a.call("message", to=str(b.uid), body="marker") == "ok"
+    for t in (b, b2):  # no tab of b gets the room's messages
+        seen = []
+        for _ in range(5):
+            packets = await t.poll()
+            seen += [m["body"] for m in packets["messages"]]
+            if "marker" in seen:
+                break
+        assert seen == ["marker"], seen
+    boss.send(f"text_{gid}_boss while blocked_group_x")
+    assert (await boss.next()).startswith(f"text_{a.uid}_while blocked")
+    # membership and history stay
+    assert str(b.uid) in {m["id"] for m in await b.call("members", id=gid)}
+    assert [i["body"] for i in await b.call("history", id=gid, type="multicast")] == [
+        "while blocked", "boss while blocked"]
+    # a new page of b: the room is listed as blocked, its messages are not news
+    reply = await another_tab(b)
+    (room,) = reply.online_reply["rooms"]
+    assert room["id"] == gid and room["blocked"] is True
+    assert reply.online_reply["new_messages"] == []
+    # unblock: join answers the roomInfo the client expects, and delivery resumes
+    joined = await b.call("join", id=gid)
+    assert joined["id"] == gid and joined["all_count"] == 3
+    assert {"nick", "name", "pic_url", "count", "members"} <= set(joined)
+    assert "blocked" not in joined  # the client keeps its own flag (it joins to peek too)
+    assert await a.call("message", type="multicast", to=gid, body="after unblock") == "ok"
+    for t in (b, b2):
+        await t.poll_until("messages", lambda m: m["body"] == "after unblock")
+    assert (await another_tab(b)).online_reply["rooms"][0]["blocked"] is False
+    # the client's own setting lists the blocked rooms too, as the original's online read it
+    assert await b.call("setting", data=json.dumps({"blocked_rooms": [gid]})) == "ok"
+    b3 = await another_tab(b)
+    assert b3.online_reply["rooms"][0]["blocked"] is True
+    assert await a.call("message", type="multicast", to=gid, body="blocked by setting") == "ok"
+    assert await a.call("message", to=str(b.uid), body="marker 2") == "ok"
+    (m,) = await b3.poll_until("messages", lambda m: True)
+    assert m["body"] == "marker 2"
+    boss.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ticket_authenticates_the_tabs_later_actions(daemon):
+    """Only online needs the host token (or the cookie); the tab's ticket does the rest."""
+    a = await tab(daemon)
+    b = await tab(daemon)
+    await befriend(daemon, a, b)
+
+    async def ticket_only(action, **params):
+        return parse(await post_form(daemon.web, f"/webim/{action}", ticket=a.ticket,
+                                     **params))
+
+    assert await ticket_only("message", to=str(b.uid), body="by ticket") == "ok"
+    (m,) = await b.poll_until("messages", lambda m: m["body"] == "by ticket")
+    assert m["from"] == str(a.uid)
+    assert await ticket_only("presence", show="away", status="out") == "ok"
+    assert await ticket_only("status", to=str(b.uid), show="typing") == "ok"
+    assert [h["body"] for h in await ticket_only("history", id=str(b.uid))] == ["by ticket"]
+    assert await ticket_only("setting", data='{"play_sound": false}') == "ok"
+    assert await ticket_only("clear_history", ids=str(b.uid)) == "ok"
+    assert await ticket_only("history", id=str(b.uid)) == []
+    # over JSONP GET too, as the client sends it from a host page of another origin
+    r = await get(daemon.web, "/webim/im.php", webim_action="buddies", ids=str(b.uid),
+                  ticket=a.ticket, callback="cb")
+    assert parse(r)[0]["id"] == str(b.uid)
+    # online itself needs a credential; a wrong or stopped ticket is nothing
+    assert (await ticket_only("online"))["success"] is False
+    for bad in ("x" * 32, b.ticket[:-2] + "zz"):
+        assert parse(await post_form(daemon.web, "/webim/message", ticket=bad,
+                                     to=str(b.uid), body="x"))["success"] is False
+    assert await ticket_only("offline") == "ok"
+    assert (await ticket_only("history", id=str(b.uid)))["success"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cookie_alone_does_not_change_state_cross_site(daemon):
+    """CSRF: with nothing but the SameSite=Lax cookie (a link on another site, a form of a
+    sibling subdomain), state changes need the tab's ticket or a POST from this origin."""
+    uid, cookie = await cookie_login(daemon)
+    other = await tab(daemon)
+    store = await daemon.store()
+    assert (await browser_call(daemon, "setting", cookie, data='{"a": 1}')) == "ok"
+    for action, params in [("setting", {"data": '{"a": 2}'}), ("online", {"show": "dnd"}),
+                           ("clear_history", {"ids": str(other.uid)}),
+                           ("presence", {"show": "dnd"})]:
+        for how in ({"method": "GET"}, {"origin": "http://evil.example"}, {"origin": None}):
+            reply = await browser_call(daemon, action, cookie, **how, **params)
+            assert reply["success"] is False, (action, how, reply)
+    assert (await store.user_fields(uid, "webim_setting"))["webim_setting"] == '{"a": 1}'
+    assert (await store.user_fields(uid, "show"))["show"] != "dnd"
+    # reads work with the cookie alone, but JSONP only for a page of this origin
+    assert await browser_call(daemon, "notifications", cookie, method="GET") == []
+    url = f"http://127.0.0.1:{daemon.web}/webim/notifications?callback=cb"
+    for site, ok in (("same-origin", True), ("same-site", False), ("cross-site", False)):
+        r = await http("GET", url, headers={"Cookie": cookie, "Sec-Fetch-Site": site})
+        assert (parse(r) == []) is ok, (site, r.body)
+    # the page of this origin: POST with its Origin, then the ticket
+    reply = await browser_call(daemon, "online", cookie, show="dnd")
+    assert reply["success"] is True and reply["user"]["show"] == "dnd"
+    ticket = reply["connection"]["ticket"]
+    assert await browser_call(daemon, "message", cookie, method="GET", ticket=ticket,
+                              to=str(other.uid), body="hi") == "ok"
+    assert await browser_call(daemon, "clear_history", cookie, origin=None, ticket=ticket,
+                              ids=str(other.uid)) == "ok"
+    # a ticket does not work with another user's credential
+    reply = await browser_call(daemon, "message", cookie, ticket=other.ticket,
+                               to=str(uid), body="x")
+    assert reply["success"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_revokes_the_cookie_token(daemon):
+    uid, cookie = await cookie_login(daemon)
+    reply = await browser_call(daemon, "online", cookie)
+    ticket = reply["connection"]["ticket"]
+    assert (await browser_call(daemon, "logout", cookie, method="GET"))["success"] is False
+    r = await http("POST", f"http://127.0.0.1:{daemon.web}/webim/logout",
+                   urlencode({"ticket": ticket}).encode(),
+                   {"Cookie": cookie, "Origin": f"http://127.0.0.1:{daemon.web}",
+                    "Content-Type": "application/x-www-form-urlencoded"})
+    assert parse(r) == "ok" and "Max-Age=0" in r.header("set-cookie")
+    # the old cookie value (kept by an attacker or a stale tab) no longer works
+    assert (await browser_call(daemon, "online", cookie))["success"] is False
+    assert (await browser_call(daemon, "notifications", cookie, method="GET"))[
+        "success"] is False
+    assert (await browser_call(daemon, "history", cookie, ticket=ticket, id="1"))[
+        "success"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_poll_answer_that_cannot_be_made_keeps_its_packets(daemon):
+    """The store fails while a poll's answer is being made: the poll is answered, and the
+    packets taken for it come with the next poll."""
+    a = await tab(daemon)
+    b = await tab(daemon)
+    assert await a.call("message", to=str(b.uid), body="kept") == "ok"
+    store = await daemon.store()
+    key = f"imd:u:{a.uid}"
+    saved = await store.redis.hgetall(key)
+    await store.redis.delete(key)
+    await store.redis.rpush(key, "not a hash")  # every read of a's name now fails
+    try:
+        started = time.monotonic()
+        packets = await b.poll_deferred().addTimeout(5, reactor)  # it used to hang
+        assert time.monotonic() - started < 1.5
+        assert packets == {"status": "ok", "messages": [], "presences": [], "statuses": []}
+    finally:
+        await store.redis.delete(key)
+        await store.redis.hmset(key, saved)
+    (m,) = await b.poll_until("messages", lambda m: m["body"] == "kept")
+    assert m["nick"] == saved["name"]

@@ -58,3 +58,40 @@ async def test_two_buddies_chat_with_typing_indicator(daemon, browser):
     await bob.wait_for("document.getElementById('log').textContent.includes('hello room')")
     alice.close()
     bob.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_html_names_show_as_text_and_run_nothing(daemon, browser):
+    """Names come HTML-escaped (for the shipped client); the demo shows them as the user
+    typed them, never as markup and never as entities."""
+    evil = '<img src=x onerror="window.pwned=1">&amp; "Eve"'
+    eve_account, bob_account = unique("eve"), unique("bob")
+    eve_id, eve_token = await daemon.user(eve_account, password="pw", name=evil)
+    bob_id, _ = await daemon.user(bob_account, password="pw", name="Bob")
+    store = await daemon.store()
+    await store.befriend(eve_id, bob_id, "Bob", evil)
+    gid = await make_group(daemon, eve_id, eve_token, [bob_id])
+    await store.edit_group(int(gid), name=evil)
+
+    url = f"http://127.0.0.1:{daemon.web}/webim/demo.html"
+    eve, bob = await browser.page(url), await browser.page(url)
+    await log_in(eve, eve_account)
+    await log_in(bob, bob_account)
+    assert await eve.text("#status") == f"{evil} (id {eve_id})"
+    label = f"#buddies li[data-id='{eve_id}'] span:last-child"
+    await bob.wait_for(f"document.querySelector({label!r}) !== null")
+    assert await bob.text(label) == evil
+    assert await bob.text(f"#rooms li[data-id='{gid}']") == f"# {evil}"
+    await eve.click(f"#buddies li[data-id='{bob_id}']")
+    await eve.wait_for("!document.getElementById('message').disabled")
+    await eve.fill("message", "<b>hi</b> &amp;")
+    await eve.click("#send")
+    await bob.click(f"#buddies li[data-id='{eve_id}']")
+    await bob.wait_for("document.getElementById('log').textContent.includes('<b>hi</b> &amp;')")
+    assert await bob.text("#log .who") == f"{evil}: "
+    assert await bob.text("#title") == f"Chat with {evil}"
+    for page in (eve, bob):
+        assert await page.js("document.querySelector('#app img, #app b') === null")
+        assert await page.js("window.pwned === undefined")
+    eve.close()
+    bob.close()

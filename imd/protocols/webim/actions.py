@@ -19,12 +19,16 @@ from imd.groups import GroupError, Groups
 from imd.hub import Hub, HubError
 from imd.model import (GROUP, SHOWS, TEXT, UNICAST, Event, Group, Message, User,
                        group_conversation, one2one_gid)
-from imd.protocols.webim.auth import caller, set_cookie
+from imd.protocols.webim.auth import (caller, clear_cookie, foreign_script, same_origin_post,
+                                     set_cookie)
 from imd.protocols.webim.tickets import Ticket, Tickets
 from imd.web import arg, public_base
 
 HISTORY_SIZE = 30
 MAX_IDS = 200
+# What a page of another site must not make a user do with the user's cookie alone.
+CHANGES_STATE = frozenset({"online", "offline", "refresh", "message", "presence", "status",
+                           "join", "leave", "clear_history", "setting", "logout"})
 
 
 class ActionError(Exception):
@@ -40,6 +44,28 @@ def ids_param(request: server.Request, *names: str) -> list[int]:
                    if p.strip().isascii() and p.strip().isdigit() and len(p.strip()) <= 18]
             return ids[:MAX_IDS]
     return []
+
+
+def blocked_rooms(fields: dict) -> frozenset[int]:
+    """The rooms a user blocked, from the user's ``webim_blocked`` field (a JSON list)."""
+    try:
+        ids = json.loads(fields.get("webim_blocked") or "[]")
+    except ValueError:
+        return frozenset()
+    if not isinstance(ids, list):
+        return frozenset()
+    return frozenset(i for i in ids if isinstance(i, int))
+
+
+def setting_blocked(setting) -> frozenset[int]:
+    """The ``blocked_rooms`` the client keeps in its own setting (the original's ``online``
+    marked those rooms blocked)."""
+    ids = setting.get("blocked_rooms") if isinstance(setting, dict) else None
+    if not isinstance(ids, list):
+        return frozenset()
+    return frozenset(int(i) for i in ids
+                     if isinstance(i, (int, str)) and str(i).isascii() and str(i).isdigit()
+                     and len(str(i)) <= 18)
 
 
 def one_id(request: server.Request, *names: str) -> int:
@@ -75,20 +101,39 @@ class WebimActions:
         }
 
     async def run(self, name: str, request: server.Request):
-        """The reply object of action ``name``; raises ActionError."""
+        """The reply object of action ``name``; raises ActionError.
+
+        ``online`` is authorized by a credential (host-signed ``auth``, ``token``, or the
+        login cookie); every later action of the tab also by its ticket alone.  The cookie
+        alone changes state only in a same-origin POST (see ``auth``)."""
         handler = self.actions.get(name)
         if handler is None:
             raise ActionError("Unknown action")
         if name == "login":
             return await handler(request)
-        uid = await caller(request, self.accounts, self.secret)
-        if uid is None:
+        credential = await caller(request, self.accounts, self.secret)
+        if credential is None and (arg(request, "auth") or arg(request, "token")):
+            raise ActionError("Not Authorized")  # a bad explicit credential; a stale cookie
+        ticket = None if name == "online" else self.tickets.get(arg(request, "ticket"))
+        if ticket is not None:
+            if credential is not None and credential.uid != ticket.user_id:
+                raise ActionError("Not Authorized: not your ticket")
+            uid = ticket.user_id
+        elif credential is None:
             raise ActionError("Not Authorized")
+        else:
+            uid = credential.uid
+            if credential.ambient:
+                if name in CHANGES_STATE and not same_origin_post(request, self.public_url):
+                    raise ActionError("Not Authorized: send the ticket, or POST from this site")
+                if arg(request, "callback") is not None and foreign_script(request):
+                    raise ActionError("Not Authorized: no JSONP for another site's page")
         if name in self.needs_ticket:
-            ticket = self.tickets.get(arg(request, "ticket"), uid)
             if ticket is None:
                 raise ActionError("Not Authorized: unknown ticket")
             return await handler(request, uid, ticket)
+        if name == "logout":
+            return await handler(request, uid, credential)
         return await handler(request, uid)
 
     # -- rendering -----------------------------------------------------------------------
@@ -125,22 +170,27 @@ class WebimActions:
                 "presence": "online" if online else "offline",
                 "show": (fields.get("show") or "available") if online else "unavailable"}
 
-    async def _room_json(self, group: Group) -> dict:
+    async def _room_json(self, group: Group, blocked: bool | None = False) -> dict:
+        """roomInfo; without ``blocked`` when it is None (the client keeps its own flag)."""
         online_set = await self.hub.online_among(group.members)
         online = [u for u in group.members if u in online_set]
         users = await self.store.get_users(online)
         return {"id": str(group.id), "name": group.name, "nick": group.name,
                 "pic_url": group.snap, "default_pic_url": "", "url": "",
-                "all_count": len(group.members), "count": len(online), "blocked": False,
+                "all_count": len(group.members), "count": len(online),
                 "members": [{"id": str(u), "nick": users[u].name if u in users else str(u)}
-                            for u in online]}
+                            for u in online],
+                **({} if blocked is None else {"blocked": blocked})}
 
     def _conversation(self, uid: int, peer: int, kind: str | None) -> str:
         if kind == "multicast":
             return group_conversation(peer)
         return one2one_gid(uid, peer)
 
-    async def _history(self, uid: int, peer: int, kind: str | None = None) -> list[dict]:
+    async def _history(self, uid: int, peer: int, kind: str | None = None,
+                       unseen: frozenset[int] = frozenset()) -> list[dict]:
+        """The last items of a conversation, oldest first, without the messages in
+        ``unseen`` (ids of messages the caller has not been given yet)."""
         if kind is None:
             kind = "multicast" if await self.store.get_group(peer) else "unicast"
         if kind == "multicast":
@@ -150,7 +200,7 @@ class WebimActions:
         conversation = self._conversation(uid, peer, kind)
         cleared = await self.store.history_cleared(uid, conversation)
         messages = [m for m in await self.store.history(conversation, limit=0)
-                    if m.id > cleared][-HISTORY_SIZE:]
+                    if m.id > cleared and m.id not in unseen][-HISTORY_SIZE:]
         users = await self._nicks(m.sender for m in messages)
         return [self.log_item(m, users) for m in messages]
 
@@ -168,17 +218,34 @@ class WebimActions:
         set_cookie(request, token, self.token_ttl)
         return {"success": True, "user": {"id": str(user.id), "nick": user.name}}
 
-    async def logout(self, request: server.Request, uid: int):
-        request.addCookie(b"imd_webim", b"", path=b"/", max_age=b"0")
+    async def logout(self, request: server.Request, uid: int, credential):
+        """Ends the login: the token behind the cookie (or ``token``) stops working, and so
+        does the tab's ticket.  (The client's own ``offline`` only goes offline.)"""
+        if credential is not None and credential.token:
+            await self.accounts.revoke(credential.token)
+        ticket = self.tickets.get(arg(request, "ticket"), uid)
+        if ticket is not None:
+            self.tickets.unbind(ticket, grace=False)
+        clear_cookie(request)
         return "ok"
 
     async def online(self, request: server.Request, uid: int):
         show = arg(request, "show")
         if show in SHOWS:  # told to those who see the user if already online elsewhere
             await self.hub.set_show(uid, show)
+        fields = await self.store.user_fields(uid, "show", "status", "webim_setting",
+                                              "webim_blocked")
+        try:
+            setting = json.loads(fields.get("webim_setting") or "{}")
+        except ValueError:
+            setting = {}
+        blocked = blocked_rooms(fields) | setting_blocked(setting)
+        self.tickets.set_blocked(uid, blocked)
         ticket, unseen = await self.tickets.open(uid)
+        # A blocked room's messages are not news; they are in its history.
+        unseen = [m for m in unseen if not (m.ctype == GROUP and m.to in blocked)]
+        unseen_ids = frozenset(m.id for m in unseen)
         user = await self.store.get_user(uid)
-        fields = await self.store.user_fields(uid, "show", "status", "webim_setting")
         friends = await self.store.friends(uid)
         asked = set(ids_param(request, "buddy_ids", "buddies", "presence_buddies"))
         asked |= set(ids_param(request, "stranger_ids"))
@@ -192,7 +259,7 @@ class WebimActions:
             if info is None or (info["presence"] != "online" and bid not in active):
                 continue
             if bid in active:
-                info["history"] = await self._history(uid, bid, "unicast")
+                info["history"] = await self._history(uid, bid, "unicast", unseen_ids)
             buddies.append(info)
         asked_rooms = set(ids_param(request, "room_ids", "rooms", "presence_rooms"))
         rooms = []
@@ -200,16 +267,12 @@ class WebimActions:
             group = await self.store.get_group(gid)
             if group is None:
                 continue
-            info = await self._room_json(group)
+            info = await self._room_json(group, gid in blocked)
             if gid in asked_rooms:
-                info["history"] = await self._history(uid, gid, "multicast")
+                info["history"] = await self._history(uid, gid, "multicast", unseen_ids)
             rooms.append(info)
         users = await self._nicks(m.sender for m in unseen)
         base = public_base(request, self.public_url)
-        try:
-            setting = json.loads(fields.get("webim_setting") or "{}")
-        except ValueError:
-            setting = {}
         return {
             "success": True, "server_time": int(time.time() * 1000),
             "user": {**self._user_json(user, fields), "presence": "online"},
@@ -283,24 +346,48 @@ class WebimActions:
         return [{"id": str(m), "nick": users[m].name} for m in group.members if m in users]
 
     async def join(self, request, uid: int, ticket: Ticket):
+        """Join a public room, or unblock one of the user's rooms (the client calls ``join``
+        when its user unblocks a room); answers the roomInfo."""
         gid = one_id(request, "id")
         try:
             group = await self.groups.join(gid, uid)
         except GroupError as e:
             raise ActionError(str(e)) from None
+        await self._block(uid, gid, False)
         others = [m for m in group.members if m != uid]
         await self.hub.notify(others, Event("join", {"user": uid, "room": gid}))
-        return await self._room_json(group)
+        # No "blocked" here: the client also joins a blocked room while its window is open
+        # (and leaves it again on close), and must keep its own flag meanwhile.
+        return await self._room_json(group, blocked=None)
 
     async def leave(self, request, uid: int, ticket: Ticket):
+        """Block a room: the client calls ``leave`` when its user blocks a room (or closes a
+        blocked one).  Membership and history stay; the user's webim tabs get none of its
+        messages until ``join``.  Membership itself belongs to the host (66boss, xuanxuan),
+        as it belonged to the host site in the original."""
         gid = one_id(request, "id")
         try:
-            group = await self.groups.remove_members(gid, [uid], uid)
+            group = await self.groups.get(gid)
         except GroupError as e:
             raise ActionError(str(e)) from None
+        if uid not in group.members:
+            raise ActionError("not a member of this room")
+        await self._block(uid, gid, True)
         others = [m for m in group.members if m != uid]
         await self.hub.notify(others, Event("leave", {"user": uid, "room": gid}))
         return "ok"
+
+    async def _block(self, uid: int, gid: int, block: bool) -> None:
+        """Record a block or unblock and apply it to the user's tickets on this node (whose
+        set also holds the rooms the client's setting lists as blocked)."""
+        stored = blocked_rooms(await self.store.user_fields(uid, "webim_blocked"))
+        live = self.tickets.blocked.get(uid, frozenset()) | stored
+        if block:
+            stored, live = stored | {gid}, live | {gid}
+        else:
+            stored, live = stored - {gid}, live - {gid}
+        await self.store.set_user_fields(uid, webim_blocked=json.dumps(sorted(stored)))
+        self.tickets.set_blocked(uid, live)
 
     async def buddies(self, request, uid: int):
         friends = await self.store.friends(uid)

@@ -5,13 +5,20 @@ the long-poll at ``/packets`` and ``/webim/packets``, and the demo page at
 JSONP: ``callback`` must be a plain JavaScript identifier path (``a.b_c.$d``); anything else
 is refused.  JSONP replies are ``application/javascript`` with ``X-Content-Type-Options:
 nosniff``.
+
+Names are HTML to the shipped client: it puts nicks, room names and status texts into its
+markup as they come, because the host site it was written for stored them HTML-escaped.  So
+every reply is rendered here, in one place (``html_names``), the way that host's data looked;
+message bodies stay as sent, since the client escapes those itself.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
+from urllib.parse import quote
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -27,10 +34,38 @@ CALLBACK_RE = re.compile(r"^[A-Za-z_$][\w$]{0,63}(?:\.[A-Za-z_$][\w$]{0,63}){0,7
 WWW = Path(__file__).parent / "www"
 
 
+# Texts the client inserts into its HTML: escaped as the host site's data was.
+HTML_TEXT = frozenset({"nick", "name", "status", "show"})
+# URLs it inserts into attributes: characters that could end the attribute are %-encoded.
+HTML_URL = frozenset({"pic_url", "default_pic_url", "url"})
+# Left as they are: the client escapes bodies itself; settings are the client's own JSON.
+VERBATIM = frozenset({"body", "style", "setting"})
+
+
+def html_names(obj):
+    """``obj`` with every name-like text HTML-escaped (``&<>"'``) as the original host
+    site's data was, and URLs made safe inside a quoted attribute."""
+    if isinstance(obj, list):
+        return [html_names(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for key, value in obj.items():
+        if key in VERBATIM:
+            out[key] = value
+        elif isinstance(value, str) and key in HTML_TEXT:
+            out[key] = html.escape(value)
+        elif isinstance(value, str) and key in HTML_URL:
+            out[key] = quote(value, safe="/:?#[]@!$&()*+,;=%~.-_")
+        else:
+            out[key] = html_names(value)
+    return out
+
+
 def reply(request: server.Request, obj, status: int = 200) -> None:
     """Write JSON, or JSONP when a valid ``callback`` was given."""
     callback = arg(request, "callback")
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    body = json.dumps(html_names(obj), ensure_ascii=False, separators=(",", ":"))
     request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"cache-control", b"no-store")
     if callback is not None:
@@ -135,10 +170,10 @@ class Packets(resource.Resource):
         def answer(stopped: bool):
             answered.append(True)
             if stopped:
-                reply(request, {"status": "stopped"})
+                if not gone:
+                    reply(request, {"status": "stopped"})
                 return
-            packets = ticket.take()
-            defer.ensureDeferred(self._write(request, ticket, packets, gone))
+            defer.ensureDeferred(self._write(request, ticket, ticket.take(), gone))
 
         def lost(_):
             gone.append(True)
@@ -150,29 +185,50 @@ class Packets(resource.Resource):
         return server.NOT_DONE_YET
 
     async def _write(self, request, ticket, packets, gone: list) -> None:
+        """Answer a poll with the packets taken for it.  Whatever goes wrong before the
+        answer is written (the browser left, the store failed, a bug), the packets go back
+        to the ticket and the poll is answered if its browser is still there."""
         messages, presences, statuses = packets
-        users = await self.actions.store.get_users(
-            {m.sender for m in messages} | {p["from"] for p in presences}
-            | {s["from"] for s in statuses})
+        try:
+            users = await self.actions.store.get_users(
+                {m.sender for m in messages} | {p["from"] for p in presences}
+                | {s["from"] for s in statuses})
+        except Exception as e:
+            if isinstance(e, defer.FirstError):  # a pipeline's: the command that failed
+                e = e.subFailure.value
+            log.warn("webim poll of user {uid}: store failed ({error}); packets kept",
+                     uid=ticket.user_id, error=f"{type(e).__name__}: {e}")
+            self._give_back(request, ticket, packets, gone)
+            return
         if gone:
             # The browser left before the answer: keep the packets for its next poll.
-            ticket.messages[:0], ticket.presences[:0], ticket.statuses[:0] = packets
+            ticket.give_back(packets)
             return
 
         def nick(uid):
             return users[uid].name if uid in users else str(uid)
 
         try:
-            reply(request, {
+            answer = {
                 "status": "ok",
                 "messages": [self.actions.message_json(m, users) for m in messages],
                 "presences": [{**p, "from": str(p["from"]), "nick": nick(p["from"])}
                               for p in presences],
                 "statuses": [{**s, "from": str(s["from"]), "nick": nick(s["from"])}
                              for s in statuses],
-            })
+            }
         except Exception:
-            log.failure("webim poll reply failed")
+            log.failure("webim poll answer of user {uid} failed", uid=ticket.user_id)
+            self._give_back(request, ticket, packets, gone)
+            return
+        reply(request, answer)
+
+    @staticmethod
+    def _give_back(request, ticket, packets, gone: list) -> None:
+        ticket.give_back(packets)
+        if not gone:
+            # An empty answer: the client polls again at once and gets them then.
+            reply(request, {"status": "ok", "messages": [], "presences": [], "statuses": []})
 
 
 def mount(root: resource.Resource, actions: WebimActions, tickets: Tickets) -> None:

@@ -9,6 +9,9 @@ held long-poll.
   what the old ticket still held is handed to the new one.  After the grace, a user with no
   live ticket is logged out (buddies see an offline presence) and undelivered messages go back
   to the user's offline queue.  ``offline`` unbinds and logs out at once.
+- A room the user blocked (webim ``leave``) is not delivered to any of the user's tickets.
+- Packets taken for a poll whose answer could not be written are given back: first in line on
+  the ticket, or to the offline queue once the ticket has left the hub.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from imd.hub import Hub
-from imd.model import OFFLINE, ONLINE, PRESENCE, SHOW, Event, Message
+from imd.model import GROUP, OFFLINE, ONLINE, PRESENCE, SHOW, Event, Message
 from imd.unavailable import log_failure
 
 log = Logger()
@@ -38,6 +41,7 @@ class Ticket:
         self.presences: list[dict] = []
         self.statuses: list[dict] = []
         self.bound = True
+        self.closed = False  # logged out of the hub: nothing more reaches it
         self.waiter: Callable[[bool], None] | None = None  # the held poll's answer
         self._poll_timeout: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
@@ -45,6 +49,8 @@ class Ticket:
     # -- hub Session ---------------------------------------------------------------------
 
     def deliver(self, message: Message) -> None:
+        if message.ctype == GROUP and message.to in self.registry.blocked.get(self.user_id, ()):
+            return
         self.messages.append(message)
         self._queued()
 
@@ -83,6 +89,21 @@ class Ticket:
         packets = self.messages, self.presences, self.statuses
         self.messages, self.presences, self.statuses = [], [], []
         return packets
+
+    def give_back(self, packets: tuple[list[Message], list[dict], list[dict]]) -> None:
+        """Packets that were taken for a poll but not written go first in line again (and
+        to a poll held meanwhile); once the ticket is closed, messages go to the offline
+        queue."""
+        messages, presences, statuses = packets
+        if self.closed:
+            if messages:
+                self.registry.requeue(self.user_id, messages)
+            return
+        self.messages[:0] = messages
+        self.presences[:0] = presences
+        self.statuses[:0] = statuses
+        if self.pending and self.waiter is not None:
+            self.answer(stopped=False)
 
     def hold(self, waiter: Callable[[bool], None]) -> None:
         """Hold a poll; ``waiter(stopped)`` answers it exactly once."""
@@ -139,6 +160,7 @@ class Tickets:
         self.by_id: dict[str, Ticket] = {}
         self.bound_count: dict[int, int] = {}  # user id -> bound tickets on this node
         self.unbound: dict[int, list[Ticket]] = {}
+        self.blocked: dict[int, frozenset[int]] = {}  # user id -> rooms blocked in webim
 
     def get(self, ticket_id: str | None, user_id: int | None = None) -> Ticket | None:
         """A bound ticket; with ``user_id``, only if it belongs to that user."""
@@ -170,6 +192,16 @@ class Tickets:
         ticket._start_expiry()
         return ticket, messages
 
+    def set_blocked(self, user_id: int, rooms: frozenset[int]) -> None:
+        """The rooms whose messages the user's tickets on this node do not get."""
+        if rooms:
+            self.blocked[user_id] = rooms
+        else:
+            self.blocked.pop(user_id, None)
+
+    def requeue(self, user_id: int, messages: list[Message]) -> None:
+        self._finish(self.hub.store.requeue(user_id, messages), "requeue")
+
     def unbind(self, ticket: Ticket, grace: bool) -> None:
         """Stop a ticket: its polls get 'stopped'; it leaves the hub now or after the grace."""
         if not ticket.bound:
@@ -199,6 +231,9 @@ class Tickets:
         self._finish(self._logout(ticket, requeue=True))
 
     async def _logout(self, ticket: Ticket, requeue: bool = False) -> None:
+        ticket.closed = True
+        if not self._has_live_ticket(ticket.user_id) and ticket.user_id not in self.unbound:
+            self.blocked.pop(ticket.user_id, None)
         if requeue and ticket.messages and not self._has_live_ticket(ticket.user_id):
             await self.hub.store.requeue(ticket.user_id, ticket.messages)
         ticket.messages = []
@@ -208,9 +243,9 @@ class Tickets:
         return user_id in self.bound_count
 
     @staticmethod
-    def _finish(coroutine) -> None:
+    def _finish(coroutine, what: str = "logout") -> None:
         defer.ensureDeferred(coroutine).addErrback(
-            lambda f: log_failure(log, "webim ticket logout failed", f))
+            lambda f: log_failure(log, "webim ticket {what} failed", f, what=what))
 
     def close_all(self) -> None:
         for ticket in list(self.by_id.values()):
