@@ -27,7 +27,7 @@ from imd.model import (GROUP, KINDS, OFFLINE, ONLINE, PRESENCE, PROFILE, SHOW, S
                        UNICAST, Event, Message, group_conversation, one2one_gid)
 from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember, NotFriends,
                              RedisStore)
-from imd.unavailable import Unavailable
+from imd.unavailable import Unavailable, log_failure
 
 log = Logger()
 MAX_EVENT_AVATAR = 2048  # a URL; longer avatars (inline pictures) stay out of presence events
@@ -360,6 +360,6 @@ def _refused(failure) -> None:
     """Turn a failed post into a HubError with a client-facing reason; log the unexpected."""
     kind, reason = _REFUSALS.get(type(failure.value), (None, None))
     if kind is None:
-        log.failure("message could not be stored", failure)
+        log_failure(log, "message could not be stored", failure)
         kind, reason = "not_stored", "message could not be stored"
     raise HubError(reason, kind)
