@@ -16,10 +16,11 @@ from twisted.logger import Logger
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.groups import GroupError, Groups
-from imd.hub import Hub, HubError
+from imd.hub import Hub, HubError, Logout
 from imd.model import Message
 from imd.protocols.boss import signals
 from imd.protocols.boss.signals import SignalError
+from imd.protocols.flow import Outbox
 
 log = Logger()
 
@@ -54,17 +55,25 @@ class BossService:
 
 
 class BossConnection:
-    """Signal handling for one client; ``write`` sends one signal, ``abort`` drops the link."""
+    """Signal handling for one client; ``write`` sends one signal, ``abort`` drops the link.
 
-    def __init__(self, service: BossService, write: Callable[[str], None],
+    Everything is written through ``outbox`` (the transport's producer), whose items are the
+    signals' text.
+    """
+
+    def __init__(self, service: BossService, outbox: Outbox,
                  close: Callable[[], None], abort: Callable[[], None]):
         self.service = service
-        self.write = write
+        self.outbox = outbox
         self.close = close
         self.abort = abort
         self.user_id: int | None = None
         self._waiting: list[str] | None = None  # signals that arrived during a login
         self._gone = False
+        self._leave: Logout | None = None
+
+    def write(self, text: str) -> None:
+        self.outbox.put(text)
 
     # -- transport events ----------------------------------------------------------------
 
@@ -105,7 +114,7 @@ class BossConnection:
         # What this user sent from another connection is not echoed: the receive format
         # could not say whom it was sent to.
         if message.sender != self.user_id:
-            self.write(signals.render(message))
+            self.outbox.put(signals.render(message), (message,))
 
     def notice(self, event) -> None:
         pass  # 66boss has no friends, presence or kick signals
@@ -144,7 +153,11 @@ class BossConnection:
             return
         self.user_id = uid
         self.write("ok")
-        await self.service.hub.login(self)
+        logout = await self.service.hub.login(self)
+        if self._gone:  # closed while the login was under way
+            await logout(self.outbox.close())
+        else:
+            self._leave = logout
 
     def _login_failed(self, failure) -> None:
         log.failure("login failed", failure)
@@ -168,9 +181,10 @@ class BossConnection:
         self.close()
 
     def _unbind(self) -> None:
-        if self.user_id is not None:
-            d = defer.ensureDeferred(self.service.hub.logout(self))
-            d.addErrback(lambda f: log.failure("logout failed", f))
+        """Leave the hub; what the outbox did not write goes back to the offline queue."""
+        logout, self._leave = self._leave, None
+        if logout is not None:
+            logout(self.outbox.close()).addErrback(lambda f: log.failure("logout failed", f))
             self.user_id = None
 
     def _send(self, text: str) -> None:

@@ -7,7 +7,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 
 from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
-from imd.protocols.flow import pending_bytes, tune_socket
+from imd.protocols.flow import Outbox, tune_socket
 
 
 class BossWebSocket(WebSocketServerProtocol):
@@ -16,7 +16,9 @@ class BossWebSocket(WebSocketServerProtocol):
     def onOpen(self):
         service = self.factory.service
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
-        self.conn = BossConnection(service, self._send_text, self._close, self._abort)
+        outbox = Outbox(self.transport, self._send_text, service.config.max_pending,
+                        self._abort)
+        self.conn = BossConnection(service, outbox, self._close, self._abort)
         self.conn.opened()
 
     def onMessage(self, payload: bytes, isBinary: bool):
@@ -24,7 +26,7 @@ class BossWebSocket(WebSocketServerProtocol):
             try:
                 text = payload.decode("utf-8")
             except UnicodeDecodeError:
-                self._send_text(signals.error("frame", "binary frames must be UTF-8 text"))
+                self.conn.write(signals.error("frame", "binary frames must be UTF-8 text"))
                 return
         else:
             text = payload.decode("utf-8")  # autobahn has validated text frames
@@ -41,13 +43,11 @@ class BossWebSocket(WebSocketServerProtocol):
             self.conn.closed()
             self.conn = None
 
-    def _send_text(self, text: str) -> None:
+    def _send_text(self, text: str) -> bool:
         if self.state != self.STATE_OPEN:
-            return
-        if pending_bytes(self.transport) > self.factory.service.config.max_outbuf:
-            self._abort()
-            return
+            return False
         self.sendMessage(text.encode("utf-8"))
+        return True
 
     def _close(self) -> None:
         self.sendClose(1000)

@@ -19,16 +19,17 @@ from twisted.protocols.basic import LineOnlyReceiver
 from imd.accounts import Accounts
 from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
-from imd.hub import Hub, HubError
+from imd.hub import Hub, HubError, Logout
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, Event,
                        Message, User, group_conversation, one2one_gid)
-from imd.protocols.flow import pending_bytes, tune_socket
+from imd.protocols.flow import Outbox, ReadGate, tune_socket
 
 log = Logger()
 STATUSES = ("online", "away", "busy")
 CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
+MAX_IN_FLIGHT = 32  # requests read ahead of their answers; above it the socket is not read
 
 
 class XuanxuanService:
@@ -110,7 +111,13 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._chain = defer.succeed(None)
         self._out = defer.succeed(None)
         self._collect: list[Message] | None = None
+        self._rendering: list[Message] = []  # delivered, waiting for _message_json
         self._push_serial = 0
+        self._gone = False
+        self._logout: Logout | None = None
+        self.outbox = Outbox(self.transport, self._emit, self.service.config.max_pending,
+                             self.transport.abortConnection)
+        self._gate = ReadGate(self.transport, MAX_IN_FLIGHT)
         self.service.connections.add(self)
 
     # -- framing ---------------------------------------------------------------------------
@@ -126,19 +133,22 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if not isinstance(request, dict):
             self._reply({}, "fail", "request must be one JSON object")
             return
+        self._gate.begin()
         self._chain.addCallback(lambda _: defer.ensureDeferred(self._handle(request)))
         self._chain.addErrback(self._failed, request)
+        self._chain.addBoth(self._gate.end)
 
     def lineLengthExceeded(self, line):
         self._reply({}, "fail", "request too long")
         self.transport.loseConnection()
 
-    def _write(self, obj) -> None:
-        if pending_bytes(self.transport) > self.service.config.max_outbuf:
-            self.transport.abortConnection()
-            return
-        self.transport.write(json.dumps(obj, ensure_ascii=False,
-                                        separators=(",", ":")).encode("utf-8") + b"\n")
+    def _write(self, obj, messages=()) -> None:
+        self.outbox.put(json.dumps(obj, ensure_ascii=False,
+                                   separators=(",", ":")).encode("utf-8") + b"\n", messages)
+
+    def _emit(self, data: bytes) -> bool:
+        self.transport.write(data)
+        return True
 
     def _reply(self, request: dict, result: str, message: str = "", data=None, **extra):
         obj = {"module": request.get("module", ""), "method": request.get("method", ""),
@@ -151,8 +161,9 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._push_serial += 1
         return {"id": self._push_serial, "module": module, "method": method, "data": data}
 
-    def push(self, *packets: dict) -> None:
-        self._write(list(packets))
+    def push(self, *packets: dict, messages=()) -> None:
+        """Write packets in one push; ``messages``: the hub messages they show."""
+        self._write(list(packets), messages)
 
     def _failed(self, failure, request):
         log.failure("xuanxuan request failed", failure)
@@ -193,30 +204,47 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._reply(request, "fail", "already logged in")
             return
         user = await service.accounts.authenticate(account, password.strip().lower())
+        if self._gone:
+            return
         if user is None:
             self._reply(request, "fail", "wrong account or password")
             return
         await service.store.set_user_fields(
             user.id, xstatus=status if status in STATUSES else "online")
         self.sid = await service.accounts.issue_token(user.id)
+        if self._gone:  # connectionLost did not see the sid yet
+            await service.accounts.revoke(self.sid)
+            return
         self.user_id = user.id
         me = await service.user_json(user, online=True)
         await service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
                                                            "session": self.nonce}),
                                  exclude=self)
+        if self._gone:
+            return
         self._reply(request, "success", data=me)
+        # Messages (the offline queue, then live ones) wait until the user and chat lists
+        # are pushed, so that the client knows the chats they refer to.
         self._collect = []
-        await service.hub.login(self)
-        queued, self._collect = self._collect, None
+        logout = await service.hub.login(self)
+        if self._gone:  # closed while the login was under way
+            await logout(self._unsent())
+            return
+        self._logout = logout
         users = await service.all_users_json()
         chats = await self._chat_infos(await service.chats.of_user(user.id))
+        queued, rendered = self._collect, []
+        while len(rendered) < len(queued):  # more may come while rendering
+            rendered.append(await self._message_json(queued[len(rendered)]))
+        if self._gone:  # connectionLost requeued what was collected
+            return
+        self._collect = None
         packets = [self._packet("chat", "userGetlist", users)]
         if chats:
             packets.append(self._packet("chat", "getList", chats))
-        if queued:
-            packets.append(self._packet("chat", "message",
-                                        [await self._message_json(m) for m in queued]))
-        self.push(*packets)
+        if rendered:
+            packets.append(self._packet("chat", "message", rendered))
+        self.push(*packets, messages=queued)
         await self._announce("login", me)
 
     async def _announce(self, method: str, data: dict) -> None:
@@ -244,11 +272,21 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if self._collect is not None:
             self._collect.append(message)
             return
+        self._rendering.append(message)
         self._out.addCallback(lambda _: defer.ensureDeferred(self._push_message(message)))
         self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
 
     async def _push_message(self, message: Message) -> None:
-        self.push(self._packet("chat", "message", [await self._message_json(message)]))
+        data = await self._message_json(message)
+        if message in self._rendering:  # else the session ended and requeued it
+            self._rendering.remove(message)
+            self.push(self._packet("chat", "message", [data]), messages=(message,))
+
+    def _unsent(self) -> list[Message]:
+        """Every message delivered to this session and not written, in order."""
+        unsent = self.outbox.close() + (self._collect or []) + self._rendering
+        self._collect, self._rendering = None, []
+        return unsent
 
     async def _message_json(self, m: Message) -> dict:
         if m.ctype == GROUP:
@@ -274,14 +312,16 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone):
+        self._gone = True
         self.service.connections.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
                 lambda f: log.failure("revoke failed", f))
-        if self.user_id is not None:
-            defer.ensureDeferred(self.service.hub.logout(self)).addErrback(
+        # A login under way sees _gone and logs out itself once hub.login returns.
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            logout(self._unsent()).addErrback(
                 lambda f: log.failure("xuanxuan logout failed", f))
-            self.user_id = None
 
     # -- methods ---------------------------------------------------------------------------
 
