@@ -29,8 +29,10 @@ class Outbox:
     """The bounded write queue of one connection, registered as its transport's producer.
 
     ``emit(data)`` writes one item to the connection and returns False when the connection can
-    no longer take it (closing); ``overflow()`` drops the connection.  Items are written at once
-    while the transport keeps up; once it pauses us they wait, up to ``limit`` of them.
+    no longer take it (closing).  Items are written at once while the transport keeps up; once
+    it pauses us they wait, up to ``limit`` of them.  One more calls ``overflow()``, which ends
+    the session (``close()`` hands back the messages not written) and closes the connection
+    after what the transport already took, so a client that reads again gets that, then EOF.
     """
 
     def __init__(self, transport, emit: Callable[[object], bool], limit: int,
@@ -38,22 +40,32 @@ class Outbox:
         self._emit = emit
         self._overflow = overflow
         self.limit = limit
-        self._queue: deque[tuple[object, tuple[Message, ...]]] = deque()
+        self._queue: deque[tuple[object, tuple[Message, ...], bool]] = deque()
+        self._backlog = 0  # items put with bounded=False, not counted against the limit
         self._paused = False
         self.closed = False
-        # A WebSocket transport taken over from twisted.web still has the HTTP channel
-        # registered as its producer; it no longer owns the transport, so replace it.
-        transport.unregisterProducer()
-        transport.registerProducer(self, True)
+        self._transport = transport
+        self._registered = True
+        try:
+            transport.registerProducer(self, True)
+        except RuntimeError:
+            # A WebSocket transport taken over from twisted.web still has the HTTP channel
+            # registered as its producer; it no longer owns the transport, so replace it.
+            transport.unregisterProducer()
+            transport.registerProducer(self, True)
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def put(self, data, messages: Iterable[Message] = ()) -> None:
-        """Write ``data`` (showing ``messages``) now, or queue it behind what waits."""
-        item = (data, tuple(messages))
+    def put(self, data, messages: Iterable[Message] = (), bounded: bool = True) -> None:
+        """Write ``data`` (showing ``messages``) now, or queue it behind what waits.
+
+        ``bounded=False``: the offline queue handed over at login, already bounded by the
+        store; it may exceed ``limit`` (else a big backlog could never be delivered)."""
+        item = (data, tuple(messages), bounded)
         if self.closed:
-            self._queue.append(item)  # kept for close(), so its messages are not lost
+            if item[1]:
+                self._queue.append(item)  # kept for close(), so its messages are not lost
             return
         if not self._paused and not self._queue:
             if self._emit(data):
@@ -61,20 +73,23 @@ class Outbox:
             self.closed = True
             self._queue.append(item)
             return
-        if len(self._queue) >= self.limit:
-            log.warn("dropping a client that does not read: {n} items waiting", n=len(self._queue))
+        if bounded and len(self._queue) - self._backlog >= self.limit:
+            log.warn("closing a client that does not read: {n} items waiting",
+                     n=len(self._queue))
             self._queue.append(item)
-            self.closed = True
+            self._release()
             self._overflow()
             return
         self._queue.append(item)
+        self._backlog += not bounded
 
     def close(self) -> list[Message]:
         """Stop writing; the messages of every item not written, in order (and, if called
         again, of whatever was put since)."""
-        self.closed = True
-        left = [m for _, messages in self._queue for m in messages]
+        self._release()
+        left = [m for _, messages, _ in self._queue for m in messages]
         self._queue.clear()
+        self._backlog = 0
         return left
 
     # -- IPushProducer (called by the transport) ---------------------------------------------
@@ -85,14 +100,24 @@ class Outbox:
     def resumeProducing(self) -> None:
         self._paused = False
         while self._queue and not self._paused and not self.closed:
-            data, _ = self._queue[0]
+            data, _, bounded = self._queue[0]
             if not self._emit(data):
                 self.closed = True
                 return
             self._queue.popleft()
+            self._backlog -= not bounded
 
     def stopProducing(self) -> None:
         self.closed = True
+        self._registered = False
+
+    def _release(self) -> None:
+        """Stop writing and let the transport go: a loseConnection() waits for its
+        registered producer, so a closed outbox must unregister."""
+        self.closed = True
+        if self._registered:
+            self._registered = False
+            self._transport.unregisterProducer()
 
 
 class ReadGate:

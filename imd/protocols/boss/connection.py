@@ -80,6 +80,12 @@ class BossConnection:
     def opened(self) -> None:
         self.service.connections.add(self)
 
+    def overflowed(self) -> None:
+        """The client stopped reading: end the session now (what was not written goes back
+        to the offline queue), then close after what the transport took."""
+        self._unbind()
+        self.close()
+
     def closed(self) -> None:
         self._gone = True
         self.service.connections.discard(self)
@@ -114,7 +120,8 @@ class BossConnection:
         # What this user sent from another connection is not echoed: the receive format
         # could not say whom it was sent to.
         if message.sender != self.user_id:
-            self.outbox.put(signals.render(message), (message,))
+            # During the login (no _leave yet) this is the offline queue: not bounded.
+            self.outbox.put(signals.render(message), (message,), self._leave is not None)
 
     def notice(self, event) -> None:
         pass  # 66boss has no friends, presence or kick signals

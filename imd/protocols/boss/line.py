@@ -44,7 +44,7 @@ class BossLine(LineOnlyReceiver):
         self.MAX_LENGTH = service.config.max_frame
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
         outbox = Outbox(self.transport, self._send_text, service.config.max_pending,
-                        self.transport.abortConnection)
+                        self._overflowed)
         self.conn = BossConnection(service, outbox, self.transport.loseConnection,
                                    self.transport.abortConnection)
         self.conn.opened()
@@ -69,6 +69,10 @@ class BossLine(LineOnlyReceiver):
         if self.conn is not None:
             self.conn.closed()
             self.conn = None
+
+    def _overflowed(self) -> None:
+        if self.conn is not None:
+            self.conn.overflowed()
 
     def _send_text(self, text: str) -> bool:
         self.transport.write(escape(text).encode("utf-8") + b"\n")

@@ -17,7 +17,7 @@ class BossWebSocket(WebSocketServerProtocol):
         service = self.factory.service
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
         outbox = Outbox(self.transport, self._send_text, service.config.max_pending,
-                        self._abort)
+                        self._overflowed)
         self.conn = BossConnection(service, outbox, self._close, self._abort)
         self.conn.opened()
 
@@ -48,6 +48,10 @@ class BossWebSocket(WebSocketServerProtocol):
             return False
         self.sendMessage(text.encode("utf-8"))
         return True
+
+    def _overflowed(self) -> None:
+        if self.conn is not None:
+            self.conn.overflowed()
 
     def _close(self) -> None:
         self.sendClose(1000)

@@ -71,7 +71,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self._early: list[bytes] | None = []
         self._gone = False
         self.outbox = Outbox(self.transport, self._emit, service.config.max_pending,
-                             lambda: self.dropConnection(abort=True))
+                             self._overflowed)
         defer.ensureDeferred(self._login()).addErrback(self._login_failed)
 
     async def _login(self) -> None:
@@ -200,7 +200,9 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if message.sender == self.user_id or message.ctype == GROUP:
             return
         body = message.body if message.kind == TEXT else f"[{message.kind}] {message.body}"
-        self.outbox.put(encode({"from": str(message.sender), "payload": body}), (message,))
+        # During the login (no _logout yet) this is the offline queue: not bounded.
+        self.outbox.put(encode({"from": str(message.sender), "payload": body}), (message,),
+                        self._logout is not None)
 
     def notice(self, event: Event) -> None:
         data = event.data
@@ -226,6 +228,19 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self.sendMessage(data)
         return True
 
+    def _overflowed(self) -> None:
+        """The client stopped reading: end the session now (what was not written goes back
+        to the offline queue), then close after what the transport took."""
+        self._leave()
+        self.sendClose(1000)
+
+    def _leave(self) -> None:
+        # A login under way sees _gone and logs out itself once hub.login returns.
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            logout(self.outbox.close()).addErrback(
+                lambda f: log.failure("minami logout failed", f))
+
     def onClose(self, wasClean, code, reason):
         self._gone = True
         service: MinamiService = self.factory.service
@@ -233,11 +248,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if getattr(self, "token", None):
             defer.ensureDeferred(service.accounts.revoke(self.token)).addErrback(
                 lambda f: log.failure("token revoke failed", f))
-        # A login under way sees _gone and logs out itself once hub.login returns.
-        logout, self._logout = self._logout, None
-        if logout is not None:
-            logout(self.outbox.close()).addErrback(
-                lambda f: log.failure("minami logout failed", f))
+        self._leave()
 
 
 def login_resource(service: MinamiService) -> WebSocketResource:

@@ -116,7 +116,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._gone = False
         self._logout: Logout | None = None
         self.outbox = Outbox(self.transport, self._emit, self.service.config.max_pending,
-                             self.transport.abortConnection)
+                             self._overflowed)
         self._gate = ReadGate(self.transport, MAX_IN_FLIGHT)
         self.service.connections.add(self)
 
@@ -311,17 +311,26 @@ class XuanxuanProtocol(LineOnlyReceiver):
                          "message": "This account logined in another place."})
             self.transport.loseConnection()
 
+    def _overflowed(self) -> None:
+        """The client stopped reading: end the session now (what was not written goes back
+        to the offline queue), then close after what the transport took."""
+        self._leave()
+        self.transport.loseConnection()
+
+    def _leave(self) -> None:
+        # A login under way sees _gone and logs out itself once hub.login returns.
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            logout(self._unsent()).addErrback(
+                lambda f: log.failure("xuanxuan logout failed", f))
+
     def connectionLost(self, reason=protocol.connectionDone):
         self._gone = True
         self.service.connections.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
                 lambda f: log.failure("revoke failed", f))
-        # A login under way sees _gone and logs out itself once hub.login returns.
-        logout, self._logout = self._logout, None
-        if logout is not None:
-            logout(self._unsent()).addErrback(
-                lambda f: log.failure("xuanxuan logout failed", f))
+        self._leave()
 
     # -- methods ---------------------------------------------------------------------------
 
