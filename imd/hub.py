@@ -109,6 +109,15 @@ class Hub:
         the connection ends, also when it ended while this login was under way.  If login
         fails, it has undone itself.
         """
+        self._logouts += 1  # a login under way also holds up the shutdown
+        try:
+            return await self._login(session)
+        finally:
+            # After the caller has resumed: if its connection closed meanwhile, it has
+            # started its logout by then.
+            self.clock.callLater(0, self._settled)
+
+    async def _login(self, session: Session) -> Logout:
         uid = session.user_id
         self.sessions.setdefault(uid, []).append(session)
         self._attaching[session] = []
@@ -168,14 +177,18 @@ class Hub:
                     if friends:
                         await self.notify(friends, Event("offline", {"user": uid}))
         finally:
-            self._logouts -= 1
-            if not self._logouts:
-                waiting, self._quiet = self._quiet, []
-                for d in waiting:
-                    d.callback(None)
+            self._settled()
+
+    def _settled(self) -> None:
+        """One login or logout is over; at none under way, wake logouts_done()."""
+        self._logouts -= 1
+        if not self._logouts:
+            waiting, self._quiet = self._quiet, []
+            for d in waiting:
+                d.callback(None)
 
     def logouts_done(self) -> defer.Deferred:
-        """Fires when no logout is under way (used at shutdown, before Redis goes)."""
+        """Fires when no login or logout is under way (used at shutdown, before Redis goes)."""
         if not self._logouts:
             return defer.succeed(None)
         d = defer.Deferred()

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from imd.model import Message
 
 log = Logger()
+IN_FLIGHT = 32  # requests of one connection under way before it is not read any more
 
 
 @implementer(IPushProducer)
@@ -124,7 +125,7 @@ class ReadGate:
     """Back-pressure on the read side: the transport stops reading while more than ``limit``
     requests of the connection are under way (like twisted.web's HTTPChannel)."""
 
-    def __init__(self, transport, limit: int):
+    def __init__(self, transport, limit: int = IN_FLIGHT):
         self._transport = transport
         self.limit = limit
         self.busy = 0

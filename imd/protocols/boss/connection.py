@@ -20,7 +20,7 @@ from imd.hub import Hub, HubError, Logout
 from imd.model import Message
 from imd.protocols.boss import signals
 from imd.protocols.boss.signals import SignalError
-from imd.protocols.flow import Outbox
+from imd.protocols.flow import Outbox, ReadGate
 
 log = Logger()
 
@@ -61,10 +61,11 @@ class BossConnection:
     signals' text.
     """
 
-    def __init__(self, service: BossService, outbox: Outbox,
+    def __init__(self, service: BossService, outbox: Outbox, gate: ReadGate,
                  close: Callable[[], None], abort: Callable[[], None]):
         self.service = service
         self.outbox = outbox
+        self.gate = gate  # sends under way: a client sending faster is not read
         self.close = close
         self.abort = abort
         self.user_id: int | None = None
@@ -198,8 +199,10 @@ class BossConnection:
         command = text.partition("_")[0]
         self._require_login(command)
         send = signals.parse_send(text)
+        self.gate.begin()
         self.service.hub.send(self, send.ctype, send.to, send.kind, send.body,
-                              send.extension).addErrback(self._refused, command)
+                              send.extension).addErrback(self._refused, command).addBoth(
+            self.gate.end)
 
     def _refused(self, failure, command: str) -> None:
         if failure.check(SignalError):

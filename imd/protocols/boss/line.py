@@ -11,7 +11,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
-from imd.protocols.flow import Outbox, tune_socket
+from imd.protocols.flow import Outbox, ReadGate, tune_socket
 
 _ESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
 
@@ -45,8 +45,8 @@ class BossLine(LineOnlyReceiver):
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
         outbox = Outbox(self.transport, self._send_text, service.config.max_pending,
                         self._overflowed)
-        self.conn = BossConnection(service, outbox, self.transport.loseConnection,
-                                   self.transport.abortConnection)
+        self.conn = BossConnection(service, outbox, ReadGate(self.transport),
+                                   self.transport.loseConnection, self.transport.abortConnection)
         self.conn.opened()
 
     def lineReceived(self, line: bytes):

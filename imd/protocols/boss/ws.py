@@ -7,7 +7,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 
 from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
-from imd.protocols.flow import Outbox, tune_socket
+from imd.protocols.flow import Outbox, ReadGate, tune_socket
 
 
 class BossWebSocket(WebSocketServerProtocol):
@@ -18,7 +18,8 @@ class BossWebSocket(WebSocketServerProtocol):
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
         outbox = Outbox(self.transport, self._send_text, service.config.max_pending,
                         self._overflowed)
-        self.conn = BossConnection(service, outbox, self._close, self._abort)
+        self.conn = BossConnection(service, outbox, ReadGate(self.transport), self._close,
+                                   self._abort)
         self.conn.opened()
 
     def onMessage(self, payload: bytes, isBinary: bool):

@@ -27,7 +27,7 @@ from imd.friends import Friends
 from imd.hub import Hub, HubError, Logout
 from imd.model import GROUP, TEXT, UNICAST, Event, Message
 from imd.passwords import md5hex
-from imd.protocols.flow import Outbox, tune_socket
+from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.protocols.minami.codes import encode, reply
 from imd.protocols.minami.http import parse_id, profile_json
 
@@ -72,6 +72,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self._gone = False
         self.outbox = Outbox(self.transport, self._emit, service.config.max_pending,
                              self._overflowed)
+        self._gate = ReadGate(self.transport)  # sends under way
         defer.ensureDeferred(self._login()).addErrback(self._login_failed)
 
     async def _login(self) -> None:
@@ -180,9 +181,11 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if ident is None or ident == "":
             self._send(reply(506))
             return
+        self._gate.begin()
         d = self.factory.service.hub.send(self, UNICAST, friend, TEXT, text, friends_only=True)
         d.addCallbacks(lambda _: self._send(reply(200, id=ident)), self._refused,
                        errbackArgs=(ident,))
+        d.addBoth(self._gate.end)
 
     def _refused(self, failure, ident) -> None:
         failure.trap(HubError)

@@ -29,7 +29,6 @@ STATUSES = ("online", "away", "busy")
 CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
-MAX_IN_FLIGHT = 32  # requests read ahead of their answers; above it the socket is not read
 
 
 class XuanxuanService:
@@ -117,7 +116,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._logout: Logout | None = None
         self.outbox = Outbox(self.transport, self._emit, self.service.config.max_pending,
                              self._overflowed)
-        self._gate = ReadGate(self.transport, MAX_IN_FLIGHT)
+        self._gate = ReadGate(self.transport)
         self.service.connections.add(self)
 
     # -- framing ---------------------------------------------------------------------------
@@ -233,6 +232,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._logout = logout
         users = await service.all_users_json()
         chats = await self._chat_infos(await service.chats.of_user(user.id))
+        if self._gone:  # connectionLost requeued what was collected
+            return
         queued, rendered = self._collect, []
         while len(rendered) < len(queued):  # more may come while rendering
             rendered.append(await self._message_json(queued[len(rendered)]))
