@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 
 from imd.model import TEXT, UNICAST, Message
 from imd.protocols.flow import Outbox, ReadGate
-from tests.conftest import unique
+from tests.conftest import CLEAN_EXIT, unique
 from tests.test_boss import logged_in
 from tests.test_minami import ok, register
 from tests.test_xuanxuan import md5
@@ -330,3 +330,24 @@ async def _token(d, uid: int) -> str:
     from imd.accounts import Accounts
 
     return await Accounts(await d.store(), 3600).issue_token(uid)
+
+
+# -- node shutdown ---------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_webim_ticket_held_at_shutdown_is_delivered_after_the_restart(
+        fresh_daemon):
+    from tests.test_webim import Webim, tab
+
+    d = fresh_daemon().start()
+    _, _, ca = await logged_in(d, via="line")
+    w = await tab(d)  # a webim tab that does not poll: its ticket holds the message
+    ca.send(f"text_{w.uid}_for webim_unicast_x")
+    ca.send(f"records_{w.uid}_0")  # a barrier: the message is stored and handed over
+    assert (await ca.next()).startswith(f"records_{w.uid}_0_")
+    await d.close_store()
+    assert d.stop() in CLEAN_EXIT
+    d.start()
+    reply = await Webim(d, w.uid, w.token).online()
+    assert [m["body"] for m in reply["new_messages"]] == ["for webim"]
+    await d.close_store()
