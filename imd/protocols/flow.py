@@ -71,7 +71,7 @@ class Outbox:
         if not self._paused and not self._queue:
             if self._emit(data):
                 return
-            self.closed = True
+            self._release()
             self._queue.append(item)
             return
         if bounded and len(self._queue) - self._backlog >= self.limit:
@@ -103,7 +103,7 @@ class Outbox:
         while self._queue and not self._paused and not self.closed:
             data, _, bounded = self._queue[0]
             if not self._emit(data):
-                self.closed = True
+                self._release()
                 return
             self._queue.popleft()
             self._backlog -= not bounded
