@@ -50,8 +50,9 @@ _OPTIONS = [
     ("max-body", 1024 * 1024, int, "largest HTTP request body (other than uploads), in bytes"),
     ("max-upload", 20 * 1024 * 1024, int, "largest uploaded file, in bytes"),
     ("max-queue", 10000, int, "offline messages kept per user (the oldest are dropped)"),
-    ("max-outbuf", 4 * 1024 * 1024, int,
-     "bytes waiting to be sent to one slow client before it is dropped"),
+    ("max-pending", 1000, int,
+     "messages and replies waiting for one client that does not read before it is dropped "
+     "(its unwritten messages go back to its offline queue)"),
     ("history-limit", 1000, int, "messages kept per conversation"),
     ("webim-secret", "", str,
      "secret shared with a host site that signs webim 'auth' values; empty = none accepted"),
@@ -90,7 +91,7 @@ class Config:
     max_body: int = 1024 * 1024
     max_upload: int = 20 * 1024 * 1024
     max_queue: int = 10000
-    max_outbuf: int = 4 * 1024 * 1024
+    max_pending: int = 1000
     history_limit: int = 1000
     webim_secret: str = ""
     poll_timeout: float = 28.0
@@ -165,6 +166,7 @@ def _check(config: Config) -> None:
         raise ConfigError("--boss-address-window must be positive")
     for name in ("redis_wait", "redis_timeout", "heartbeat", "heartbeat_timeout",
                  "node_timeout", "token_ttl", "max_frame", "max_body", "max_upload",
-                 "max_queue", "max_outbuf", "history_limit", "poll_timeout", "ticket_timeout", "offline_grace"):
+                 "max_queue", "max_pending", "history_limit", "poll_timeout",
+                 "ticket_timeout", "offline_grace"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")

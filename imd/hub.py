@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from typing import Protocol
+from typing import Callable, Iterable, Protocol
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -49,6 +49,9 @@ class Session(Protocol):
         the kinds their protocol has no way to show."""
 
 
+Logout = Callable[..., defer.Deferred]  # logout(unsent: Iterable[Message] = ()), from login
+
+
 class HubError(Exception):
     """A request the hub refuses; the message is fit to show to the client."""
 
@@ -71,6 +74,9 @@ class Hub:
         # Sessions whose offline queue is being drained: live deliveries wait here so that
         # queued messages come first.
         self._attaching: dict[Session, list[Message]] = {}
+        # Per session, the newest message id delivered here before it logged in.
+        self._marks: dict[Session, int] = {}
+        self._last_id = 0
         self._heartbeat: task.LoopingCall | None = None
         self.stopping = False
         self._logouts = 0  # logouts under way
@@ -128,48 +134,93 @@ class Hub:
     def is_local(self, uid: int) -> bool:
         return uid in self.sessions
 
-    async def login(self, session: Session) -> None:
-        """Register a session, then deliver its user's offline queue to it, in order."""
+    async def login(self, session: Session) -> Logout:
+        """Register a session, then deliver its user's offline queue to it, in order.
+
+        Returns the one callable that undoes everything login registered (like
+        twisted.cred's ``Portal.login``): ``logout(unsent)`` forgets the session and puts the
+        messages it could not write back in its user's offline queue.  Call it exactly when
+        the connection ends, also when it ended while this login was under way.  If login
+        fails, it has undone itself.
+        """
+        self._logouts += 1  # a login under way also holds up the shutdown
+        try:
+            return await self._login(session)
+        finally:
+            # After the caller has resumed: if its connection closed meanwhile, it has
+            # started its logout by then.
+            self.clock.callLater(0, self._settled)
+
+    async def _login(self, session: Session) -> Logout:
         uid = session.user_id
         self.sessions.setdefault(uid, []).append(session)
         if getattr(session, "watches_directory", False):
             self.watchers.add(session)
         self._attaching[session] = []
+        self._marks[session] = self._last_id
+        ended = False
+
+        def logout(unsent: Iterable[Message] = ()) -> defer.Deferred:
+            nonlocal ended
+            if ended:
+                return defer.succeed(None)
+            ended = True
+            return defer.ensureDeferred(self._logout(session, uid, list(unsent)))
+
         try:
             was_live, queued = await self.store.attach(uid, self.node)
-        except Exception:
-            self._attaching.pop(session, None)
-            self._remove(session)
+        except BaseException:
+            logout().addErrback(lambda f: log_failure(log, "logout after a failed login", f))
             raise
         live = self._attaching.pop(session, [])
-        seen = {m.id for m in queued}
-        for message in queued:
-            session.deliver(message)
+        seen: set[int] = set()
+        for message in queued:  # sorted by id; a message requeued by two sessions is shown once
+            if message.id not in seen:
+                seen.add(message.id)
+                session.deliver(message)
         for message in live:
             if message.id not in seen:
                 session.deliver(message)
         if not was_live:
             await self._presence(uid, ONLINE)
+        return logout
 
-    async def logout(self, session: Session) -> None:
-        """Forget a session; when its user is then offline everywhere, say so (presence)."""
+    async def logout(self, session: Session, unsent: Iterable[Message] = ()) -> None:
+        """Forget a session (prefer the callable ``login`` returned)."""
+        await self._logout(session, session.user_id, list(unsent))
+
+    async def _logout(self, session: Session, uid: int, unsent: list[Message]) -> None:
+        """Forget a session and requeue what it did not write; when its user is then
+        offline everywhere, say so (presence)."""
         self._attaching.pop(session, None)
-        if self._remove(session) and not self.stopping:
-            uid = session.user_id
-            self._logouts += 1
-            try:
+        self._marks.pop(session, None)
+        last = self._remove(session, uid)
+        # What another live session here was given is not queued again: it got every
+        # message delivered after it logged in (mark: the newest id delivered before).
+        others = [self._marks.get(s, 0) for s in self.sessions.get(uid, ())]
+        unsent = [m for m in unsent if not any(mark < m.id for mark in others)]
+        self._logouts += 1
+        try:
+            if unsent:
+                # Before detach, so that a next login's attach finds them.
+                await self.store.requeue(uid, unsent)
+            if last and not self.stopping:
                 await self.store.detach(uid, self.node)
                 if not await self.store.is_online(uid):
                     await self._presence(uid, OFFLINE)
-            finally:
-                self._logouts -= 1
-                if not self._logouts:
-                    waiting, self._quiet = self._quiet, []
-                    for d in waiting:
-                        d.callback(None)
+        finally:
+            self._settled()
+
+    def _settled(self) -> None:
+        """One login or logout is over; at none under way, wake logouts_done()."""
+        self._logouts -= 1
+        if not self._logouts:
+            waiting, self._quiet = self._quiet, []
+            for d in waiting:
+                d.callback(None)
 
     def logouts_done(self) -> defer.Deferred:
-        """Fires when no logout is under way (used at shutdown, before Redis goes)."""
+        """Fires when no login or logout is under way (used at shutdown, before Redis goes)."""
         if not self._logouts:
             return defer.succeed(None)
         d = defer.Deferred()
@@ -248,15 +299,15 @@ class Hub:
         except Exception:
             log.failure("bad presence on {channel}", channel=channel)
 
-    def _remove(self, session: Session) -> bool:
+    def _remove(self, session: Session, uid: int) -> bool:
         """Forget a session; True when it was its user's last one on this node."""
-        mine = self.sessions.get(session.user_id)
+        mine = self.sessions.get(uid)
         if mine is None or session not in mine:
             return False
         mine.remove(session)
         self.watchers.discard(session)
         if not mine:
-            del self.sessions[session.user_id]
+            del self.sessions[uid]
             return True
         return False
 
@@ -292,6 +343,8 @@ class Hub:
         return message
 
     def _deliver_local(self, uid: int, message: Message, origin: Session | None = None) -> None:
+        if message.id > self._last_id:
+            self._last_id = message.id
         sessions = self.sessions.get(uid)
         if not sessions:
             if uid != message.sender:

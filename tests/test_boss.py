@@ -314,7 +314,7 @@ async def test_rebinding_and_foreign_logout_are_refused(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_client_that_does_not_read_is_dropped(fresh_daemon):
-    d = fresh_daemon("--max-outbuf", "50000").start()
+    d = fresh_daemon("--max-pending", "50").start()
     a, _, ca = await logged_in(d, via="line")
     b, _, cb = await logged_in(d, via="line")
     cb.proto.transport.pauseProducing()  # b stops reading

@@ -55,7 +55,7 @@ def test_help_documents_every_option():
     out = run([*TWISTD, "imd", "--help"]).stdout
     for option in ["--web", "--boss-line", "--redis", "--data-dir", "--boss-auth",
                    "--heartbeat", "--heartbeat-timeout", "--node-timeout", "--max-frame",
-                   "--max-body", "--max-upload", "--max-queue", "--max-outbuf", "--config",
+                   "--max-body", "--max-upload", "--max-queue", "--max-pending", "--config",
                    "--token-ttl", "--history-limit", "--public-url"]:
         assert option in out, option
 

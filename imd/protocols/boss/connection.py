@@ -21,12 +21,13 @@ from twisted.logger import Logger
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.groups import GroupError, Groups
-from imd.hub import Hub, HubError
+from imd.hub import Hub, HubError, Logout
 from imd.model import Message
 from imd.protocols.boss import signals
 from imd.protocols.boss.proofs import Proofs
 from imd.protocols.boss.signals import SignalError
 from imd.unavailable import log_failure
+from imd.protocols.flow import Outbox, ReadGate
 
 log = Logger()
 
@@ -74,12 +75,17 @@ class BossService:
 
 
 class BossConnection:
-    """Signal handling for one client; ``write`` sends one signal, ``abort`` drops the link."""
+    """Signal handling for one client; ``write`` sends one signal, ``abort`` drops the link.
 
-    def __init__(self, service: BossService, write: Callable[[str], None],
+    Everything is written through ``outbox`` (the transport's producer), whose items are the
+    signals' text.
+    """
+
+    def __init__(self, service: BossService, outbox: Outbox, gate: ReadGate,
                  close: Callable[[], None], abort: Callable[[], None], host: str = ""):
         self.service = service
-        self.write = write
+        self.outbox = outbox
+        self.gate = gate  # sends under way: a client sending faster is not read
         self.close = close
         self.abort = abort
         self.host = host  # the client's source address
@@ -87,11 +93,21 @@ class BossConnection:
         self._token: str | None = None  # what the login was proved with; revoked by logout_
         self._waiting: list[str] | None = None  # signals that arrived during a login
         self._gone = False
+        self._leave: Logout | None = None
+
+    def write(self, text: str) -> None:
+        self.outbox.put(text)
 
     # -- transport events ----------------------------------------------------------------
 
     def opened(self) -> None:
         self.service.connections.add(self)
+
+    def overflowed(self) -> None:
+        """The client stopped reading: end the session now (what was not written goes back
+        to the offline queue), then close after what the transport took."""
+        self._unbind()
+        self.close()
 
     def closed(self) -> None:
         self._gone = True
@@ -129,7 +145,8 @@ class BossConnection:
         # What this user sent from another connection is not echoed: the receive format
         # could not say whom it was sent to.
         if message.sender != self.user_id:
-            self.write(signals.render(message))
+            # During the login (no _leave yet) this is the offline queue: not bounded.
+            self.outbox.put(signals.render(message), (message,), self._leave is not None)
 
     def notice(self, event) -> None:
         pass  # 66boss has no friends, presence or kick signals
@@ -179,7 +196,12 @@ class BossConnection:
         proofs.bound(self.host)
         proofs.record(uid, self.host, self._token)
         self.write("ok")
-        await self.service.hub.login(self)
+        logout = await self.service.hub.login(self)
+        if self._gone:  # closed while the login was under way
+            self.service.proofs.unbound(self.host)
+            await logout(self.outbox.close())
+        else:
+            self._leave = logout
 
     def _login_failed(self, failure) -> None:
         log_failure(log, "login failed", failure)
@@ -210,18 +232,22 @@ class BossConnection:
         self.close()
 
     def _unbind(self) -> None:
-        if self.user_id is not None:
+        """Leave the hub; what the outbox did not write goes back to the offline queue."""
+        logout, self._leave = self._leave, None
+        if logout is not None:
             self.service.proofs.unbound(self.host)
-            d = defer.ensureDeferred(self.service.hub.logout(self))
-            d.addErrback(lambda f: log_failure(log, "logout failed", f))
+            logout(self.outbox.close()).addErrback(
+                lambda f: log_failure(log, "logout failed", f))
             self.user_id = None
 
     def _send(self, text: str) -> None:
         command = text.partition("_")[0]
         self._require_login(command)
         send = signals.parse_send(text)
+        self.gate.begin()
         self.service.hub.send(self, send.ctype, send.to, send.kind, send.body,
-                              send.extension).addErrback(self._refused, command)
+                              send.extension).addErrback(self._refused, command).addBoth(
+            self.gate.end)
 
     def _refused(self, failure, command: str) -> None:
         if failure.check(SignalError):

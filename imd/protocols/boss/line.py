@@ -12,7 +12,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
 from imd.protocols.boss.proofs import source_host
-from imd.protocols.flow import pending_bytes, tune_socket
+from imd.protocols.flow import Outbox, ReadGate, tune_socket
 
 _ESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
 
@@ -44,8 +44,10 @@ class BossLine(LineOnlyReceiver):
         service = self.factory.service
         self.MAX_LENGTH = service.config.max_frame
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
-        self.conn = BossConnection(service, self._send_text, self.transport.loseConnection,
-                                   self.transport.abortConnection,
+        outbox = Outbox(self.transport, self._send_text, service.config.max_pending,
+                        self._overflowed)
+        self.conn = BossConnection(service, outbox, ReadGate(self.transport),
+                                   self.transport.loseConnection, self.transport.abortConnection,
                                    source_host(self.transport.getPeer()))
         self.conn.opened()
 
@@ -57,12 +59,12 @@ class BossLine(LineOnlyReceiver):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            self._send_text(signals.error("line", "not valid UTF-8"))
+            self.conn.write(signals.error("line", "not valid UTF-8"))
             return
         self.conn.signal_received(unescape(text))
 
     def lineLengthExceeded(self, line):
-        self._send_text(signals.error("line", "line too long"))
+        self.conn.write(signals.error("line", "line too long"))
         self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone):
@@ -70,11 +72,13 @@ class BossLine(LineOnlyReceiver):
             self.conn.closed()
             self.conn = None
 
-    def _send_text(self, text: str) -> None:
-        if pending_bytes(self.transport) > self.factory.service.config.max_outbuf:
-            self.transport.abortConnection()
-            return
+    def _overflowed(self) -> None:
+        if self.conn is not None:
+            self.conn.overflowed()
+
+    def _send_text(self, text: str) -> bool:
         self.transport.write(escape(text).encode("utf-8") + b"\n")
+        return True
 
 
 def line_factory(service: BossService) -> protocol.Factory:

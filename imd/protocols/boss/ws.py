@@ -8,7 +8,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
 from imd.protocols.boss.proofs import source_host
-from imd.protocols.flow import pending_bytes, tune_socket
+from imd.protocols.flow import Outbox, ReadGate, tune_socket
 
 
 class BossWebSocket(WebSocketServerProtocol):
@@ -17,7 +17,10 @@ class BossWebSocket(WebSocketServerProtocol):
     def onOpen(self):
         service = self.factory.service
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
-        self.conn = BossConnection(service, self._send_text, self._close, self._abort,
+        outbox = Outbox(self.transport, self._send_text, service.config.max_pending,
+                        self._overflowed)
+        self.conn = BossConnection(service, outbox, ReadGate(self.transport), self._close,
+                                   self._abort,
                                    source_host(self.transport.getPeer()))
         self.conn.opened()
 
@@ -26,7 +29,7 @@ class BossWebSocket(WebSocketServerProtocol):
             try:
                 text = payload.decode("utf-8")
             except UnicodeDecodeError:
-                self._send_text(signals.error("frame", "binary frames must be UTF-8 text"))
+                self.conn.write(signals.error("frame", "binary frames must be UTF-8 text"))
                 return
         else:
             text = payload.decode("utf-8")  # autobahn has validated text frames
@@ -43,13 +46,15 @@ class BossWebSocket(WebSocketServerProtocol):
             self.conn.closed()
             self.conn = None
 
-    def _send_text(self, text: str) -> None:
+    def _send_text(self, text: str) -> bool:
         if self.state != self.STATE_OPEN:
-            return
-        if pending_bytes(self.transport) > self.factory.service.config.max_outbuf:
-            self._abort()
-            return
+            return False
         self.sendMessage(text.encode("utf-8"))
+        return True
+
+    def _overflowed(self) -> None:
+        if self.conn is not None:
+            self.conn.overflowed()
 
     def _close(self) -> None:
         self.sendClose(1000)

@@ -24,10 +24,10 @@ from twisted.logger import Logger
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.friends import Friends
-from imd.hub import Hub, HubError
+from imd.hub import Hub, HubError, Logout
 from imd.model import GROUP, OFFLINE, PRESENCE, TEXT, UNICAST, Event, Message
 from imd.passwords import md5hex
-from imd.protocols.flow import pending_bytes, tune_socket
+from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.unavailable import log_failure
 from imd.protocols.minami.codes import encode, reply
 from imd.protocols.minami.http import parse_id, profile_json
@@ -54,6 +54,8 @@ def _id_value(value) -> str | None:
 
 class MinamiWebSocket(WebSocketServerProtocol):
     user_id: int | None = None
+    outbox: Outbox | None = None
+    _logout: Logout | None = None
 
     def onConnect(self, request):
         params = request.params
@@ -69,6 +71,9 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self.token: str | None = None
         self._early: list[bytes] | None = []
         self._gone = False
+        self.outbox = Outbox(self.transport, self._emit, service.config.max_pending,
+                             self._overflowed)
+        self._gate = ReadGate(self.transport)  # sends under way
         defer.ensureDeferred(self._login()).addErrback(self._login_failed)
 
     async def _login(self) -> None:
@@ -78,15 +83,19 @@ class MinamiWebSocket(WebSocketServerProtocol):
         user = None
         if account and password:
             user = await service.accounts.authenticate(account, md5hex(password))
+        if self._gone:
+            return
         if user is None:
             self._send(reply(505))
             self.sendClose(1000)
             return
         self.token = await service.accounts.issue_token(user.id)
+        if self._gone:  # onClose did not see the token yet
+            await service.accounts.revoke(self.token)
+            return
         friends = await service.friends.list(user.id)
         requests = await service.friends.requests(user.id)
         if self._gone:
-            await service.accounts.revoke(self.token)
             return
         self._send(reply(
             200, profile=profile_json(user),
@@ -99,7 +108,13 @@ class MinamiWebSocket(WebSocketServerProtocol):
         await service.hub.notify([user.id], Event("login", {"protocol": "minami",
                                                            "session": self.nonce}),
                                  exclude=self)
-        await service.hub.login(self)
+        if self._gone:
+            return
+        logout = await service.hub.login(self)
+        if self._gone:  # closed while the login was under way
+            await logout(self.outbox.close())
+            return
+        self._logout = logout
         early, self._early = self._early or [], None
         for frame in early:
             self._queue_frame(frame)
@@ -167,9 +182,11 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if ident is None or ident == "":
             self._send(reply(506))
             return
+        self._gate.begin()
         d = self.factory.service.hub.send(self, UNICAST, friend, TEXT, text, friends_only=True)
         d.addCallbacks(lambda _: self._send(reply(200, id=ident)), self._refused,
                        errbackArgs=(ident,))
+        d.addBoth(self._gate.end)
 
     def _refused(self, failure, ident) -> None:
         failure.trap(HubError)
@@ -187,7 +204,9 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if message.sender == self.user_id or message.ctype == GROUP:
             return
         body = message.body if message.kind == TEXT else f"[{message.kind}] {message.body}"
-        self._send({"from": str(message.sender), "payload": body})
+        # During the login (no _logout yet) this is the offline queue: not bounded.
+        self.outbox.put(encode({"from": str(message.sender), "payload": body}), (message,),
+                        self._logout is not None)
 
     def notice(self, event: Event) -> None:
         data = event.data
@@ -204,12 +223,27 @@ class MinamiWebSocket(WebSocketServerProtocol):
     # -- transport -----------------------------------------------------------------------
 
     def _send(self, obj) -> None:
+        if self.outbox is not None:
+            self.outbox.put(encode(obj))
+
+    def _emit(self, data: bytes) -> bool:
         if self._gone or self.transport is None or self.state != self.STATE_OPEN:
-            return
-        if pending_bytes(self.transport) > self.factory.service.config.max_outbuf:
-            self.dropConnection(abort=True)
-            return
-        self.sendMessage(encode(obj))
+            return False
+        self.sendMessage(data)
+        return True
+
+    def _overflowed(self) -> None:
+        """The client stopped reading: end the session now (what was not written goes back
+        to the offline queue), then close after what the transport took."""
+        self._leave()
+        self.sendClose(1000)
+
+    def _leave(self) -> None:
+        # A login under way sees _gone and logs out itself once hub.login returns.
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            logout(self.outbox.close()).addErrback(
+                lambda f: log_failure(log, "minami logout failed", f))
 
     def onClose(self, wasClean, code, reason):
         self._gone = True
@@ -218,10 +252,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if getattr(self, "token", None):
             defer.ensureDeferred(service.accounts.revoke(self.token)).addErrback(
                 lambda f: log_failure(log, "token revoke failed", f))
-        if self.user_id is not None:
-            defer.ensureDeferred(service.hub.logout(self)).addErrback(
-                lambda f: log_failure(log, "minami logout failed", f))
-            self.user_id = None
+        self._leave()
 
 
 def login_resource(service: MinamiService) -> WebSocketResource:

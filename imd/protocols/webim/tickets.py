@@ -248,6 +248,15 @@ class Tickets:
             lambda f: log_failure(log, "webim ticket {what} failed", f, what=what))
 
     def close_all(self) -> None:
-        for ticket in list(self.by_id.values()):
+        """At shutdown: answer every poll; what no tab was given goes back to the users'
+        offline queues (once per user)."""
+        held: dict[int, dict[int, Message]] = {}
+        unbound = [t for waiting in self.unbound.values() for t in waiting]
+        for ticket in [*self.by_id.values(), *unbound]:
             ticket.bound = False
             ticket.answer(stopped=True)
+            held.setdefault(ticket.user_id, {}).update((m.id, m) for m in ticket.messages)
+            ticket.messages = []
+        for uid, messages in held.items():
+            if messages:
+                self._finish(self.hub.store.requeue(uid, [messages[i] for i in sorted(messages)]))

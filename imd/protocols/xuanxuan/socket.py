@@ -20,11 +20,11 @@ from twisted.protocols.basic import LineOnlyReceiver
 from imd.accounts import Accounts
 from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
-from imd.hub import Hub, HubError
+from imd.hub import Hub, HubError, Logout
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
                        SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
                        one2one_gid)
-from imd.protocols.flow import pending_bytes, tune_socket
+from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.unavailable import log_failure
 
 log = Logger()
@@ -154,7 +154,13 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # The chats this client has been shown (conversation -> the chat's gid): a message
         # on any other chat is preceded by the chat (a 1.0 client drops it otherwise).
         self.shown: dict[str, str] = {}
+        self._rendering: list[Message] = []  # delivered, not yet written (login, first contact)
         self._push_serial = 0
+        self._gone = False
+        self._logout: Logout | None = None
+        self.outbox = Outbox(self.transport, self._emit, self.service.config.max_pending,
+                             self._overflowed)
+        self._gate = ReadGate(self.transport)
         self.service.connections.add(self)
 
     # -- framing ---------------------------------------------------------------------------
@@ -170,19 +176,22 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if not isinstance(request, dict):
             self._reply({}, "fail", "request must be one JSON object")
             return
+        self._gate.begin()
         self._chain.addCallback(lambda _: defer.ensureDeferred(self._handle(request)))
         self._chain.addErrback(self._failed, request)
+        self._chain.addBoth(self._gate.end)
 
     def lineLengthExceeded(self, line):
         self._reply({}, "fail", "request too long")
         self.transport.loseConnection()
 
-    def _write(self, obj) -> None:
-        if pending_bytes(self.transport) > self.service.config.max_outbuf:
-            self.transport.abortConnection()
-            return
-        self.transport.write(json.dumps(obj, ensure_ascii=False,
-                                        separators=(",", ":")).encode("utf-8") + b"\n")
+    def _write(self, obj, messages=()) -> None:
+        self.outbox.put(json.dumps(obj, ensure_ascii=False,
+                                   separators=(",", ":")).encode("utf-8") + b"\n", messages)
+
+    def _emit(self, data: bytes) -> bool:
+        self.transport.write(data)
+        return True
 
     def _reply(self, request: dict, result: str, message: str = "", data=None, **extra):
         obj = {"module": request.get("module", ""), "method": request.get("method", ""),
@@ -195,8 +204,9 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._push_serial += 1
         return {"id": self._push_serial, "module": module, "method": method, "data": data}
 
-    def push(self, *packets: dict) -> None:
-        self._write(list(packets))
+    def push(self, *packets: dict, messages=()) -> None:
+        """Write packets in one push; ``messages``: the hub messages they show."""
+        self._write(list(packets), messages)
 
     def _failed(self, failure, request):
         log_failure(log, "xuanxuan request failed", failure)
@@ -237,20 +247,34 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._reply(request, "fail", "already logged in")
             return
         user = await service.accounts.authenticate(account, password.strip().lower())
+        if self._gone:
+            return
         if user is None:
             self._reply(request, "fail", "wrong account or password")
             return
         await service.hub.set_show(user.id, SHOW_OF_STATUS.get(status, "available"))
         self.sid = await service.accounts.issue_token(user.id)
+        if self._gone:  # connectionLost did not see the sid yet
+            await service.accounts.revoke(self.sid)
+            return
         self.user_id = user.id
         me = await service.user_json(user, online=True)
         await service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
                                                            "session": self.nonce}),
                                  exclude=self)
+        if self._gone:
+            return
         self._reply(request, "success", data=me)
+        # Messages (the offline queue, then live ones) wait until the user and chat lists
+        # are pushed, so that the client knows the chats they refer to.
         self._collect = []
-        await service.hub.login(self)
+        logout = await service.hub.login(self)
+        if self._gone:  # closed while the login was under way
+            await logout(self._unsent())
+            return
+        self._logout = logout
         queued, self._collect = self._collect, None
+        self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
         # Live messages from now on wait for the login array (they need the chats shown).
         self._out = gate = defer.Deferred()
         try:
@@ -273,6 +297,9 @@ class XuanxuanProtocol(LineOnlyReceiver):
                 except ChatError:
                     pass  # the group is gone
         chats = await self._chat_infos(mine)
+        if self._gone:  # connectionLost requeued the queued messages
+            return
+        del self._rendering[:len(queued)]
         queued = [m for m in queued if m.conversation in self.shown]
         packets = [self._packet("chat", "userGetlist", users)]
         if chats:
@@ -280,7 +307,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if queued:
             packets.append(self._packet("chat", "message",
                                         [self._message_json(m) for m in queued]))
-        self.push(*packets)
+        self.push(*packets, messages=queued)
 
     async def _chat_infos(self, chats: list[Chat]) -> list[dict]:
         """The chat objects for this client; the ones it is a member of count as shown."""
@@ -312,6 +339,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if self._collect is not None:
             self._collect.append(message)
             return
+        self._rendering.append(message)
         self._out.addCallback(lambda _: defer.ensureDeferred(self._push_message(message)))
         self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
 
@@ -321,12 +349,21 @@ class XuanxuanProtocol(LineOnlyReceiver):
             try:
                 chat = await self.service.chats.of_message(message, self.user_id)
             except ChatError:
-                return  # the group is gone
-            packets.append(self._packet("chat", "create", await self._chat_info(chat)))
-            if message.conversation not in self.shown:
-                return  # no longer a member
-        packets.append(self._packet("chat", "message", [self._message_json(message)]))
-        self.push(*packets)
+                chat = None  # the group is gone
+            if chat is not None:
+                packets.append(self._packet("chat", "create", await self._chat_info(chat)))
+        if message not in self._rendering:  # the session ended and requeued it
+            return
+        self._rendering.remove(message)
+        if message.conversation in self.shown:  # else: no longer a member
+            packets.append(self._packet("chat", "message", [self._message_json(message)]))
+            self.push(*packets, messages=(message,))
+
+    def _unsent(self) -> list[Message]:
+        """Every message delivered to this session and not written, in order."""
+        unsent = self.outbox.close() + (self._collect or []) + self._rendering
+        self._collect, self._rendering = None, []
+        return unsent
 
     def _message_json(self, m: Message) -> dict:
         """A message on a chat this client has been shown."""
@@ -357,15 +394,26 @@ class XuanxuanProtocol(LineOnlyReceiver):
                          "message": "This account logined in another place."})
             self.transport.loseConnection()
 
+    def _overflowed(self) -> None:
+        """The client stopped reading: end the session now (what was not written goes back
+        to the offline queue), then close after what the transport took."""
+        self._leave()
+        self.transport.loseConnection()
+
+    def _leave(self) -> None:
+        # A login under way sees _gone and logs out itself once hub.login returns.
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            logout(self._unsent()).addErrback(
+                lambda f: log_failure(log, "xuanxuan logout failed", f))
+
     def connectionLost(self, reason=protocol.connectionDone):
+        self._gone = True
         self.service.connections.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
                 lambda f: log_failure(log, "revoke failed", f))
-        if self.user_id is not None:
-            defer.ensureDeferred(self.service.hub.logout(self)).addErrback(
-                lambda f: log_failure(log, "xuanxuan logout failed", f))
-            self.user_id = None
+        self._leave()
 
     # -- methods ---------------------------------------------------------------------------
 
