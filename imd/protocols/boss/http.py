@@ -30,6 +30,7 @@ from imd.groups import GroupError, GroupNotFound, NotAllowed
 from imd.model import Group, User
 from imd.protocols.boss.connection import BossService
 from imd.protocols.boss.proofs import source_host
+from imd.throttle import Throttled
 from imd.web import AsyncJSONResource, arg, request_token
 
 OK = {"code": 0, "message": "OK"}
@@ -196,7 +197,8 @@ class BossApi:
                 raise ApiError(400, "body is not a JSON object") from None
         if not account or not password:
             raise ApiError(400, "missing parameter: account and password are required")
-        result = await self.service.accounts.login(account, password)
+        result = await self.service.accounts.login(
+            account, password, source_host(request.getClientAddress()))
         if result is None:
             raise ApiError(401, "wrong account or password")
         user, token = result
@@ -211,7 +213,11 @@ class BossApi:
         phone, password = arg(request, "mobile_phone"), arg(request, "password")
         if not phone or not password:
             return 200, _app_failure(400, "mobile_phone and password are required")
-        result = await self.service.accounts.login(phone.strip(), password)
+        try:
+            result = await self.service.accounts.login(
+                phone.strip(), password, source_host(request.getClientAddress()))
+        except Throttled as e:
+            return 200, _app_failure(429, str(e))
         if result is None:
             return 200, _app_failure(401, "wrong phone number or password")
         user, token = result
