@@ -3,7 +3,8 @@ and the 66boss app's own login, ``POST /ucenter/login/index``.
 
 Group API replies are JSON with ``code: 0`` on success, as the shipped server answered and the
 app (``BaseModelRequest``) requires, and, on failure, one of: 400 bad or missing parameter,
-401 missing or bad token, 403 not allowed, 404 no such group or user, 500 server error, each
+401 missing or bad token, 403 not allowed, 404 no such group or user, 429 too many failed
+logins (throttled, imd/throttle.py), 500 server error, each
 with a ``message``.  The HTTP status is 200 either way, as the original clients only read the
 JSON.  ``/login`` (imd's own, not the app's) keeps ``code: 1`` on success.
 
@@ -85,6 +86,8 @@ class BossApi:
                 return await handler(request)
             except ApiError as e:
                 return _fail(e.code, str(e))
+            except Throttled as e:
+                return _fail(429, str(e))
             except GroupNotFound as e:
                 return _fail(404, str(e))
             except NotAllowed as e:
