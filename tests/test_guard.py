@@ -83,6 +83,35 @@ def test_login_throttles_successes_reset_the_account_not_the_address():
     t.before_register("")
 
 
+def test_guard_login_deadline_repeats_and_the_cap_counts_per_host():
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from imd.guard import Guard
+
+    class Session(protocol.Protocol):
+        user_id = None
+
+    clock = task.Clock()
+    guard = Guard(clock, max_per_address=2, login_timeout=10)
+    factory = guard.wrap(protocol.Factory.forProtocol(Session))
+    address = IPv4Address("TCP", "192.0.2.1", 1234)
+    first, second = factory.buildProtocol(address), factory.buildProtocol(address)
+    assert factory.buildProtocol(address) is None  # the third from that host
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 1)) is not None
+    transports = [StringTransport(), StringTransport()]
+    for conn, transport in zip((first, second), transports):
+        conn.makeConnection(transport)
+    first.wrappedProtocol.user_id = 7  # logged in
+    clock.advance(10)
+    assert not transports[0].disconnecting and transports[1].disconnecting
+    second.connectionLost(None)
+    assert factory.buildProtocol(address) is not None  # room again
+    first.wrappedProtocol.user_id = None  # logged out, still connected
+    clock.advance(10)
+    assert transports[0].disconnecting
+
+
 # -- timeouts and the connection cap, over the wire -----------------------------------------
 
 class Raw(protocol.Protocol):
