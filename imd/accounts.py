@@ -1,6 +1,9 @@
 """Accounts: creating users, checking passwords and issuing, checking and revoking tokens.
 
 Shared by every protocol and by ``imdctl``; password hashing runs in the thread pool.
+Every password or login-token check and every registration from a client passes the client's
+source address, and goes through the throttles (imd/throttle.py) before any hash is computed:
+a refused attempt raises ``Throttled``, which each adapter answers with its protocol's error.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import re
 from imd.model import PROFILE_FIELDS, User
 from imd.passwords import check_verifier, make_verifier, md5hex
 from imd.store.redis import AccountTaken, RedisStore
+from imd.throttle import LoginThrottles
 
 ACCOUNT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MAX_AVATAR = 256 * 1024  # minami sends pictures inline, base64
@@ -21,13 +25,18 @@ class AccountError(Exception):
 
 
 class Accounts:
-    def __init__(self, store: RedisStore, token_ttl: int):
+    def __init__(self, store: RedisStore, token_ttl: int,
+                 throttles: LoginThrottles | None = None):
         self.store = store
         self.token_ttl = token_ttl
+        self.throttles = throttles
 
     async def create(self, account: str, password: str, name: str = "",
-                     avatar: str = "", **profile: str) -> User:
-        """A new user; ``profile`` may hold sex, birthday, sign and mail."""
+                     avatar: str = "", address: str = "", **profile: str) -> User:
+        """A new user; ``profile`` may hold sex, birthday, sign and mail.  ``address`` is the
+        registering client's (registrations are throttled per address)."""
+        if self.throttles is not None:
+            self.throttles.before_register(address)
         if not ACCOUNT_RE.match(account or ""):
             raise AccountError("account must be 1-64 letters, digits or ._@- "
                                "and start with a letter or digit")
@@ -41,27 +50,56 @@ class Accounts:
         for key, value in profile.items():
             if key not in PROFILE_FIELDS or len(value or "") > MAX_FIELD:
                 raise AccountError(f"{key} must be at most {MAX_FIELD} characters")
+        if self.throttles is not None:
+            self.throttles.registered(address)
         verifier = await make_verifier(md5hex(password))
         try:
             return await self.store.create_user(account, name, verifier, avatar, **profile)
         except AccountTaken:
             raise AccountError("account already exists") from None
 
-    async def authenticate(self, account: str, password_md5: str) -> User | None:
-        """The user when md5hex(password) matches the account's verifier, else None."""
-        uid = await self.store.find_account(account or "")
-        if uid is None:
-            return None
-        if not await check_verifier(await self.store.get_verifier(uid), password_md5):
-            return None
-        return await self.store.get_user(uid)
+    async def authenticate(self, account: str, password_md5: str,
+                           address: str = "") -> User | None:
+        """The user when md5hex(password) matches the account's verifier, else None.
 
-    async def login(self, account: str, password: str) -> tuple[User, str] | None:
+        Raises ``Throttled`` (without checking the password) after too many failures for the
+        account or from ``address``."""
+        uid = await self.store.find_account(account or "")
+        key = f"user:{uid}" if uid is not None else f"account:{(account or '').lower()}"
+        if self.throttles is not None:
+            self.throttles.before_login(key, address)
+        if uid is not None and await check_verifier(await self.store.get_verifier(uid),
+                                                    password_md5):
+            user = await self.store.get_user(uid)
+            if user is not None:
+                if self.throttles is not None:
+                    self.throttles.login_succeeded(key)
+                return user
+        if self.throttles is not None:
+            self.throttles.login_failed(key, address)
+        return None
+
+    async def login(self, account: str, password: str,
+                    address: str = "") -> tuple[User, str] | None:
         """Check a plain password; on success the user and a new token."""
-        user = await self.authenticate(account, md5hex(password or ""))
+        user = await self.authenticate(account, md5hex(password or ""), address)
         if user is None:
             return None
         return user, await self.store.issue_token(user.id, self.token_ttl)
+
+    async def token_login(self, uid: int, token: str, address: str = "") -> bool:
+        """Whether ``token`` is a live token of user ``uid``: a login with a token, throttled
+        like a password check (raises ``Throttled``)."""
+        key = f"user:{uid}"
+        if self.throttles is not None:
+            self.throttles.before_login(key, address)
+        if await self.user_for_token(token) == uid:
+            if self.throttles is not None:
+                self.throttles.login_succeeded(key)
+            return True
+        if self.throttles is not None:
+            self.throttles.login_failed(key, address)
+        return False
 
     async def issue_token(self, uid: int) -> str:
         return await self.store.issue_token(uid, self.token_ttl)

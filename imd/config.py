@@ -60,6 +60,25 @@ _OPTIONS = [
     ("ticket-timeout", 8.0, float, "seconds a webim ticket lives without a poll"),
     ("offline-grace", 8.0, float,
      "seconds after its last ticket before a webim user counts as offline"),
+    ("login-timeout", 30.0, float,
+     "seconds a connection (xuanxuan socket, 66boss line, WebSocket) may stay open without "
+     "logging in, and an HTTP connection may stay idle between requests"),
+    ("request-timeout", 30.0, float,
+     "seconds in which an HTTP request's headers and body must have arrived"),
+    ("upload-timeout", 600.0, float,
+     "seconds in which an upload's body must have arrived"),
+    ("max-connections-per-address", 256, int,
+     "open connections allowed from one source address, over all listeners; 0 = no limit"),
+    ("login-failures", 10, int,
+     "failed logins (password or token) of one account within --login-window before its "
+     "logins are refused until the window has passed; 0 = no limit"),
+    ("login-address-failures", 100, int,
+     "failed logins from one source address within --login-window before its logins are "
+     "refused; 0 = no limit"),
+    ("login-window", 300.0, float, "seconds over which failed logins are counted"),
+    ("registrations", 20, int,
+     "new accounts from one source address within --register-window; 0 = no limit"),
+    ("register-window", 600.0, float, "seconds over which registrations are counted"),
 ]
 _DEFAULTS = {name: default for name, default, _, _ in _OPTIONS}
 _COERCE = {name: coerce for name, _, coerce, _ in _OPTIONS}
@@ -97,6 +116,15 @@ class Config:
     poll_timeout: float = 28.0
     ticket_timeout: float = 8.0
     offline_grace: float = 8.0
+    login_timeout: float = 30.0
+    request_timeout: float = 30.0
+    upload_timeout: float = 600.0
+    max_connections_per_address: int = 256
+    login_failures: int = 10
+    login_address_failures: int = 100
+    login_window: float = 300.0
+    registrations: int = 20
+    register_window: float = 600.0
 
 
 class Options(usage.Options):
@@ -167,6 +195,11 @@ def _check(config: Config) -> None:
     for name in ("redis_wait", "redis_timeout", "heartbeat", "heartbeat_timeout",
                  "node_timeout", "token_ttl", "max_frame", "max_body", "max_upload",
                  "max_queue", "max_pending", "history_limit", "poll_timeout",
-                 "ticket_timeout", "offline_grace"):
+                 "ticket_timeout", "offline_grace", "login_timeout", "request_timeout",
+                 "upload_timeout", "login_window", "register_window"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("max_connections_per_address", "login_failures", "login_address_failures",
+                 "registrations"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")

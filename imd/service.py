@@ -22,6 +22,7 @@ from imd.config import Config
 from imd.chats import Chats
 from imd.friends import Friends
 from imd.groups import Groups
+from imd.guard import Guard
 from imd.hub import Hub
 from imd.protocols.boss import http as boss_http
 from imd.protocols.boss import uploads as boss_uploads
@@ -41,6 +42,7 @@ from imd.store.connection import (BadRedisURL, RedisAddress, RedisNotReady, conn
 from imd.store.embedded import (EmbeddedRedis, EmbeddedRedisError, find_redis_server,
                                 prepare_data_dir)
 from imd.store.redis import RedisStore
+from imd.throttle import LoginThrottles
 from imd.web import ImdSite, build_root
 
 log = Logger()
@@ -158,7 +160,9 @@ class ImdService(service.MultiService):
         await subscribed
         log.info("node {node} using Redis at {redis}", node=hub.node, redis=address.display)
 
-        accounts = Accounts(store, config.token_ttl)
+        accounts = Accounts(store, config.token_ttl, LoginThrottles(
+            reactor, config.login_failures, config.login_address_failures, config.login_window,
+            config.registrations, config.register_window))
         friends, groups = Friends(hub), Groups(store)
         minami = MinamiService(hub, accounts, friends, config)
         self.boss = BossService(hub, accounts, groups, config, reactor)
@@ -183,15 +187,21 @@ class ImdService(service.MultiService):
         xuanxuan_http.mount(root, XuanxuanHttp(xuanxuan, self.data_dir / "files",
                                                lambda: xuanxuan_port[0] if xuanxuan_port else 0))
         site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
-                       upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS)
+                       upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS,
+                       timeout=config.login_timeout, request_timeout=config.request_timeout,
+                       upload_timeout=config.upload_timeout)
+        # Every listener: a cap on connections per address and a deadline for logging in
+        # (HTTP connections: the site's own timeouts until a WebSocket takes one over).
+        guard = Guard(reactor, config.max_connections_per_address, config.login_timeout)
         for description in config.web:
-            await self._listen(description, site,
+            await self._listen(description, guard.wrap(site, login_deadline=False),
                                "web (66boss /entry, group API, uploads; minami /im/; webim /webim/; "
                                "xuanxuan HTTP)")
         if config.boss_line.lower() != "none":
-            await self._listen(config.boss_line, line_factory(self.boss), "66boss line protocol")
+            await self._listen(config.boss_line, guard.wrap(line_factory(self.boss)),
+                               "66boss line protocol")
         if config.xuanxuan.lower() != "none":
-            port = await self._listen(config.xuanxuan, socket_factory(xuanxuan),
+            port = await self._listen(config.xuanxuan, guard.wrap(socket_factory(xuanxuan)),
                                       "xuanxuan socket")
             xuanxuan_port.append(getattr(port.getHost(), "port", 0))
 

@@ -1,8 +1,12 @@
 """The one twisted.web Site that serves every HTTP and WebSocket route, and HTTP helpers.
 
 Request bodies are bounded: a declared Content-Length over the limit is refused with 413 before
-the body is read, and a chunked body is cut off once it passes the limit.  Protocol adapters
-mount their resources on the root this module builds.
+the body is read, and a chunked body is cut off once it passes the limit.  Requests are bounded
+in time: a connection idle between requests is closed after ``timeout`` seconds (twisted.web's
+idle timeout, which is reset by every byte and paused while a request is handled, e.g. a
+long-poll), and a request whose headers and body have not all arrived ``request_timeout``
+seconds after its first byte (an upload's body: ``upload_timeout``) is cut, however steadily
+it trickles in.  Protocol adapters mount their resources on the root this module builds.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from imd.throttle import Throttled
 from imd.unavailable import Unavailable
 
 log = Logger()
@@ -47,6 +52,8 @@ class LimitedRequest(server.Request):
         if length is not None and length > self._limit:
             self._refuse()
             return
+        if self._limit > self.channel.site.max_body:
+            self.channel.body_deadline(self.channel.site.upload_timeout)
         super().gotLength(length)
 
     def handleContentChunk(self, data):
@@ -67,14 +74,64 @@ class LimitedRequest(server.Request):
         self.channel.transport.loseConnection()
 
 
+class ImdChannel(http.HTTPChannel):
+    """An HTTP connection whose requests must arrive within a deadline from their first byte
+    (the idle timeout alone is reset by every byte, so a request sent a byte at a time would
+    live for good)."""
+
+    _deadline = None
+
+    def dataReceived(self, data):
+        if self._deadline is None:
+            self._arm(self.site.request_timeout)
+        super().dataReceived(data)
+
+    def allContentReceived(self):
+        self._disarm()
+        super().allContentReceived()
+
+    def connectionLost(self, reason):
+        self._disarm()
+        super().connectionLost(reason)
+
+    def timeoutConnection(self):
+        # Idle between requests: nothing is in flight, so drop it without an info line
+        # per connection (twisted.web logs one).
+        self.transport.abortConnection()
+
+    def body_deadline(self, seconds: float) -> None:
+        """The current request's body (an upload) may take ``seconds`` from now."""
+        self._arm(seconds)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.callLater(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is not None:
+            log.debug("cut an HTTP request that did not arrive in time from {peer}",
+                      peer=self.transport.getPeer())
+            self.transport.abortConnection()
+
+
 class ImdSite(server.Site):
     requestFactory = LimitedRequest
+    protocol = ImdChannel
 
     def __init__(self, root: resource.Resource, max_body: int, max_upload: int,
-                 upload_paths: tuple[bytes, ...] = (), **kw):
+                 upload_paths: tuple[bytes, ...] = (), request_timeout: float = 30.0,
+                 upload_timeout: float = 600.0, **kw):
         super().__init__(root, **kw)
         self.max_body = max_body
         self.max_upload = max_upload
+        self.request_timeout = request_timeout
+        self.upload_timeout = upload_timeout
         self.upload_paths = upload_paths
         self.noisy = False
 
@@ -191,6 +248,11 @@ class AsyncJSONResource(resource.Resource):
                 write_json(request, obj, status)
 
         def failed(failure):
+            if failure.check(Throttled):
+                if not gone:
+                    request.setHeader(b"retry-after", b"%d" % failure.value.retry_after)
+                    write_json(request, {"code": 429, "message": str(failure.value)}, 429)
+                return
             if failure.check(Unavailable):  # the outage itself is logged once, elsewhere
                 if not gone:
                     write_json(request, {"code": 503, "message": "service unavailable, try "

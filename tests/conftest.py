@@ -132,7 +132,10 @@ def daemon(tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp("shared") / "data", "--heartbeat", "1",
                "--heartbeat-timeout", "1", "--max-frame", "4096", "--max-upload", "300000",
                "--max-body", "100000", "--poll-timeout", "2", "--ticket-timeout", "2",
-               "--offline-grace", "1")
+               "--offline-grace", "1",
+               # Every test registers its users from 127.0.0.1; tests/test_guard.py tests
+               # the registration throttle on a daemon of its own.
+               "--registrations", "0")
     d.start()
     yield d
     run_blocking(d.close_store())

@@ -141,7 +141,8 @@ class LineClient:
         self.proto.transport.loseConnection()
 
 
-async def line_connect(port: int) -> LineClient:
+async def line_connect(port: int, source: str | None = None) -> LineClient:
+    """A line client; ``source`` is the local address to connect from (127.0.0.2...)."""
     inbox = Inbox()
 
     class Factory(protocol.Factory):
@@ -151,7 +152,9 @@ async def line_connect(port: int) -> LineClient:
             p.factory = self
             return p
 
-    proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory())
+    bind = (source, 0) if source else None
+    proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", port,
+                                     bindAddress=bind).connect(Factory())
     return LineClient(proto)
 
 

@@ -26,6 +26,7 @@ from imd.model import Message
 from imd.protocols.boss import signals
 from imd.protocols.boss.proofs import Proofs
 from imd.protocols.boss.signals import SignalError
+from imd.throttle import Throttled
 from imd.unavailable import log_failure
 from imd.protocols.flow import Outbox, ReadGate
 
@@ -184,7 +185,11 @@ class BossConnection:
                 return
             token = proof.token  # checked below: a proof dies with its token (logout_)
         if token:
-            ok = await self.service.accounts.user_for_token(token) == uid
+            try:
+                ok = await self.service.accounts.token_login(uid, token, self.host)
+            except Throttled as e:
+                self.write(signals.error("login", str(e)))
+                return
         else:
             ok = await self.service.hub.store.get_user(uid) is not None
         if not ok:

@@ -3,7 +3,8 @@ and the 66boss app's own login, ``POST /ucenter/login/index``.
 
 Group API replies are JSON with ``code: 0`` on success, as the shipped server answered and the
 app (``BaseModelRequest``) requires, and, on failure, one of: 400 bad or missing parameter,
-401 missing or bad token, 403 not allowed, 404 no such group or user, 500 server error, each
+401 missing or bad token, 403 not allowed, 404 no such group or user, 429 too many failed
+logins (throttled, imd/throttle.py), 500 server error, each
 with a ``message``.  The HTTP status is 200 either way, as the original clients only read the
 JSON.  ``/login`` (imd's own, not the app's) keeps ``code: 1`` on success.
 
@@ -30,6 +31,7 @@ from imd.groups import GroupError, GroupNotFound, NotAllowed
 from imd.model import Group, User
 from imd.protocols.boss.connection import BossService
 from imd.protocols.boss.proofs import source_host
+from imd.throttle import Throttled
 from imd.web import AsyncJSONResource, arg, request_token
 
 OK = {"code": 0, "message": "OK"}
@@ -84,6 +86,8 @@ class BossApi:
                 return await handler(request)
             except ApiError as e:
                 return _fail(e.code, str(e))
+            except Throttled as e:
+                return _fail(429, str(e))
             except GroupNotFound as e:
                 return _fail(404, str(e))
             except NotAllowed as e:
@@ -196,7 +200,8 @@ class BossApi:
                 raise ApiError(400, "body is not a JSON object") from None
         if not account or not password:
             raise ApiError(400, "missing parameter: account and password are required")
-        result = await self.service.accounts.login(account, password)
+        result = await self.service.accounts.login(
+            account, password, source_host(request.getClientAddress()))
         if result is None:
             raise ApiError(401, "wrong account or password")
         user, token = result
@@ -211,7 +216,11 @@ class BossApi:
         phone, password = arg(request, "mobile_phone"), arg(request, "password")
         if not phone or not password:
             return 200, _app_failure(400, "mobile_phone and password are required")
-        result = await self.service.accounts.login(phone.strip(), password)
+        try:
+            result = await self.service.accounts.login(
+                phone.strip(), password, source_host(request.getClientAddress()))
+        except Throttled as e:
+            return 200, _app_failure(429, str(e))
         if result is None:
             return 200, _app_failure(401, "wrong phone number or password")
         user, token = result

@@ -40,6 +40,11 @@ class BossLine(LineOnlyReceiver):
     delimiter = b"\n"
     conn: BossConnection | None = None
 
+    @property
+    def user_id(self) -> int | None:
+        """Who logged in on this connection (the login deadline, imd/guard.py, asks)."""
+        return self.conn.user_id if self.conn is not None else None
+
     def connectionMade(self):
         service = self.factory.service
         self.MAX_LENGTH = service.config.max_frame

@@ -19,18 +19,12 @@ from typing import NamedTuple
 
 from twisted.internet.interfaces import IReactorTime
 
+from imd.guard import source_host  # noqa: F401 (the 66boss modules import it from here)
+
 
 class Proof(NamedTuple):
     expires: float
     token: str | None
-
-
-def source_host(address) -> str:
-    """The host of a peer address (an IPv4-mapped IPv6 address as plain IPv4)."""
-    host = getattr(address, "host", "") or ""
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host
 
 
 class Proofs:

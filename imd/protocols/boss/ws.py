@@ -14,6 +14,11 @@ from imd.protocols.flow import Outbox, ReadGate, tune_socket
 class BossWebSocket(WebSocketServerProtocol):
     conn: BossConnection | None = None
 
+    @property
+    def user_id(self) -> int | None:
+        """Who logged in on this connection (the login deadline, imd/guard.py, asks)."""
+        return self.conn.user_id if self.conn is not None else None
+
     def onOpen(self):
         service = self.factory.service
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)

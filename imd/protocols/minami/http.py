@@ -10,7 +10,9 @@ from twisted.web import resource, server
 from imd.accounts import AccountError, Accounts
 from imd.friends import FriendError, Friends
 from imd.model import User
+from imd.guard import source_host
 from imd.protocols.minami.codes import MinamiError, reply
+from imd.throttle import Throttled
 from imd.web import AsyncJSONResource, arg
 
 REGISTER_FIELDS = ("account", "password", "name", "picture", "sex", "birthday", "sign", "mail")
@@ -70,7 +72,9 @@ class MinamiHttp:
             await self.accounts.create(
                 fields["account"], fields["password"], fields["name"], fields["picture"],
                 sex=fields["sex"], birthday=fields["birthday"], sign=fields["sign"],
-                mail=fields["mail"])
+                mail=fields["mail"], address=source_host(request.getClientAddress()))
+        except Throttled:
+            raise MinamiError(500) from None  # minami has no code for "too many attempts"
         except AccountError as e:
             if "already exists" in str(e):
                 raise MinamiError(504) from None

@@ -27,7 +27,9 @@ from imd.friends import Friends
 from imd.hub import Hub, HubError, Logout
 from imd.model import GROUP, OFFLINE, PRESENCE, TEXT, UNICAST, Event, Message
 from imd.passwords import md5hex
+from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
+from imd.throttle import Throttled
 from imd.unavailable import log_failure
 from imd.protocols.minami.codes import encode, reply
 from imd.protocols.minami.http import parse_id, profile_json
@@ -82,7 +84,13 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self._password = ""
         user = None
         if account and password:
-            user = await service.accounts.authenticate(account, md5hex(password))
+            try:
+                user = await service.accounts.authenticate(
+                    account, md5hex(password), source_host(self.transport.getPeer()))
+            except Throttled:
+                self._send(reply(500))  # minami has no code for "too many attempts"
+                self.sendClose(1000)
+                return
         if self._gone:
             return
         if user is None:

@@ -22,6 +22,8 @@ from imd.model import (GROUP, SHOWS, TEXT, UNICAST, Event, Group, Message, User,
 from imd.protocols.webim.auth import (caller, clear_cookie, foreign_script, same_origin_post,
                                      set_cookie)
 from imd.protocols.webim.tickets import Ticket, Tickets
+from imd.guard import source_host
+from imd.throttle import Throttled
 from imd.web import arg, public_base
 
 HISTORY_SIZE = 30
@@ -210,8 +212,12 @@ class WebimActions:
         """Our login form: account + password -> the session cookie."""
         if request.method != b"POST":
             raise ActionError("use POST with account and password")
-        result = await self.accounts.login(arg(request, "account") or "",
-                                           arg(request, "password") or "")
+        try:
+            result = await self.accounts.login(arg(request, "account") or "",
+                                               arg(request, "password") or "",
+                                               source_host(request.getClientAddress()))
+        except Throttled as e:
+            raise ActionError(str(e)) from None
         if result is None:
             raise ActionError("wrong account or password")
         user, token = result

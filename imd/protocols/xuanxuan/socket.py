@@ -24,7 +24,9 @@ from imd.hub import Hub, HubError, Logout
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
                        SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
                        one2one_gid)
+from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
+from imd.throttle import Throttled
 from imd.unavailable import log_failure
 
 log = Logger()
@@ -246,7 +248,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if self.user_id is not None:
             self._reply(request, "fail", "already logged in")
             return
-        user = await service.accounts.authenticate(account, password.strip().lower())
+        try:
+            user = await service.accounts.authenticate(
+                account, password.strip().lower(), source_host(self.transport.getPeer()))
+        except Throttled as e:
+            self._reply(request, "fail", str(e))
+            return
         if self._gone:
             return
         if user is None:
