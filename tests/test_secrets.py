@@ -4,13 +4,23 @@ deleted at start and no longer accepted."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from imd.accounts import Accounts
 from tests.conftest import unique
 from tests.test_minami import new_user as minami_user
 from tests.test_xuanxuan import login as xuanxuan_login
 from tests.wire import http, post_form, ws_connect
+
+
+def data_files(data_dir: Path) -> bytes:
+    """The contents of every file in the data directory (the append-only file among them)."""
+    return b"".join(p.read_bytes() for p in data_dir.rglob("*")
+                    if p.is_file() and not p.is_socket())
 
 
 async def redis_dump(store) -> str:
@@ -67,8 +77,10 @@ async def test_no_live_token_in_clear(fresh_daemon):
     for name, secret in secrets.items():
         assert await store.check_token(secret), name
     dump = await redis_dump(store)
+    files = data_files(d.data_dir)
     for name, secret in secrets.items():
         assert secret not in dump, f"{name} is stored in clear"
+        assert secret.encode() not in files, f"{name} is in a file of the data directory"
     boss.close()
     xx.client.close()
     mi.ws.close()
@@ -88,6 +100,14 @@ async def test_clear_tokens_of_an_old_data_set_are_dropped(fresh_daemon):
     d.start()
     store = await d.store()
     assert await store.redis.exists(f"imd:tok:{old}") == 0
+    for _ in range(100):  # the append-only file is rewritten in the background
+        info = await store.redis.info("persistence")
+        if str(info.get("aof_rewrite_in_progress")) == "0" and \
+                str(info.get("aof_rewrite_scheduled")) == "0" and \
+                old.encode() not in data_files(d.data_dir):
+            break
+        await deferLater(reactor, 0.1)
+    assert old.encode() not in data_files(d.data_dir)
     assert await store.check_token(old) is None
     boss = await ws_connect(d.web)
     boss.send(f"login_{user.id}_{old}")

@@ -534,14 +534,19 @@ class RedisStore:
         set: they are not honoured any more, and must not stay readable on disk."""
         if await self.redis.get(f"{self.p}tokens") == "hashed":
             return
-        cursor = 0
+        cursor, deleted = 0, 0
         while True:
             cursor, keys = await self.redis.scan(cursor, f"{self.p}tok:*", 1000)
             if keys:
-                await self.redis.delete(keys)
+                deleted += await self.redis.delete(keys)
             if int(cursor) == 0:
                 break
         await self.redis.set(f"{self.p}tokens", "hashed")
+        if deleted:
+            # The append-only file still holds the SET commands until it is rewritten.
+            info = await self.redis.info("persistence")
+            if str(info.get("aof_enabled")) == "1":
+                await self.redis.bgrewriteaof()
 
     # -- groups ------------------------------------------------------------------------
 
