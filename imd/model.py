@@ -62,7 +62,8 @@ PRIVATE_FIELDS = ("mail",)
 
 def seen_by(user: User, viewer: int | None, admin: bool = False) -> User:
     """``user`` as ``viewer`` may see them: the private fields blank unless the viewer is the
-    user or an administrator.  Every adapter renders other users through this."""
+    user or an administrator.  An adapter whose user objects carry a private field renders
+    every user through this (xuanxuan; the others never show one)."""
     if admin or (viewer is not None and int(viewer) == user.id):
         return user
     return replace(user, **{f: "" for f in PRIVATE_FIELDS})
