@@ -61,7 +61,8 @@ class LimitedRequest(server.Request):
         if length is not None and length > self._limit:
             self._refuse()
             return
-        if length is not None and length < SPOOL_OVER and not site.is_upload(path):
+        if length == 0 or (length is not None and length < SPOOL_OVER
+                           and not site.is_upload(path)):
             self.content = BytesIO()
         else:
             self.content = tempfile.TemporaryFile(dir=site.spool_dir)
