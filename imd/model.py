@@ -7,7 +7,7 @@ flow between the layers.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Message kinds, protocol-neutral.  Each adapter maps its own names onto these.
@@ -52,6 +52,21 @@ class User:
     birthday: str = ""
     sign: str = ""
     mail: str = ""
+
+
+# Profile fields shown only to the user and to system administrators (``imdctl admin``).
+# xuanxuan shows the e-mail in every user card; minami profiles (friends, search) carry sex,
+# birthday and sign by design but never the mail.  imd keeps no phone numbers.
+PRIVATE_FIELDS = ("mail",)
+
+
+def seen_by(user: User, viewer: int | None, admin: bool = False) -> User:
+    """``user`` as ``viewer`` may see them: the private fields blank unless the viewer is the
+    user or an administrator.  An adapter whose user objects carry a private field renders
+    every user through this (xuanxuan; the others never show one)."""
+    if admin or (viewer is not None and int(viewer) == user.id):
+        return user
+    return replace(user, **{f: "" for f in PRIVATE_FIELDS})
 
 
 # A presence Event: kind PRESENCE, data {"user": id, "change": ONLINE (first session

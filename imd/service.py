@@ -189,7 +189,7 @@ class ImdService(service.MultiService):
         site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
                        upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS,
                        timeout=config.login_timeout, request_timeout=config.request_timeout,
-                       upload_timeout=config.upload_timeout)
+                       upload_timeout=config.upload_timeout, spool_dir=self.data_dir)
         # Every listener: a cap on connections per address and a deadline for logging in
         # (HTTP connections: the site's own timeouts until a WebSocket takes one over).
         guard = Guard(reactor, config.max_connections_per_address, config.login_timeout)

@@ -11,11 +11,12 @@ it trickles in.  Protocol adapters mount their resources on the root this module
 
 from __future__ import annotations
 
-import email.parser
 import functools
-import email.policy
 import json
 import re
+import tempfile
+from io import BytesIO
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from imd.throttle import Throttled
+from imd.forms import form_args
 from imd.unavailable import Unavailable
 
 log = Logger()
@@ -34,27 +36,59 @@ log = Logger()
 if hasattr(http, "_parseContentType"):
     http._parseContentType = functools.lru_cache(maxsize=256)(http._parseContentType)
 
+SPOOL_OVER = 100_000  # bodies this long or longer are spooled to a file (twisted.web's rule)
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
 class LimitedRequest(server.Request):
-    """A Request whose body may not exceed the site's limit for its path."""
+    """A Request whose body may not exceed the site's limit for its path.
+
+    A body that may be big (an upload, or any body of unknown or large length) is spooled to
+    an unlinked file in the data directory as it arrives.  twisted.web's own parsing of form
+    bodies into ``args`` (which reads a whole multipart body into memory, several times) is
+    off: :meth:`process` parses the bodies of other paths, and upload handlers parse theirs
+    once, streaming, with ``imd.forms.upload_parts``.
+    """
 
     _received = 0
     _too_large = False
     _limit = 0
 
+    def __init__(self, channel, *args, **kw):
+        super().__init__(channel, *args, parsePOSTFormSubmission=False, **kw)
+
     def gotLength(self, length):
         # The request line has been read (the channel keeps the path) but the Request has
         # not been told yet; without it, fall back to the largest limit.
         path = getattr(self.channel, "_path", None)
-        self._limit = self.channel.site.body_limit(path)
+        site = self.channel.site
+        self._limit = site.body_limit(path)
         if length is not None and length > self._limit:
             self._refuse()
             return
-        if self._limit > self.channel.site.max_body:
-            self.channel.body_deadline(self.channel.site.upload_timeout)
-        super().gotLength(length)
+        if self._limit > site.max_body:
+            self.channel.body_deadline(site.upload_timeout)
+        if length == 0 or (length is not None and length < SPOOL_OVER
+                           and not site.is_upload(path)):
+            self.content = BytesIO()
+        else:
+            self.content = tempfile.TemporaryFile(dir=site.spool_dir)
+
+    def process(self):
+        if self.method == b"POST" and not self.channel.site.is_upload(self.uri):
+            self._parse_form()
+        super().process()
+
+    def _parse_form(self) -> None:
+        """What twisted.web would have put in ``args`` for a form body (not an upload's)."""
+        ctype = self.getHeader(b"content-type") or b""
+        kind = ctype.split(b";", 1)[0].strip().lower()
+        if kind == b"application/x-www-form-urlencoded":
+            self.content.seek(0)
+            self.args.update(http.parse_qs(self.content.read(), 1))
+            self.content.seek(0)
+        elif kind == b"multipart/form-data":
+            self.args.update(form_args(self.content, ctype))
 
     def handleContentChunk(self, data):
         if self._too_large:
@@ -126,23 +160,26 @@ class ImdSite(server.Site):
 
     def __init__(self, root: resource.Resource, max_body: int, max_upload: int,
                  upload_paths: tuple[bytes, ...] = (), request_timeout: float = 30.0,
-                 upload_timeout: float = 600.0, **kw):
+                 upload_timeout: float = 600.0,
+                 spool_dir: Path | None = None, **kw):
         super().__init__(root, **kw)
         self.max_body = max_body
         self.max_upload = max_upload
         self.request_timeout = request_timeout
         self.upload_timeout = upload_timeout
         self.upload_paths = upload_paths
+        self.spool_dir = spool_dir  # where big request bodies are spooled (None: the system's)
         self.noisy = False
 
+    def is_upload(self, path: bytes | None) -> bool:
+        """Uploads are recognised by a marker in the path or query."""
+        return path is not None and any(p in path for p in self.upload_paths)
+
     def body_limit(self, path: bytes | None) -> int:
-        """Uploads (recognised by a marker in the path or query) may be larger than other
-        request bodies."""
+        """Uploads may be larger than other request bodies."""
         if path is None:
             return max(self.max_body, self.max_upload)
-        if any(p in path for p in self.upload_paths):
-            return self.max_upload
-        return self.max_body
+        return self.max_upload if self.is_upload(path) else self.max_body
 
     def log(self, request):
         # No per-request access log at info level: it would cost more than the request.
@@ -183,23 +220,6 @@ def arg(request: server.Request, name: str) -> str | None:
         return values[0].decode("utf-8")
     except UnicodeDecodeError:
         return None
-
-
-def multipart_files(request: server.Request) -> list[tuple[str, str, bytes]]:
-    """The parts of a multipart/form-data body: (field name, file name, content)."""
-    ctype = request.getHeader(b"content-type") or b""
-    if not ctype.lower().startswith(b"multipart/form-data"):
-        return []
-    request.content.seek(0)
-    raw = b"Content-Type: " + ctype + b"\r\nMIME-Version: 1.0\r\n\r\n" + request.content.read()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
-    parts = []
-    for part in message.iter_parts() if message.is_multipart() else []:
-        name = part.get_param("name", header="content-disposition")
-        if name is None:
-            continue
-        parts.append((name, part.get_filename() or "", part.get_payload(decode=True) or b""))
-    return parts
 
 
 def request_token(request: server.Request) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from urllib.parse import urlencode
 
@@ -295,8 +296,6 @@ async def test_password_is_never_stored_or_logged(daemon):
     store = await daemon.store()
     record = await store.redis.hgetall(f"imd:u:{m.id}")
     assert password not in json.dumps(record) and "verifier" in record
-    import hashlib
-
     assert hashlib.md5(password.encode()).hexdigest() not in json.dumps(record)
     assert password not in daemon.log()
 
@@ -306,5 +305,6 @@ async def test_tokens_are_random_and_expire(daemon):
     _, a = await new_user(daemon)
     _, b = await new_user(daemon)
     assert a.token != b.token and len(bytes.fromhex(a.token)) >= 16
-    ttl = await (await daemon.store()).redis.ttl(f"imd:tok:{a.token}")
+    store = await daemon.store()
+    ttl = await store.redis.ttl(f"imd:th:{hashlib.sha256(a.token.encode()).hexdigest()}")
     assert 0 < ttl <= 30 * 86400

@@ -21,7 +21,11 @@ Keys (all under the ``imd:`` prefix):
     fileid                    counter of xuanxuan file ids
     xfile:<id>                hash  an uploaded file: gid, title, size, addedBy, date, name
     xfiles:<gid>              list of the file ids of a chat
-    tok:<token>               string -> user id, expires
+    th:<sha256 hex of token>  string -> user id, expires.  Only the hash of a token (a login
+                              token, a webim cookie, a xuanxuan sid) is stored; the token
+                              itself goes only to its client.  Keys of the old clear form
+                              ``tok:<token>`` are deleted once per data set (``tokens``).
+    tokens                    string "hashed": the clear ``tok:`` keys have been deleted
     g:<gid>                   hash  creator, name, notice, snap, created
     gm:<gid>                  set of member ids
     ug:<uid>                  set of group ids the user is a member of
@@ -427,6 +431,7 @@ class RedisStore:
         and lost them) before the connection is used."""
         await _load_scripts(self.redis)
         self.redis.before_use(_load_scripts)
+        await self.drop_clear_tokens()
 
     # -- users -------------------------------------------------------------------------
 
@@ -505,19 +510,43 @@ class RedisStore:
 
     # -- tokens ------------------------------------------------------------------------
 
+    def _token_key(self, token: str) -> str:
+        # A token is 128 random bits: a plain SHA-256 is enough (nothing to brute-force).
+        return f"{self.p}th:{hashlib.sha256(token.encode('utf-8', 'replace')).hexdigest()}"
+
     async def issue_token(self, uid: int, ttl: int) -> str:
         token = secrets.token_hex(16)
-        await self.redis.set(f"{self.p}tok:{token}", int(uid), expire=int(ttl))
+        await self.redis.set(self._token_key(token), int(uid), expire=int(ttl))
         return token
 
     async def check_token(self, token: str) -> int | None:
         if not token or len(token) > 128:
             return None
-        uid = await self.redis.get(f"{self.p}tok:{token}")
+        uid = await self.redis.get(self._token_key(token))
         return int(uid) if uid else None
 
     async def revoke_token(self, token: str) -> None:
-        await self.redis.delete(f"{self.p}tok:{token}")
+        if token and len(token) <= 128:
+            await self.redis.delete(self._token_key(token))
+
+    async def drop_clear_tokens(self) -> None:
+        """Delete the tokens an older imd stored in clear (``tok:<token>``), once per data
+        set: they are not honoured any more, and must not stay readable on disk."""
+        if await self.redis.get(f"{self.p}tokens") == "hashed":
+            return
+        cursor, deleted = 0, 0
+        while True:
+            cursor, keys = await self.redis.scan(cursor, f"{self.p}tok:*", 1000)
+            if keys:
+                deleted += await self.redis.delete(keys)
+            if int(cursor) == 0:
+                break
+        await self.redis.set(f"{self.p}tokens", "hashed")
+        if deleted:
+            # The append-only file still holds the SET commands until it is rewritten.
+            info = await self.redis.info("persistence")
+            if str(info.get("aof_enabled")) == "1":
+                await self.redis.bgrewriteaof()
 
     # -- groups ------------------------------------------------------------------------
 

@@ -12,13 +12,14 @@ from an address with a recent proof or a bound 66boss connection (proofs.py).
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
 from twisted.internet import threads
 from twisted.web import resource, server, static
 
-from imd import media
+from imd import forms, media
 from imd.protocols.boss.connection import BossService
 from imd.protocols.boss.http import token_of
 from imd.protocols.boss.proofs import source_host
@@ -29,17 +30,12 @@ FILES_PATH = "/upload/files/"
 UPLOAD_PATHS = tuple(f"/{name}".encode() for name in ACCEPTS)  # the bodies that may be big
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 class Uploads:
     def __init__(self, service: BossService, directory: Path):
         self.service = service
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
+        forms.clean(self.directory)
 
     async def _caller_ok(self, request: server.Request) -> bool:
         mode = self.service.config.boss_auth
@@ -59,24 +55,34 @@ class Uploads:
         async def upload(request: server.Request):
             if request.method != b"POST":
                 return 200, {"code": 400, "message": "POST a multipart form with a file field"}
-            if not await self._caller_ok(request):
-                return 200, {"code": 401, "message": "a valid token is required"}
-            files = request.args.get(b"file")
-            if not files or not files[0]:
-                return 200, {"code": 400, "message": "no file in multipart field 'file'"}
-            data = files[0]
-            if len(data) > self.service.config.max_upload:
-                return 200, {"code": 413, "message": "file too large"}
-            info = media.probe(data)
-            if info is None or info.kind not in kinds:
-                return 200, {"code": 415,
-                             "message": f"{endpoint} takes {' or '.join(kinds)} files"}
-            name = f"{secrets.token_hex(16)}-{info.suffix()}.{info.ext}"
-            await threads.deferToThread(_write, self.directory / name, data)
-            url = public_base(request, self.service.config.public_url) + FILES_PATH + name
-            return 200, {"code": 0, "message": "OK", "data": url}
+            try:  # the form fields may hold the token: parse first
+                parts = await forms.upload_parts(request, self.directory)
+            except forms.FormError:
+                parts = []
+            try:
+                return await self._store(request, parts, endpoint, kinds)
+            finally:
+                forms.discard(parts)  # what was not moved into place
 
         return upload
+
+    async def _store(self, request: server.Request, parts: list[forms.Part], endpoint: str,
+                     kinds: tuple[str, ...]):
+        if not await self._caller_ok(request):
+            return 200, {"code": 401, "message": "a valid token is required"}
+        part = next((p for p in parts if p.name == "file" and p.path is not None), None)
+        if part is None or not part.size:
+            return 200, {"code": 400, "message": "no file in multipart field 'file'"}
+        if part.size > self.service.config.max_upload:
+            return 200, {"code": 413, "message": "file too large"}
+        info = await threads.deferToThread(media.probe_file, part.path)
+        if info is None or info.kind not in kinds:
+            return 200, {"code": 415, "message": f"{endpoint} takes {' or '.join(kinds)} files"}
+        name = f"{secrets.token_hex(16)}-{info.suffix()}.{info.ext}"
+        await threads.deferToThread(os.replace, part.path, self.directory / name)
+        part.path = None
+        url = public_base(request, self.service.config.public_url) + FILES_PATH + name
+        return 200, {"code": 0, "message": "OK", "data": url}
 
     def files_resource(self) -> resource.Resource:
         files = static.File(str(self.directory))

@@ -8,6 +8,7 @@ login) says who is asking.  Stored names are generated; the title is the client'
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -19,16 +20,11 @@ from twisted.web import resource, server, static
 
 from imd.chats import ChatError
 from imd.protocols.xuanxuan.socket import XuanxuanService
-from imd.web import AsyncJSONResource, arg, multipart_files, public_base
+from imd import forms
+from imd.web import AsyncJSONResource, arg, public_base
 
 DOWNLOAD_RE = re.compile(rb"^attach-download-(\d{1,18})\.json$")
 UPLOAD_MARKERS = (b"attach-upload", b"f=upload")  # request bodies that may be uploads
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 class XuanxuanHttp:
@@ -36,6 +32,7 @@ class XuanxuanHttp:
         self.service = service
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
+        forms.clean(self.directory)
         self.socket_port = socket_port  # callable: the socket listener's port, or None
 
     def _reply(self, method: str, result: str, data, message: str = "") -> tuple[int, dict]:
@@ -65,10 +62,20 @@ class XuanxuanHttp:
             return self._reply("upload", "fail", "login first (rid)", "denied")
         if request.method != b"POST":
             return self._reply("upload", "fail", "POST a multipart form")
-        parts = multipart_files(request)
-        gid = next((d.decode("utf-8", "replace") for n, f, d in parts if n == "gid"),
-                   arg(request, "gid") or "")
-        files = [(f, d) for n, f, d in parts if n in ("files[]", "files") and f]
+        try:
+            parts = await forms.upload_parts(request, self.directory)
+        except forms.FormError:
+            return self._reply("upload", "fail", "POST a multipart form")
+        try:
+            return await self._store(request, uid, parts)
+        finally:
+            forms.discard(parts)  # what was not moved into place
+
+    async def _store(self, request: server.Request, uid: int, parts: list[forms.Part]):
+        gid = next((p.value.decode("utf-8", "replace") for p in parts
+                    if p.name == "gid" and p.path is None), arg(request, "gid") or "")
+        files = [p for p in parts if p.name in ("files[]", "files") and p.filename
+                 and p.path is not None]
         if not files:
             return self._reply("upload", "fail", "no file in files[]")
         try:
@@ -77,13 +84,14 @@ class XuanxuanHttp:
         except ChatError as e:
             return self._reply("upload", "fail", str(e))
         stored = []
-        for filename, data in files:
-            if len(data) > self.service.config.max_upload:
+        for part in files:
+            if part.size > self.service.config.max_upload:
                 return self._reply("upload", "fail", "file too large")
             name = secrets.token_hex(16)
-            await threads.deferToThread(_write, self.directory / name, data)
-            title = Path(filename.replace("\\", "/")).name[:200] or "file"
-            fid = await self.service.store.add_file(chat.gid, title, len(data), uid, name)
+            await threads.deferToThread(os.replace, part.path, self.directory / name)
+            part.path = None
+            title = Path(part.filename.replace("\\", "/")).name[:200] or "file"
+            fid = await self.service.store.add_file(chat.gid, title, part.size, uid, name)
             stored.append({"id": fid, "title": title})
         return self._reply("upload", "success", stored)
 

@@ -23,7 +23,7 @@ from imd.config import Config
 from imd.hub import Hub, HubError, Logout
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
                        SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
-                       one2one_gid)
+                       one2one_gid, seen_by)
 from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.throttle import Throttled
@@ -82,26 +82,29 @@ class XuanxuanService:
         self.config = config
         self.connections: set["XuanxuanProtocol"] = set()
 
-    async def user_json(self, user: User, online: bool | None = None) -> dict:
+    async def own_json(self, user: User, online: bool) -> dict:
+        """The user's own record (private fields included)."""
         fields = await self.store.user_fields(user.id, "show", "admin")
-        if online is None:
-            online = await self.hub.is_online(user.id)
-        return self._user_json(user, fields, online)
+        return self._user_json(user, fields, online, user.id, False)
 
     @staticmethod
-    def _user_json(user: User, fields: dict, online: bool) -> dict:
+    def _user_json(user: User, fields: dict, online: bool, viewer: int | None,
+                   admin: bool) -> dict:
+        """``user`` as the client of ``viewer`` (an administrator or not) is shown them."""
+        user = seen_by(user, viewer, admin)
         return {"id": user.id, "account": user.account, "realname": user.name,
                 "avatar": user.avatar, "role": "", "dept": 0,
                 "status": STATUS_OF_SHOW.get(fields["show"], "online") if online else "offline",
                 "admin": fields["admin"] or "no", "gender": user.sex, "email": user.mail,
                 "mobile": "", "site": "", "phone": ""}
 
-    async def all_users_json(self) -> list[dict]:
-        """Every user, as userGetlist shows them (three round trips for the lot)."""
+    async def all_users_json(self, viewer: int, admin: bool) -> list[dict]:
+        """Every user, as userGetlist shows them to ``viewer`` (three round trips)."""
         users = await self.store.list_users()
         online = await self.hub.online_among(u.id for u in users)
         fields = await self.store.users_fields([u.id for u in users], "show", "admin")
-        return [self._user_json(u, fields[u.id], u.id in online) for u in users]
+        return [self._user_json(u, fields[u.id], u.id in online, viewer, admin)
+                for u in users]
 
 def param(params, index: int, name: str, default=None):
     """A positional (list) or named (dict) parameter."""
@@ -141,6 +144,7 @@ class Refused(Exception):
 class XuanxuanProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     user_id: int | None = None
+    admin = False  # a system administrator (imdctl admin)
     watches_directory = True  # the client lists every user: it gets everyone's presence
 
     def connectionMade(self):
@@ -265,7 +269,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
             await service.accounts.revoke(self.sid)
             return
         self.user_id = user.id
-        me = await service.user_json(user, online=True)
+        me = await service.own_json(user, online=True)
+        self.admin = me["admin"] == "super"  # sees every user's private fields
         await service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
                                                            "session": self.nonce}),
                                  exclude=self)
@@ -293,7 +298,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         """The login array: every user, my chats (with the chats of queued messages from
         chats I was never shown), the queued messages."""
         service = self.service
-        users = await service.all_users_json()
+        users = await service.all_users_json(uid, self.admin)
         mine = await service.chats.of_user(uid)
         keys = {c.conversation for c in mine}
         for m in queued:  # e.g. the first message from another protocol's user
@@ -394,7 +399,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self.push(self._packet("chat", PRESENCE_PUSH[data["change"]],
                                    XuanxuanService._user_json(
                                        user, {"show": data["show"], "admin": ""},
-                                       data["change"] != OFFLINE)))
+                                       data["change"] != OFFLINE, self.user_id, self.admin)))
         elif event.kind == "login" and data.get("protocol") == "xuanxuan" and \
                 data.get("session") != self.nonce:
             self._write({"module": "chat", "method": "kickoff",
@@ -426,12 +431,13 @@ class XuanxuanProtocol(LineOnlyReceiver):
 
     async def m_logout(self, request, params):
         user = await self.service.store.get_user(self.user_id)
-        me = {**await self.service.user_json(user, online=False), "status": "offline"}
+        me = await self.service.own_json(user, online=False)
         self._reply(request, "success", data=me)
         self.transport.loseConnection()  # the hub announces the logout
 
     async def m_usergetlist(self, request, params):
-        self._reply(request, "success", data=await self.service.all_users_json())
+        self._reply(request, "success",
+                    data=await self.service.all_users_json(self.user_id, self.admin))
 
     async def m_getlist(self, request, params):
         chats = await self.service.chats.of_user(self.user_id)
