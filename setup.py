@@ -15,6 +15,12 @@ setup(
     version=VERSION,
     description="Multi-protocol instant-messaging daemon: webim, xuanxuan, minami, 66boss",
     python_requires=">=3.11",
+    # The twistd plugin lives in twisted/plugins/ (no __init__.py: Twisted's plugin package
+    # collects every twisted/plugins directory on sys.path).  An explicit root package dir
+    # makes setuptools' editable install ('pip install -e .') put the project directory on
+    # sys.path with a .pth file, where Twisted's plugin scan finds it; without it setuptools
+    # uses an import hook that imports imd but hides twisted/plugins from the scan.
+    package_dir={"": "."},
     packages=find_packages(include=["imd", "imd.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["imd_plugin.py"], "imd.protocols.minami": ["www/*"],
                   "imd.protocols.webim": ["www/*"]},

@@ -12,11 +12,13 @@ import os
 import sys
 from pathlib import Path
 
+from twisted import version as twisted_version
 from twisted.application import service
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from imd import __version__
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.chats import Chats
@@ -119,8 +121,17 @@ class ImdService(service.MultiService):
             fail(str(e))
         except OSError as e:
             fail(f"cannot use data directory {self.data_dir}: {e.strerror}")
+        if self.config.access_log:
+            try:
+                open(self.config.access_log, "a").close()
+            except OSError as e:
+                fail(f"cannot write the access log {self.config.access_log} ({e.strerror}): "
+                     "fix its directory or permissions, or choose another --access-log")
 
     def startService(self) -> None:
+        log.info("imd {version} starting (Python {python}, Twisted {twisted})",
+                 version=__version__, python=sys.version.split()[0],
+                 twisted=twisted_version.short())
         super().startService()
         d = defer.ensureDeferred(self._start())
         d.addCallbacks(self.ready.callback, self._start_failed)
@@ -183,7 +194,8 @@ class ImdService(service.MultiService):
         xuanxuan_http.mount(root, XuanxuanHttp(xuanxuan, self.data_dir / "files",
                                                lambda: xuanxuan_port[0] if xuanxuan_port else 0))
         site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
-                       upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS)
+                       upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS,
+                       logPath=config.access_log or None)
         for description in config.web:
             await self._listen(description, site,
                                "web (66boss /entry, group API, uploads; minami /im/; webim /webim/; "
