@@ -33,7 +33,7 @@ setup(
         "hiredis>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-twisted>=1.14"],
+        "test": ["pytest>=7", "pytest-twisted>=1.14", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["imdctl = imd.ctl:main"]},
 )

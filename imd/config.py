@@ -175,6 +175,7 @@ def _check(config: Config) -> None:
         raise ConfigError("--boss-address-window must be positive")
     for name in ("redis_wait", "redis_timeout", "heartbeat", "heartbeat_timeout",
                  "node_timeout", "token_ttl", "max_frame", "max_body", "max_upload",
-                 "max_queue", "max_outbuf", "history_limit", "poll_timeout", "ticket_timeout", "offline_grace"):
+                 "max_queue", "max_outbuf", "history_limit", "poll_timeout", "ticket_timeout",
+                 "offline_grace"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")

@@ -198,8 +198,8 @@ class ImdService(service.MultiService):
                        logPath=config.access_log or None)
         for description in config.web:
             await self._listen(description, site,
-                               "web (66boss /entry, group API, uploads; minami /im/; webim /webim/; "
-                               "xuanxuan HTTP)")
+                               "web (66boss /entry, group API, uploads; minami /im/; "
+                               "webim /webim/; xuanxuan HTTP)")
         if config.boss_line.lower() != "none":
             await self._listen(config.boss_line, line_factory(self.boss), "66boss line protocol")
         if config.xuanxuan.lower() != "none":
