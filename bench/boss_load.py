@@ -49,10 +49,10 @@ What it does:
      overall (R/K per process), in sequence order.
 4. Checks that every message arrived exactly once at the right recipient from the right
    sender (missing, duplicate and misrouted counts; minami, webim and xuanxuan: also
-   missing, duplicate, misplaced and failed acks; the exit status is 1 if any is nonzero, a login failed, or ``--timeout``
-   expired), waiting ``--grace`` seconds after the last one for late duplicates.  minami code
-   300 notices (a friend went offline) are counted, and only shown when some arrived during
-   the send phase.
+   missing, duplicate, misplaced and failed acks; the exit status is 1 if any is nonzero, a
+   login failed, or ``--timeout`` expired), waiting ``--grace`` seconds after the last one for
+   late duplicates.  minami code 300 notices (a friend went offline) are counted, and only
+   shown when some arrived during the send phase.
 5. Prints messages/s delivered (first send to last receive), latency percentiles, logins/s,
    and with ``--daemon-pid`` the daemon's RSS (before any connection, after the idle ones,
    after all, after the messages), its RSS per idle connection, and the CPU used during the
@@ -1029,8 +1029,8 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
     """``count`` bench users sharing the password ``bench-<run id>`` (one verifier).
 
     boss and webim: returns (uid, token) pairs.  minami and xuanxuan: returns (uid, account)
-    pairs (their clients log in with the password) and, when ``friendships(users)`` is given, befriends the
-    (uid a, uid b) pairs it returns."""
+    pairs (their clients log in with the password) and, when ``friendships(users)`` is given,
+    befriends the (uid a, uid b) pairs it returns."""
     from twisted.internet import defer
 
     from imd.passwords import make_verifier, md5hex
@@ -1167,7 +1167,8 @@ def main(argv=None) -> int:
     result: dict = {"code": 1}
     redis_pid = args.redis_pid
     if args.daemon_pid and not redis_pid:
-        redis_pid = find_child(args.daemon_pid, "redis-server")
+        redis_pid = (find_child(args.daemon_pid, "redis-server")
+                     or find_child(args.daemon_pid, "valkey-server"))
 
     def say(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from twisted.python import usage
 
+from imd import __version__
+
 # (name, default, coerce, help) for every single-valued option.
 _OPTIONS = [
     ("boss-line", "tcp:6061", str,
@@ -28,6 +30,8 @@ _OPTIONS = [
      "seconds a login or request waits for an unreachable Redis before it gets an error"),
     ("data-dir", "./imd-data", str,
      "directory for the embedded Redis' data and for uploaded files"),
+    ("access-log", "", str,
+     "file to append an access log of the web port to (combined log format); empty = none"),
     ("public-url", "", str,
      "base URL clients reach the web port at (for upload links); empty = from the request's "
      "Host header"),
@@ -99,6 +103,7 @@ class Config:
     redis_wait: float = 300.0
     redis_timeout: float = 5.0
     data_dir: str = "./imd-data"
+    access_log: str = ""
     public_url: str = ""
     boss_auth: str = "token"
     boss_address_window: float = 120.0
@@ -138,6 +143,11 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["web"] = []
+
+    def opt_version(self) -> None:
+        """print imd's version and exit"""
+        print(f"imd {__version__}")
+        raise SystemExit(0)
 
     def opt_web(self, endpoint: str) -> None:
         """endpoint of the web port (HTTP and WebSocket of every protocol); repeatable

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, task
 
+from imd import __version__
 from imd.accounts import AccountError, Accounts
 from imd.config import ConfigError, build_config
 from imd.store.connection import (BadRedisURL, RedisNotReady, RedisUnavailable, connect_pool,
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imdctl", description="imd's admin command: create users, list them, issue "
         "tokens, on the daemon's store (its embedded Redis in --data-dir, or --redis URL).")
+    p.add_argument("--version", action="version", version=f"imdctl (imd) {__version__}")
     p.add_argument("-c", "--config", help="the daemon's INI config file")
     p.add_argument("--redis", help="Redis URL (default: the embedded one in --data-dir)")
     p.add_argument("--data-dir",

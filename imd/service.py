@@ -12,11 +12,13 @@ import os
 import sys
 from pathlib import Path
 
+from twisted import version as twisted_version
 from twisted.application import service
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from imd import __version__
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.chats import Chats
@@ -121,8 +123,17 @@ class ImdService(service.MultiService):
             fail(str(e))
         except OSError as e:
             fail(f"cannot use data directory {self.data_dir}: {e.strerror}")
+        if self.config.access_log:
+            try:
+                open(self.config.access_log, "a").close()
+            except OSError as e:
+                fail(f"cannot write the access log {self.config.access_log} ({e.strerror}): "
+                     "fix its directory or permissions, or choose another --access-log")
 
     def startService(self) -> None:
+        log.info("imd {version} starting (Python {python}, Twisted {twisted})",
+                 version=__version__, python=sys.version.split()[0],
+                 twisted=twisted_version.short())
         super().startService()
         d = defer.ensureDeferred(self._start())
         d.addCallbacks(self.ready.callback, self._start_failed)
@@ -189,14 +200,15 @@ class ImdService(service.MultiService):
         site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
                        upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS,
                        timeout=config.login_timeout, request_timeout=config.request_timeout,
-                       upload_timeout=config.upload_timeout, spool_dir=self.data_dir)
+                       upload_timeout=config.upload_timeout, spool_dir=self.data_dir,
+                       logPath=config.access_log or None)
         # Every listener: a cap on connections per address and a deadline for logging in
         # (HTTP connections: the site's own timeouts until a WebSocket takes one over).
         guard = Guard(reactor, config.max_connections_per_address, config.login_timeout)
         for description in config.web:
             await self._listen(description, guard.wrap(site, login_deadline=False),
-                               "web (66boss /entry, group API, uploads; minami /im/; webim /webim/; "
-                               "xuanxuan HTTP)")
+                               "web (66boss /entry, group API, uploads; minami /im/; "
+                               "webim /webim/; xuanxuan HTTP)")
         if config.boss_line.lower() != "none":
             await self._listen(config.boss_line, guard.wrap(line_factory(self.boss)),
                                "66boss line protocol")

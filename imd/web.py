@@ -182,8 +182,10 @@ class ImdSite(server.Site):
         return self.max_upload if self.is_upload(path) else self.max_body
 
     def log(self, request):
-        # No per-request access log at info level: it would cost more than the request.
-        pass
+        # An access log only when --access-log names a file (combined log format); never to
+        # the daemon's log, where a line per request would cost more than the request.
+        if self.logPath is not None:
+            super().log(request)
 
 
 def build_root() -> resource.Resource:

@@ -19,7 +19,8 @@ from imd.store.connection import connect_pool, parse_redis_url
 from imd.store.redis import RedisStore
 
 REPO = Path(__file__).resolve().parent.parent
-LISTEN_RE = re.compile(r"\] (web|66boss line protocol|xuanxuan socket)\b.* on \S+ \(([\d.]+):(\d+)\)")
+LISTEN_RE = re.compile(
+    r"\] (web|66boss line protocol|xuanxuan socket)\b.* on \S+ \(([\d.]+):(\d+)\)")
 
 
 # twistd ends by re-raising the signal that stopped it (so systemd sees a normal stop).

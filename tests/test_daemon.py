@@ -209,8 +209,14 @@ def test_data_directory_is_private(fresh_daemon, tmp_path):
     d = fresh_daemon(data_dir=data).start()
     assert data.stat().st_mode & 0o777 == 0o700
     # Made private at start, or created private by the server (umask 077).
-    for name in ("notes", "appendonly.aof", "redis.pid", "redis.sock", "imd.lock"):
+    for name in ("notes", "redis.pid", "redis.sock", "imd.lock"):
         assert (data / name).stat().st_mode & 0o777 == 0o600, name
+    # The append-only files (a directory of them since Redis 7 / Valkey).
+    aof = data / "appendonlydir"
+    assert aof.stat().st_mode & 0o777 == 0o700
+    assert sorted(aof.iterdir())
+    for path in aof.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
     assert d.stop() in CLEAN_EXIT
     fresh = tmp_path / "new" / "data"
     assert run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(fresh), "--web",

@@ -173,7 +173,8 @@ def make_opus(seconds: float, pre_skip: int = 312) -> bytes:
     step, total = 960 * 50, pre_skip + int(seconds * 48000)   # ~1 s per page
     for seq, granule in enumerate(range(pre_skip + step, total + step, step), 2):
         last = granule >= total
-        pages.append(ogg_page(b"\xfc" + b"\x00" * 300, min(granule, total), seq, 0x04 if last else 0))
+        pages.append(ogg_page(b"\xfc" + b"\x00" * 300, min(granule, total), seq,
+                              0x04 if last else 0))
     return b"".join(pages)
 
 

@@ -263,7 +263,8 @@ async def test_refresh_within_grace_causes_no_offline_flicker(daemon):
     await task.deferLater(reactor, 1.5, lambda: None)  # past the old ticket's grace
     packets = await b.poll()
     await a_polling
-    assert [p for p in packets["presences"] if p["type"] == "offline"] == [], (a.uid, b.uid, packets)
+    offline = [p for p in packets["presences"] if p["type"] == "offline"]
+    assert offline == [], (a.uid, b.uid, packets)
     # a real offline is announced to buddies
     assert await a.call("offline") == "ok"
     (p,) = await b.poll_until("presences", lambda p: p["type"] == "offline")

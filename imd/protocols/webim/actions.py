@@ -436,7 +436,7 @@ class WebimActions:
         peer = one_id(request, "id")
         items = await self._history(uid, peer, arg(request, "type"))
         rows = "".join(
-            f"<tr><td>{html.escape(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(int(i['timestamp']) / 1000)))}"
+            f"<tr><td>{html.escape(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(int(i['timestamp']) / 1000)))}"  # noqa: E501
             f"</td><td>{html.escape(i['nick'])}</td><td>{html.escape(i['body'])}</td></tr>"
             for i in items)
         page = (f"<!doctype html><meta charset='utf-8'><title>History {peer}</title>"
