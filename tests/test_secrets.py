@@ -63,7 +63,9 @@ async def test_no_live_token_in_clear(fresh_daemon):
     r = await post_form(d.web, "/webim/login", account=account, password="pw")
     cookie = r.header("set-cookie").split(";")[0]
     secrets["webim cookie"] = cookie.split("=", 1)[1]
-    r = await http("GET", f"http://127.0.0.1:{d.web}/webim/online", headers={"Cookie": cookie})
+    r = await http("POST", f"http://127.0.0.1:{d.web}/webim/online", b"",
+                   {"Cookie": cookie, "Origin": f"http://127.0.0.1:{d.web}",
+                    "Content-Type": "application/x-www-form-urlencoded"})
     assert b'"id":"%d"' % uid in r.body.replace(b" ", b"")
     # xuanxuan: the sid, used again as the HTTP side's rid.
     _, xx, reply, _ = await xuanxuan_login(d)

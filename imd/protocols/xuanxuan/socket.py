@@ -280,16 +280,16 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # Messages (the offline queue, then live ones) wait until the user and chat lists
         # are pushed, so that the client knows the chats they refer to.
         self._collect = []
-        logout = await service.hub.login(self)
-        if self._gone:  # closed while the login was under way
-            await logout(self._unsent())
-            return
-        self._logout = logout
-        queued, self._collect = self._collect, None
-        self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
-        # Live messages from now on wait for the login array (they need the chats shown).
+        # Pushes (live messages, chat and presence notices) wait for the login array.
         self._out = gate = defer.Deferred()
         try:
+            logout = await service.hub.login(self)
+            if self._gone:  # closed while the login was under way
+                await logout(self._unsent())
+                return
+            self._logout = logout
+            queued, self._collect = self._collect, None
+            self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
             await self._send_lists(user.id, queued)
         finally:
             gate.callback(None)
@@ -388,23 +388,31 @@ class XuanxuanProtocol(LineOnlyReceiver):
 
     def notice(self, event: Event) -> None:
         data = event.data
+        if event.kind == "login" and data.get("protocol") == "xuanxuan" and \
+                data.get("session") != self.nonce:
+            self._write({"module": "chat", "method": "kickoff",
+                         "message": "This account logined in another place."})
+            self.transport.loseConnection()
+        elif event.kind == "xuanxuan" or (event.kind == PRESENCE and
+                                          data["change"] in PRESENCE_PUSH):
+            # After the login array, in order with the messages waiting to be written.
+            self._out.addCallback(lambda _: self._push_notice(event))
+            self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
+
+    def _push_notice(self, event: Event) -> None:
+        data = event.data
         if event.kind == "xuanxuan":
             pushed = data["data"]
             chat = pushed.get("chat", pushed) if isinstance(pushed, dict) else None
             if isinstance(chat, dict) and "members" in chat and "gid" in chat:
                 self._saw(chat)
             self.push(self._packet("chat", data["method"], pushed))
-        elif event.kind == PRESENCE and data["change"] in PRESENCE_PUSH:
+        else:
             user = User(**data["profile"])
             self.push(self._packet("chat", PRESENCE_PUSH[data["change"]],
                                    XuanxuanService._user_json(
                                        user, {"show": data["show"], "admin": ""},
                                        data["change"] != OFFLINE, self.user_id, self.admin)))
-        elif event.kind == "login" and data.get("protocol") == "xuanxuan" and \
-                data.get("session") != self.nonce:
-            self._write({"module": "chat", "method": "kickoff",
-                         "message": "This account logined in another place."})
-            self.transport.loseConnection()
 
     def _overflowed(self) -> None:
         """The client stopped reading: end the session now (what was not written goes back
