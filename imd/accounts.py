@@ -1,6 +1,7 @@
 """Accounts: creating users, checking passwords and issuing, checking and revoking tokens.
 
 Shared by every protocol and by ``imdctl``; password hashing runs in the thread pool.
+A disabled user (``imdctl disable``, the admin API) logs in with neither password nor token.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class Accounts:
         uid = await self.store.find_account(account or "")
         if uid is None:
             return None
-        if not await check_verifier(await self.store.get_verifier(uid), password_md5):
+        fields = await self.store.user_fields(uid, "verifier", "disabled")
+        if fields["disabled"] == "1" or not await check_verifier(fields["verifier"],
+                                                                 password_md5):
             return None
         return await self.store.get_user(uid)
 
@@ -67,7 +70,20 @@ class Accounts:
         return await self.store.issue_token(uid, self.token_ttl)
 
     async def user_for_token(self, token: str) -> int | None:
-        return await self.store.check_token(token)
+        uid = await self.store.check_token(token)
+        if uid is not None and await self.store.is_disabled(uid):
+            return None
+        return uid
+
+    async def active(self, uid: int) -> bool:
+        """Whether the user exists and is not disabled (a login without a password)."""
+        fields = await self.store.user_fields(uid, "account", "disabled")
+        return bool(fields["account"]) and fields["disabled"] != "1"
+
+    async def set_password(self, uid: int, password: str) -> None:
+        if not password:
+            raise AccountError("password must not be empty")
+        await self.store.set_user_fields(uid, verifier=await make_verifier(md5hex(password)))
 
     async def revoke(self, token: str) -> None:
         await self.store.revoke_token(token)

@@ -21,7 +21,8 @@ from twisted.logger import Logger
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.groups import GroupError, Groups
-from imd.hub import Hub, HubError
+from imd.hub import Hub, HubError, written
+from imd.metrics import CONNECTIONS
 from imd.model import Message
 from imd.protocols.boss import signals
 from imd.protocols.boss.proofs import Proofs
@@ -76,6 +77,8 @@ class BossService:
 class BossConnection:
     """Signal handling for one client; ``write`` sends one signal, ``abort`` drops the link."""
 
+    protocol = "66boss"
+
     def __init__(self, service: BossService, write: Callable[[str], None],
                  close: Callable[[], None], abort: Callable[[], None], host: str = ""):
         self.service = service
@@ -91,6 +94,7 @@ class BossConnection:
     # -- transport events ----------------------------------------------------------------
 
     def opened(self) -> None:
+        CONNECTIONS.labels(self.protocol).inc()
         self.service.connections.add(self)
 
     def closed(self) -> None:
@@ -130,9 +134,13 @@ class BossConnection:
         # could not say whom it was sent to.
         if message.sender != self.user_id:
             self.write(signals.render(message))
+            written(self, message)
 
     def notice(self, event) -> None:
         pass  # 66boss has no friends, presence or kick signals
+
+    def kick(self) -> None:
+        self.close()
 
     # -- signals -------------------------------------------------------------------------
 
@@ -169,7 +177,7 @@ class BossConnection:
         if token:
             ok = await self.service.accounts.user_for_token(token) == uid
         else:
-            ok = await self.service.hub.store.get_user(uid) is not None
+            ok = await self.service.accounts.active(uid)
         if not ok:
             self.write(signals.error("login", "bad user id or token"))
             return

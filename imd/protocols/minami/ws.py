@@ -24,7 +24,8 @@ from twisted.logger import Logger
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.friends import Friends
-from imd.hub import Hub, HubError
+from imd.hub import Hub, HubError, written
+from imd.metrics import CONNECTIONS
 from imd.model import GROUP, OFFLINE, PRESENCE, TEXT, UNICAST, Event, Message
 from imd.passwords import md5hex
 from imd.protocols.flow import pending_bytes, tune_socket
@@ -54,6 +55,7 @@ def _id_value(value) -> str | None:
 
 class MinamiWebSocket(WebSocketServerProtocol):
     user_id: int | None = None
+    protocol = "minami"
 
     def onConnect(self, request):
         params = request.params
@@ -66,6 +68,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
         self.nonce = secrets.token_hex(8)
         service.connections.add(self)
+        CONNECTIONS.labels(self.protocol).inc()
         self.token: str | None = None
         self._early: list[bytes] | None = []
         self._gone = False
@@ -188,6 +191,10 @@ class MinamiWebSocket(WebSocketServerProtocol):
             return
         body = message.body if message.kind == TEXT else f"[{message.kind}] {message.body}"
         self._send({"from": str(message.sender), "payload": body})
+        written(self, message)
+
+    def kick(self) -> None:
+        self.sendClose(1000)
 
     def notice(self, event: Event) -> None:
         data = event.data

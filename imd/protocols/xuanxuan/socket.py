@@ -14,13 +14,15 @@ import secrets
 import uuid
 
 from twisted.internet import defer, protocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from imd.accounts import Accounts
 from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
-from imd.hub import Hub, HubError
+from imd.hub import Hub, HubError, written
+from imd.metrics import CONNECTIONS
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
                        SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
                        one2one_gid)
@@ -140,6 +142,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     user_id: int | None = None
     watches_directory = True  # the client lists every user: it gets everyone's presence
+    protocol = "xuanxuan"
 
     def connectionMade(self):
         self.service: XuanxuanService = self.factory.service
@@ -156,6 +159,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self.shown: dict[str, str] = {}
         self._push_serial = 0
         self.service.connections.add(self)
+        CONNECTIONS.labels(self.protocol).inc()
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -281,6 +285,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
             packets.append(self._packet("chat", "message",
                                         [self._message_json(m) for m in queued]))
         self.push(*packets)
+        for m in queued:
+            written(self, m)
 
     async def _chat_infos(self, chats: list[Chat]) -> list[dict]:
         """The chat objects for this client; the ones it is a member of count as shown."""
@@ -327,6 +333,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
                 return  # no longer a member
         packets.append(self._packet("chat", "message", [self._message_json(message)]))
         self.push(*packets)
+        written(self, message)
 
     def _message_json(self, m: Message) -> dict:
         """A message on a chat this client has been shown."""
@@ -357,7 +364,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
                          "message": "This account logined in another place."})
             self.transport.loseConnection()
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def kick(self) -> None:
+        self._write({"module": "chat", "method": "kickoff",
+                     "message": "Disconnected by the administrator."})
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=connectionDone):
         self.service.connections.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
