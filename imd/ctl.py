@@ -24,10 +24,10 @@ from twisted.internet import defer, reactor, task
 from imd.accounts import Accounts
 from imd.admin.ops import Ops, OpsError
 from imd.config import ConfigError, build_config
+from imd.hub import Hub
 from imd.store.connection import (BadRedisURL, RedisNotReady, RedisUnavailable, connect_pool,
                                   parse_redis_url, wait_until_ready)
 from imd.store.embedded import EmbeddedRedis, EmbeddedRedisError
-from imd.hub import Hub
 from imd.store.redis import RedisStore
 
 

@@ -11,10 +11,10 @@ import signal
 import sys
 
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, unique
 from tests.test_cross import Boss, Xuanxuan
@@ -86,7 +86,7 @@ async def party(d, cls, prefix: str):
 
 async def closed(client) -> None:
     """Wait until the server closes the client's connection."""
-    while (item := await client.next(timeout=WAIT)) is not CLOSED:
+    while await client.next(timeout=WAIT) is not CLOSED:
         pass
 
 

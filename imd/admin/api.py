@@ -1,5 +1,6 @@
 """The admin API under ``/api/``: JSON replies, form or query parameters, and an
-``Authorization: Bearer <token>`` header (or ``token`` parameter) with a token from ``imdctl admin-token``.
+``Authorization: Bearer <token>`` header (or a ``token`` parameter) with a token from
+``imdctl admin-token``.
 
     GET  /api/users                      every user: id, account, name, disabled
     POST /api/users                      account, password, name: a new user
