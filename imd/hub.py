@@ -11,6 +11,9 @@ Event.  It goes to the user's friends and to every session that watches the whol
 (``watches_directory``, e.g. xuanxuan, whose users see everyone); the latter hear it over one
 channel that every node subscribes to, so a change costs one publish, not one per user.
 Each node's heartbeat also reaps dead nodes and announces their users' logouts.
+
+A KICK notice (an administrator's, see ``imd.admin.ops``) reaches the named session, or every
+session of its user, on whichever node they are, and calls its ``kick``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class Session(Protocol):
     """What a protocol adapter registers with the hub for one client connection."""
 
     user_id: int
-    protocol: str  # the metrics label: "66boss", "minami", "webim", "xuanxuan"
+    protocol: str  # the metrics label: "66boss", "minami", "webim", "xuanxuan" (else "other")
     # Optional ``watches_directory = True``: the session shows every user, so it gets every
     # user's presence changes, not only its friends'.
 
@@ -156,7 +159,7 @@ class Hub:
     async def login(self, session: Session) -> None:
         """Register a session, then deliver its user's offline queue to it, in order."""
         uid = session.user_id
-        LOGINS.labels(session.protocol).inc()
+        LOGINS.labels(getattr(session, "protocol", "other")).inc()
         self.sessions.setdefault(uid, []).append(session)
         if getattr(session, "watches_directory", False):
             self.watchers.add(session)
@@ -321,7 +324,7 @@ class Hub:
             return defer.fail(HubError(f"unknown message kind {kind!r}"))
         if len(body) > self.max_body:
             return defer.fail(HubError("message too long"))
-        MESSAGES_IN.labels(origin.protocol).inc()
+        MESSAGES_IN.labels(getattr(origin, "protocol", "other")).inc()
         message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
                           body=body, extension=extension, style=style,
                           accepted=time.monotonic())
