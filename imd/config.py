@@ -21,6 +21,9 @@ _OPTIONS = [
      "endpoint of the 66boss line protocol (one signal per line); 'none' disables it"),
     ("xuanxuan", "tcp:8080", str,
      "endpoint of the xuanxuan 1.0 socket (JSON lines); 'none' disables it"),
+    ("admin", "tcp:9180:interface=127.0.0.1", str,
+     "endpoint of the admin HTTP port (/metrics, /health, /ready, the admin API and page); "
+     "'none' disables it"),
     ("redis", "", str,
      "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path.sock); "
      "empty = start the embedded redis-server"),
@@ -99,6 +102,7 @@ class Config:
     web: list[str] = field(default_factory=lambda: ["tcp:8000"])
     boss_line: str = "tcp:6061"
     xuanxuan: str = "tcp:8080"
+    admin: str = "tcp:9180:interface=127.0.0.1"
     redis: str = ""
     redis_wait: float = 300.0
     redis_timeout: float = 5.0

@@ -1,4 +1,6 @@
-"""imdctl: the admin command.  Creates users, lists them, issues tokens.
+"""imdctl: the admin command.  Creates users, lists them, issues tokens, and does what the
+admin API does (with the same code, ``imd.admin.ops``): disable users, reset passwords, list
+sessions and groups, kick sessions, send system messages, make admin API tokens.
 
 It works on the same store as the daemon: ``--redis URL`` for a shared Redis, otherwise the
 embedded one in ``--data-dir`` (reached through the running daemon's socket, or started for
@@ -12,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
+import secrets
 import sys
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task
 
 from imd import __version__
-from imd.accounts import AccountError, Accounts
+from imd.accounts import Accounts
+from imd.admin.ops import Ops, OpsError
 from imd.config import ConfigError, build_config
+from imd.hub import Hub
 from imd.store.connection import (BadRedisURL, RedisNotReady, RedisUnavailable, connect_pool,
                                   parse_redis_url, wait_until_ready)
 from imd.store.embedded import EmbeddedRedis, EmbeddedRedisError
@@ -53,6 +59,27 @@ def _parser() -> argparse.ArgumentParser:
     adm = sub.add_parser("admin", help="make a user a system administrator (xuanxuan)")
     adm.add_argument("account")
     adm.add_argument("--off", action="store_true", help="take the role away")
+    sub.add_parser("admin-token", help="make a new admin API token (printed once; only its "
+                   "hash is stored)")
+    for name, what in (("disable", "disable a user (their sessions are closed and they can "
+                        "no longer log in)"), ("enable", "enable a disabled user")):
+        sub.add_parser(name, help=what).add_argument("user", help="account or user id")
+    pw = sub.add_parser("passwd", help="set a user's password (prompted for)")
+    pw.add_argument("user", help="account or user id")
+    pw.add_argument("--password-stdin", action="store_true",
+                    help="read the password from the first line of standard input")
+    sub.add_parser("sessions", help="sessions per protocol on every node (JSON)")
+    kick = sub.add_parser("kick", help="close a user's sessions on every node")
+    kick.add_argument("user", help="account or user id")
+    kick.add_argument("--session", help="only this session (an id from the admin API)")
+    sub.add_parser("groups", help="list groups (id, name, members)")
+    mem = sub.add_parser("members", help="list a group's members (id, account, name)")
+    mem.add_argument("group", help="group id")
+    say = sub.add_parser("say", help="send a system message to a user or to a group's members")
+    to = say.add_mutually_exclusive_group(required=True)
+    to.add_argument("--user", help="account or user id")
+    to.add_argument("--group", help="group id")
+    say.add_argument("text")
     return p
 
 
@@ -92,7 +119,13 @@ async def _run(args, config) -> int:
         try:
             redis = await factory.deferred.addTimeout(args.wait, reactor)
             accounts = Accounts(RedisStore(redis), config.token_ttl)
-            return await _command(args, accounts)
+            # A hub that is never started: sessions are reached through the store's pub/sub.
+            hub = Hub(accounts.store, reactor, node_id=f"imdctl-{secrets.token_hex(4)}")
+            try:
+                return await _command(args, accounts, Ops(hub, accounts, serving=False))
+            except OpsError as e:
+                print(f"imdctl: {e}", file=sys.stderr)
+                return 1
         finally:
             await factory.disconnect()
     finally:
@@ -100,18 +133,35 @@ async def _run(args, config) -> int:
             await embedded.stop()
 
 
-async def _command(args, accounts: Accounts) -> int:
+async def _command(args, accounts: Accounts, ops: Ops) -> int:
     store = accounts.store
     if args.command == "adduser":
-        try:
-            user = await accounts.create(args.account, args.password, args.name)
-        except AccountError as e:
-            print(f"imdctl: {e}", file=sys.stderr)
-            return 1
-        print(f"{user.id}\t{user.account}\t{user.name}")
+        user = await ops.create_user(args.account, args.password, args.name)
+        print(f"{user['id']}\t{user['account']}\t{user['name']}")
     elif args.command == "users":
-        for user in await store.list_users():
-            print(f"{user.id}\t{user.account}\t{user.name}")
+        for user in await ops.users():
+            disabled = "\tdisabled" if user["disabled"] else ""
+            print(f"{user['id']}\t{user['account']}\t{user['name']}{disabled}")
+    elif args.command == "admin-token":
+        print(await ops.new_admin_token())
+    elif args.command in ("disable", "enable"):
+        done = await ops.set_disabled(args.user, args.command == "disable")
+        print(f"{done['id']}\t{args.command}d")
+    elif args.command == "passwd":
+        print((await ops.reset_password(args.user, args.password))["id"])
+    elif args.command == "sessions":
+        print(json.dumps((await ops.sessions())["nodes"], indent=1, sort_keys=True))
+    elif args.command == "kick":
+        print((await ops.kick(args.user, args.session))["id"])
+    elif args.command == "groups":
+        for group in await ops.groups():
+            print(f"{group['id']}\t{group['name']}\t{group['members']}")
+    elif args.command == "members":
+        for member in (await ops.group(args.group))["members"]:
+            print(f"{member['id']}\t{member['account']}\t{member['name']}")
+    elif args.command == "say":
+        sent = await ops.system_message(args.text, args.user, args.group)
+        print(" ".join(map(str, sent["to"])))
     elif args.command == "admin":
         uid = await store.find_account(args.account)
         if uid is None:
@@ -137,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             parse_redis_url(config.redis)
         if args.wait <= 0:
             raise CtlError("--wait must be positive")
-        if args.command == "adduser":
+        if args.command in ("adduser", "passwd"):
             args.password = read_password(args.password_stdin)
     except (ConfigError, BadRedisURL, CtlError) as e:
         sys.exit(f"imdctl: error: {e}")

@@ -11,25 +11,40 @@ Event.  It goes to the user's friends and to every session that watches the whol
 (``watches_directory``, e.g. xuanxuan, whose users see everyone); the latter hear it over one
 channel that every node subscribes to, so a change costs one publish, not one per user.
 Each node's heartbeat also reaps dead nodes and announces their users' logouts.
+
+A KICK notice (an administrator's, see ``imd.admin.ops``) reaches the named session, or every
+session of its user, on whichever node they are, and calls its ``kick``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
+import time
 from typing import Callable, Iterable, Protocol
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from imd.model import (GROUP, KINDS, OFFLINE, ONLINE, PRESENCE, PROFILE, SHOW, SHOWS,
+from imd.metrics import ERRORS, counter, histogram
+from imd.model import (GROUP, KICK, KINDS, OFFLINE, ONLINE, PRESENCE, PROFILE, SHOW, SHOWS,
                        UNICAST, Event, Message, group_conversation, one2one_gid)
 from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember, NotFriends,
                              RedisStore)
 from imd.unavailable import Unavailable, log_failure
 
 log = Logger()
+LOGINS = counter("imd_logins_total", "Sessions registered with the hub, per protocol",
+                 ("protocol",))
+MESSAGES_IN = counter("imd_messages_in_total", "Messages accepted from clients, per protocol",
+                      ("protocol",))
+MESSAGES_OUT = counter("imd_messages_out_total", "Messages written to clients, per protocol",
+                       ("protocol",))
+DELIVERY_LATENCY = histogram(
+    "imd_delivery_latency_seconds", "From a message's acceptance by this node's hub to its "
+    "write to a client on this node (live deliveries only), per protocol", ("protocol",),
+    buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 MAX_EVENT_AVATAR = 2048  # a URL; longer avatars (inline pictures) stay out of presence events
 
 
@@ -37,6 +52,7 @@ class Session(Protocol):
     """What a protocol adapter registers with the hub for one client connection."""
 
     user_id: int
+    protocol: str  # the metrics label: "66boss", "minami", "webim", "xuanxuan" (else "other")
     # Optional ``watches_directory = True``: the session shows every user, so it gets every
     # user's presence changes, not only its friends'.
 
@@ -47,6 +63,18 @@ class Session(Protocol):
     def notice(self, event: Event) -> None:
         """Act on a notice (friend request, presence change, newer login); adapters ignore
         the kinds their protocol has no way to show."""
+
+    def kick(self) -> None:
+        """Close the client's connection (an administrator kicked it or disabled its
+        user); the adapter logs out as when the client leaves."""
+
+
+def written(session: Session, message: Message) -> None:
+    """An adapter wrote ``message`` to its client: count it and, when this node accepted
+    it, observe its delivery latency."""
+    MESSAGES_OUT.labels(session.protocol).inc()
+    if message.accepted:
+        DELIVERY_LATENCY.labels(session.protocol).observe(time.monotonic() - message.accepted)
 
 
 Logout = Callable[..., defer.Deferred]  # logout(unsent: Iterable[Message] = ()), from login
@@ -153,6 +181,7 @@ class Hub:
 
     async def _login(self, session: Session) -> Logout:
         uid = session.user_id
+        LOGINS.labels(getattr(session, "protocol", "other")).inc()
         self.sessions.setdefault(uid, []).append(session)
         if getattr(session, "watches_directory", False):
             self.watchers.add(session)
@@ -243,7 +272,22 @@ class Hub:
         self._notice_local(uids, event, exclude)
         await self.store.notify(self.node, uids, event)
 
+    def session_id(self, session: Session) -> str:
+        """A session's name across the cluster (what an administrator kicks)."""
+        return f"{self.node}.{id(session):x}"
+
+    def _kick(self, uids, event: Event) -> None:
+        """A KICK notice: close the named session, or every session of ``uids``."""
+        only = event.data.get("session")
+        for uid in uids:
+            for session in list(self.sessions.get(int(uid), ())):
+                if only is None or only == self.session_id(session):
+                    _guarded(lambda s: s.kick(), session)
+
     def _notice_local(self, uids, event: Event, exclude: Session | None = None) -> None:
+        if event.kind == KICK:
+            self._kick(uids, event)
+            return
         watched = event.kind == PRESENCE  # watchers get these from the presence channel
         for uid in uids:
             for session in list(self.sessions.get(int(uid), ())):
@@ -331,8 +375,10 @@ class Hub:
             return defer.fail(HubError(f"unknown message kind {kind!r}"))
         if len(body) > self.max_body:
             return defer.fail(HubError("message too long"))
+        MESSAGES_IN.labels(getattr(origin, "protocol", "other")).inc()
         message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
-                          body=body, extension=extension, style=style)
+                          body=body, extension=extension, style=style,
+                          accepted=time.monotonic())
         d = self.store.post(message, self.node, friends_only)
         d.addCallbacks(self._posted, _refused, callbackArgs=(message, origin))
         return d
@@ -399,6 +445,7 @@ def _guarded(call, item) -> None:
     try:
         call(item)
     except Exception:
+        ERRORS.labels("session_failed").inc()
         log.failure("a session failed to take a delivery")
 
 
@@ -415,4 +462,5 @@ def _refused(failure) -> None:
     if kind is None:
         log_failure(log, "message could not be stored", failure)
         kind, reason = "not_stored", "message could not be stored"
+    ERRORS.labels(kind).inc()
     raise HubError(reason, kind)

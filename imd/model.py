@@ -75,6 +75,9 @@ def seen_by(user: User, viewer: int | None, admin: bool = False) -> User:
 PRESENCE = "presence"
 ONLINE, OFFLINE, SHOW, PROFILE = "online", "offline", "show", "profile"
 # Protocol-neutral shows (webim's names); each adapter maps its own onto these.
+# A kick Event (to a user's sessions, every node): data {"session": the hub's session id}
+# closes that one session, {} every session of the user.
+KICK = "kick"
 SHOWS = ("available", "away", "chat", "dnd", "busy", "invisible", "unavailable")
 
 
@@ -113,7 +116,9 @@ class Message:
     ``to`` is the recipient user id for unicast and the group id for group messages.
     ``ts`` is the server timestamp in milliseconds, ``id`` the store-assigned increasing id.
     ``wire`` caches the encoded form per protocol (created on first use) so that fan-out
-    encodes once per protocol, not once per recipient.
+    encodes once per protocol, not once per recipient.  ``accepted`` is the monotonic time
+    this node's hub accepted it (0: it came from the store or another node); it is never
+    stored.
     """
 
     sender: int
@@ -126,6 +131,7 @@ class Message:
     ts: int = 0
     style: str = ""
     wire: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    accepted: float = field(default=0.0, compare=False, repr=False)
 
     @property
     def conversation(self) -> str:

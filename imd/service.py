@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from imd import __version__
 from imd.accounts import Accounts
+from imd.admin.site import AdminService
 from imd.config import Config
 from imd.chats import Chats
 from imd.friends import Friends
@@ -149,6 +150,11 @@ class ImdService(service.MultiService):
 
     async def _start(self) -> None:
         config = self.config
+        if config.admin.lower() != "none":
+            # First, so that /health and /ready answer during the start-up.
+            admin = AdminService(self)
+            admin.setServiceParent(self)
+            await self._listen(config.admin, admin.site, "admin (metrics, health, API)")
         address, factory, store = await open_store(config, self.embedded)
         self._factories.append(factory)
         self.hub = hub = Hub(store, reactor, node_ttl=config.node_timeout,

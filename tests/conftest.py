@@ -20,7 +20,7 @@ from imd.store.redis import RedisStore
 
 REPO = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(
-    r"\] (web|66boss line protocol|xuanxuan socket)\b.* on \S+ \(([\d.]+):(\d+)\)")
+    r"\] (web|66boss line protocol|xuanxuan socket|admin)\b.* on \S+ \(([\d.]+):(\d+)\)")
 
 
 # twistd ends by re-raising the signal that stopped it (so systemd sees a normal stop).
@@ -34,7 +34,7 @@ class Daemon:
         self.data_dir = data_dir
         self.args = list(args)
         self.proc: subprocess.Popen | None = None
-        self.web = self.line = self.xuanxuan = 0
+        self.web = self.line = self.xuanxuan = self.admin = 0
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self._store_factory = None
         self._store: RedisStore | None = None
@@ -44,7 +44,8 @@ class Daemon:
                 "-n", "--pidfile=", "imd",
                 "--data-dir", str(self.data_dir), "--web", "tcp:0:interface=127.0.0.1",
                 "--boss-line", "tcp:0:interface=127.0.0.1",
-                "--xuanxuan", "tcp:0:interface=127.0.0.1", *self.args]
+                "--xuanxuan", "tcp:0:interface=127.0.0.1",
+                "--admin", "tcp:0:interface=127.0.0.1", *self.args]
 
     def start(self, timeout: float = 30.0) -> "Daemon":
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -57,9 +58,10 @@ class Daemon:
         while time.monotonic() < deadline:
             text = self.log()
             ports = {m.group(1): int(m.group(3)) for m in LISTEN_RE.finditer(text)}
-            if len(ports) == 3:
+            if {"web", "66boss line protocol", "xuanxuan socket"} <= set(ports):
                 self.web, self.line = ports["web"], ports["66boss line protocol"]
                 self.xuanxuan = ports["xuanxuan socket"]
+                self.admin = ports.get("admin", 0)  # listens first: logged by now if on
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"imd exited with {self.proc.returncode}:\n{text}")

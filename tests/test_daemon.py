@@ -56,7 +56,7 @@ def test_help_documents_every_option():
     for option in ["--web", "--boss-line", "--redis", "--data-dir", "--boss-auth",
                    "--heartbeat", "--heartbeat-timeout", "--node-timeout", "--max-frame",
                    "--max-body", "--max-upload", "--max-queue", "--max-pending", "--config",
-                   "--token-ttl", "--history-limit", "--public-url"]:
+                   "--token-ttl", "--history-limit", "--public-url", "--admin"]:
         assert option in out, option
 
 
@@ -70,7 +70,7 @@ def test_help_documents_every_option():
 ])
 def test_start_up_errors_are_one_clear_line(tmp_path, args, expected):
     result = run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(tmp_path / "d"),
-                  "--boss-line", "none", "--xuanxuan", "none", *args])
+                  "--boss-line", "none", "--xuanxuan", "none", "--admin", "none", *args])
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert expected in output, output
@@ -80,7 +80,8 @@ def test_start_up_errors_are_one_clear_line(tmp_path, args, expected):
 def test_second_daemon_on_one_data_dir_is_refused(fresh_daemon):
     first = fresh_daemon().start()
     result = run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(first.data_dir),
-                  "--web", "tcp:0", "--boss-line", "none", "--xuanxuan", "none"])
+                  "--web", "tcp:0", "--boss-line", "none", "--xuanxuan", "none",
+                  "--admin", "none"])
     assert result.returncode != 0
     assert "already using the data directory" in result.stderr + result.stdout
     assert first.proc.poll() is None  # the first one is unharmed
@@ -145,7 +146,8 @@ def test_embedded_redis_that_cannot_start_is_one_clear_line(tmp_path):
     data.mkdir()
     (data / "appendonly.aof").write_bytes(b"*3\r\n$3\r\nSET\r\nthis is not a valid AOF")
     result = run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(data),
-                  "--web", "tcp:0", "--boss-line", "none", "--xuanxuan", "none"])
+                  "--web", "tcp:0", "--boss-line", "none", "--xuanxuan", "none",
+                  "--admin", "none"])
     assert result.returncode == 1
     output = result.stdout + result.stderr
     errors = [line for line in output.splitlines() if "imd: error:" in line]
@@ -219,8 +221,8 @@ def test_data_directory_is_private(fresh_daemon, tmp_path):
         assert path.stat().st_mode & 0o777 == 0o600, path
     assert d.stop() in CLEAN_EXIT
     fresh = tmp_path / "new" / "data"
-    assert run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(fresh), "--web",
-                "tcp:notaport"]).returncode == 1
+    assert run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(fresh), "--admin", "none",
+                "--web", "tcp:notaport"]).returncode == 1
     assert fresh.stat().st_mode & 0o777 == 0o700
 
 

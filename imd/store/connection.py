@@ -31,6 +31,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imd.metrics import ERRORS
 from imd.unavailable import Unavailable
 
 log = Logger()
@@ -427,6 +428,7 @@ class _Pool(txredisapi.RedisFactory):
             self.connectionQueue.remove(conn)
         if not self.size and self._was_up and not self.disconnectCalled and not self._down:
             self._down = True
+            ERRORS.labels("redis_down").inc()
             log.warn("Redis at {redis} is down: logins and requests get an error until it "
                      "returns; accepted messages wait for it", redis=self.address.display)
 

@@ -40,6 +40,13 @@ Keys (all under the ``imd:`` prefix):
                               and "!<uids>|<event JSON>" notices to its sessions
     presence                  pub/sub channel every node hears: "<node>|<event JSON>", a
                               presence change for the sessions that watch every user
+    ns:<node>                 hash  protocol -> sessions on the node (its admin endpoint
+                              refreshes it; expires when the node stops doing so)
+    admintok                  set of the SHA-256 hex digests of admin API tokens
+    sysuser                   string -> id of the user system messages come from
+
+A user hash with ``disabled`` = "1" is a disabled user: no password or token of theirs
+logs in.
 
 A message send is one round trip: the ``post`` script assigns id and timestamp, appends to
 history, publishes to every other node with a live session of a recipient, and queues the
@@ -58,9 +65,14 @@ from typing import Any, Iterable
 import txredisapi
 from twisted.internet import defer
 
+from imd.metrics import histogram
 from imd.model import PROFILE_FIELDS, Event, Group, Message, User
 
 PREFIX = "imd:"
+REDIS_RTT = histogram("imd_redis_roundtrip_seconds",
+                      "Round-trip time of a PING to Redis (sampled by the admin endpoint)",
+                      buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1,
+                               .25, .5, 1, 2.5))
 FIRST_ID = 10001
 MAX_BATCH = 256  # messages per post script call
 
@@ -405,6 +417,13 @@ return 1
 _USER_FIELDS = ("account", "name", "avatar", *PROFILE_FIELDS)
 
 
+def _pairs(row) -> dict:
+    """An HGETALL reply as a dict (a pipeline gives the flat list)."""
+    if isinstance(row, dict):
+        return row
+    return dict(zip(row[::2], row[1::2]))
+
+
 def _user(uid: int, fields: dict) -> User | None:
     if not fields:
         return None
@@ -563,7 +582,7 @@ class RedisStore:
             ("HGETALL", f"{self.p}g:{int(gid)}"), ("SMEMBERS", f"{self.p}gm:{int(gid)}")])
         if not fields:
             return None
-        fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
+        fields = _pairs(fields)
         return Group(id=int(gid), creator=int(fields["creator"]), name=fields.get("name", ""),
                      notice=fields.get("notice", ""), snap=fields.get("snap", ""),
                      members=tuple(sorted(int(m) for m in members)),
@@ -848,6 +867,73 @@ class RedisStore:
             gone += [int(u) for u in uids]
             if not int(more):
                 return gone
+
+    # -- operations (admin endpoint and imdctl) -----------------------------------------
+
+    async def ping(self) -> float:
+        """Time one PING (seconds), observed in REDIS_RTT."""
+        start = time.monotonic()
+        await self.redis.ping()
+        rtt = time.monotonic() - start
+        REDIS_RTT.observe(rtt)
+        return rtt
+
+    async def queue_depth(self, sample: int = 200) -> int:
+        """Messages waiting in offline queues: exact up to ``sample`` users, else the
+        mean queue of ``sample`` random users times the number of users (two round trips,
+        whatever the number of users)."""
+        total, uids = await self._pipeline([("SCARD", f"{self.p}users"),
+                                            ("SRANDMEMBER", f"{self.p}users", sample)])
+        if not uids:
+            return 0
+        lengths = await self._pipeline([("LLEN", f"{self.p}q:{u}") for u in uids])
+        return round(sum(int(n) for n in lengths) * int(total) / len(uids))
+
+    async def set_node_sessions(self, node: str, counts: dict[str, int], ttl_ms: int) -> None:
+        key = f"{self.p}ns:{node}"
+        commands: list[tuple] = [("DEL", key)]
+        if counts:
+            commands += [("HSET", key, *(x for kv in counts.items() for x in kv)),
+                         ("PEXPIRE", key, int(ttl_ms))]
+        await self._pipeline(commands)
+
+    async def node_sessions(self) -> dict[str, dict[str, int]]:
+        """Node id -> protocol -> sessions, for every node that reported lately."""
+        nodes = sorted(await self.redis.smembers(f"{self.p}nodes"))
+        if not nodes:
+            return {}
+        rows = await self._pipeline([("HGETALL", f"{self.p}ns:{n}") for n in nodes]
+                                    + [("EXISTS", f"{self.p}alive:{n}") for n in nodes])
+        counts, alive = rows[:len(nodes)], rows[len(nodes):]
+        return {n: {k: int(v) for k, v in _pairs(c).items()}
+                for n, c, a in zip(nodes, counts, alive) if int(a)}
+
+    async def group_ids(self) -> list[int]:
+        """Every group's id (a SCAN of the group hashes: for administrators, not for
+        clients)."""
+        ids, cursor = set(), "0"
+        while True:
+            (cursor, keys), = await self._pipeline([
+                ("SCAN", cursor, "MATCH", f"{self.p}g:*", "COUNT", 1000)])
+            ids.update(int(k[len(self.p) + 2:]) for k in keys)
+            if str(cursor) == "0":
+                return sorted(ids)
+
+    async def is_disabled(self, uid: int) -> bool:
+        return await self.redis.hget(f"{self.p}u:{int(uid)}", "disabled") == "1"
+
+    async def add_admin_token(self, digest: str) -> None:
+        await self.redis.sadd(f"{self.p}admintok", digest)
+
+    async def is_admin_token(self, digest: str) -> bool:
+        return bool(await self.redis.sismember(f"{self.p}admintok", digest))
+
+    async def system_user(self) -> int | None:
+        uid = await self.redis.get(f"{self.p}sysuser")
+        return int(uid) if uid is not None else None
+
+    async def set_system_user(self, uid: int) -> None:
+        await self.redis.set(f"{self.p}sysuser", int(uid))
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from twisted.logger import Logger
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.groups import GroupError, Groups
-from imd.hub import Hub, HubError, Logout
+from imd.hub import Hub, HubError, Logout, written
+from imd.metrics import CONNECTIONS
 from imd.model import Message
 from imd.protocols.boss import signals
 from imd.protocols.boss.proofs import Proofs
@@ -82,6 +83,8 @@ class BossConnection:
     signals' text.
     """
 
+    protocol = "66boss"
+
     def __init__(self, service: BossService, outbox: Outbox, gate: ReadGate,
                  close: Callable[[], None], abort: Callable[[], None], host: str = ""):
         self.service = service
@@ -102,6 +105,7 @@ class BossConnection:
     # -- transport events ----------------------------------------------------------------
 
     def opened(self) -> None:
+        CONNECTIONS.labels(self.protocol).inc()
         self.service.connections.add(self)
 
     def overflowed(self) -> None:
@@ -148,9 +152,13 @@ class BossConnection:
         if message.sender != self.user_id:
             # During the login (no _leave yet) this is the offline queue: not bounded.
             self.outbox.put(signals.render(message), (message,), self._leave is not None)
+            written(self, message)
 
     def notice(self, event) -> None:
         pass  # 66boss has no friends, presence or kick signals
+
+    def kick(self) -> None:
+        self.close()
 
     # -- signals -------------------------------------------------------------------------
 
@@ -191,7 +199,7 @@ class BossConnection:
                 self.write(signals.error("login", str(e)))
                 return
         else:
-            ok = await self.service.hub.store.get_user(uid) is not None
+            ok = await self.service.accounts.active(uid)
         if not ok:
             self.write(signals.error("login", "bad user id or token"))
             return

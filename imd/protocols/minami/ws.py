@@ -24,7 +24,8 @@ from twisted.logger import Logger
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.friends import Friends
-from imd.hub import Hub, HubError, Logout
+from imd.hub import Hub, HubError, Logout, written
+from imd.metrics import CONNECTIONS
 from imd.model import GROUP, OFFLINE, PRESENCE, TEXT, UNICAST, Event, Message
 from imd.passwords import md5hex
 from imd.guard import source_host
@@ -56,6 +57,7 @@ def _id_value(value) -> str | None:
 
 class MinamiWebSocket(WebSocketServerProtocol):
     user_id: int | None = None
+    protocol = "minami"
     outbox: Outbox | None = None
     _logout: Logout | None = None
 
@@ -70,6 +72,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         tune_socket(self.transport, service.config.heartbeat + service.config.heartbeat_timeout)
         self.nonce = secrets.token_hex(8)
         service.connections.add(self)
+        CONNECTIONS.labels(self.protocol).inc()
         self.token: str | None = None
         self._early: list[bytes] | None = []
         self._gone = False
@@ -215,6 +218,10 @@ class MinamiWebSocket(WebSocketServerProtocol):
         # During the login (no _logout yet) this is the offline queue: not bounded.
         self.outbox.put(encode({"from": str(message.sender), "payload": body}), (message,),
                         self._logout is not None)
+        written(self, message)
+
+    def kick(self) -> None:
+        self.sendClose(1000)
 
     def notice(self, event: Event) -> None:
         data = event.data

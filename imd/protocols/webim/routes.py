@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server, static
 
+from imd.hub import written
 from imd.protocols.webim.actions import ActionError, Download, WebimActions
 from imd.protocols.webim.tickets import Tickets
 from imd.unavailable import Unavailable
@@ -222,6 +223,8 @@ class Packets(resource.Resource):
             self._give_back(request, ticket, packets, gone)
             return
         reply(request, answer)
+        for m in messages:
+            written(ticket, m)
 
     @staticmethod
     def _give_back(request, ticket, packets, gone: list) -> None:

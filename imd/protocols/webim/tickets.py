@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from imd.hub import Hub
+from imd.metrics import CONNECTIONS
 from imd.model import GROUP, OFFLINE, ONLINE, PRESENCE, SHOW, Event, Message
 from imd.unavailable import log_failure
 
@@ -32,6 +33,8 @@ log = Logger()
 
 class Ticket:
     """One browser tab of a user: a hub Session."""
+
+    protocol = "webim"
 
     def __init__(self, registry: "Tickets", user_id: int):
         self.registry = registry
@@ -53,6 +56,9 @@ class Ticket:
             return
         self.messages.append(message)
         self._queued()
+
+    def kick(self) -> None:
+        self.registry.unbind(self, grace=False)
 
     def notice(self, event: Event) -> None:
         data = event.data
@@ -175,6 +181,7 @@ class Tickets:
         """A new ticket and the messages the user has not seen yet (the offline queue, and
         what an unbound ticket of the same user still held)."""
         ticket = Ticket(self, user_id)
+        CONNECTIONS.labels(Ticket.protocol).inc()
         self.by_id[ticket.id] = ticket
         self.bound_count[user_id] = self.bound_count.get(user_id, 0) + 1
         await self.hub.login(ticket)

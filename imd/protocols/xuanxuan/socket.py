@@ -14,13 +14,15 @@ import secrets
 import uuid
 
 from twisted.internet import defer, protocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from imd.accounts import Accounts
 from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
-from imd.hub import Hub, HubError, Logout
+from imd.hub import Hub, HubError, Logout, written
+from imd.metrics import CONNECTIONS
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
                        SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
                        one2one_gid, seen_by)
@@ -146,6 +148,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
     user_id: int | None = None
     admin = False  # a system administrator (imdctl admin)
     watches_directory = True  # the client lists every user: it gets everyone's presence
+    protocol = "xuanxuan"
 
     def connectionMade(self):
         self.service: XuanxuanService = self.factory.service
@@ -168,6 +171,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
                              self._overflowed)
         self._gate = ReadGate(self.transport)
         self.service.connections.add(self)
+        CONNECTIONS.labels(self.protocol).inc()
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -320,6 +324,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
             packets.append(self._packet("chat", "message",
                                         [self._message_json(m) for m in queued]))
         self.push(*packets, messages=queued)
+        for m in queued:
+            written(self, m)
 
     async def _chat_infos(self, chats: list[Chat]) -> list[dict]:
         """The chat objects for this client; the ones it is a member of count as shown."""
@@ -370,6 +376,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if message.conversation in self.shown:  # else: no longer a member
             packets.append(self._packet("chat", "message", [self._message_json(message)]))
             self.push(*packets, messages=(message,))
+            written(self, message)
 
     def _unsent(self) -> list[Message]:
         """Every message delivered to this session and not written, in order."""
@@ -427,7 +434,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
             logout(self._unsent()).addErrback(
                 lambda f: log_failure(log, "xuanxuan logout failed", f))
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def kick(self) -> None:
+        self._write({"module": "chat", "method": "kickoff",
+                     "message": "Disconnected by the administrator."})
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=connectionDone):
         self._gone = True
         self.service.connections.discard(self)
         if self.sid:
