@@ -22,6 +22,7 @@ from imd.config import Config
 from imd.chats import Chats
 from imd.friends import Friends
 from imd.groups import Groups
+from imd import sdnotify
 from imd.hub import Hub
 from imd.protocols.boss import http as boss_http
 from imd.protocols.boss import uploads as boss_uploads
@@ -103,6 +104,7 @@ class ImdService(service.MultiService):
         self.boss: BossService | None = None
         self.tickets: Tickets | None = None
         self.connections: set = set()  # minami and xuanxuan client connections
+        self.watchdog: sdnotify.Watchdog | None = None
         self.check()
 
     def check(self) -> None:
@@ -194,6 +196,15 @@ class ImdService(service.MultiService):
             port = await self._listen(config.xuanxuan, socket_factory(xuanxuan),
                                       "xuanxuan socket")
             xuanxuan_port.append(getattr(port.getHost(), "port", 0))
+        self._notify_ready()
+
+    def _notify_ready(self) -> None:
+        """Every listener is up: tell systemd (Type=notify) and start its watchdog."""
+        sdnotify.notify("READY=1", f"STATUS=serving as node {self.hub.node}")
+        period = sdnotify.watchdog_period()
+        if period is not None:
+            self.watchdog = sdnotify.Watchdog(reactor, period, self.hub.store.redis.ping)
+            self.watchdog.start()
 
     async def _listen(self, description: str, factory, what: str):
         try:
@@ -210,6 +221,9 @@ class ImdService(service.MultiService):
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        if self.watchdog is not None:
+            self.watchdog.stop()
         for port in self.ports:
             try:
                 await port.stopListening()
