@@ -108,7 +108,7 @@ def parse_redis_url(url: str) -> RedisAddress:
     tls = {name: query[f"ssl_{name}"][0] for name in ("ca_certs", "certfile", "keyfile")
            if f"ssl_{name}" in query}
     if tls and scheme != "rediss":
-        raise BadRedisURL(f"ssl_... parameters need a rediss:// URL, not {url!r}")
+        raise BadRedisURL("the ssl_... parameters of a Redis URL need rediss://")
     if bool(tls.get("certfile")) != bool(tls.get("keyfile")):
         raise BadRedisURL("a Redis client certificate needs both ssl_certfile and ssl_keyfile")
     address = RedisAddress(scheme, host=parts.hostname, port=port, db=db,
