@@ -5,16 +5,19 @@ shipped unit files."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
+import pytest_twisted
 
-from tests.conftest import CLEAN_EXIT, LISTEN_RE, REPO
+from tests.conftest import CLEAN_EXIT, LISTEN_RE, REPO, Daemon, unique
+from tests.test_tls import CA
+from tests.wire import http, ws_connect
 
 
 class FakeNotifySocket:
@@ -35,7 +38,7 @@ class FakeNotifySocket:
         while (left := deadline - time.monotonic()) > 0:
             try:
                 got.append(self.next(left))
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 break
         return got
 
@@ -116,7 +119,7 @@ def test_unit_file_scores_at_most_3_in_systemd_analyze_security():
     try:
         out = subprocess.run(["systemd-analyze", "security", "--offline=yes",
                               "etc/imd.service"], capture_output=True, text=True, cwd=REPO,
-                             timeout=60)
+                             timeout=60, check=False)
     except FileNotFoundError:
         pytest.skip("systemd-analyze is not installed")
     if "--offline" in out.stderr and out.returncode:
@@ -125,10 +128,72 @@ def test_unit_file_scores_at_most_3_in_systemd_analyze_security():
     assert score <= 3.0, out.stdout
 
 
-def test_socket_unit_and_service_agree():
+def test_socket_units_match_the_endpoints_they_document():
     service = (REPO / "etc" / "imd.service").read_text()
-    sockets = (REPO / "etc" / "imd.socket").read_text()
-    assert "Type=notify" in service
-    for name in ("http", "https"):
-        assert f"FileDescriptorName={name}" in sockets
-    assert "ListenStream=80" in sockets and "ListenStream=443" in sockets
+    assert "\nType=notify\n" in service
+    for unit, port, name in [("imd.socket", 80, "http"), ("imd-https.socket", 443, "https")]:
+        text = (REPO / "etc" / unit).read_text()
+        assert f"\nListenStream=0.0.0.0:{port}\n" in text
+        assert f"\nFileDescriptorName={name}\nService=imd.service\n" in text
+    assert "\n#Requires=imd.socket imd-https.socket\n" in service
+    example = (REPO / "etc" / "imd.socket").read_text()
+    assert "systemd:domain=INET:name=http," in example
+    assert "systemd-tls:domain=INET:name=https:privateKey=" in example
+
+
+# What systemd does for imd.socket: listening sockets as fds 3, 4, ... named by
+# LISTEN_FDNAMES, in a process whose pid is LISTEN_PID (so set just before exec).
+ACTIVATE = """
+import os, socket, sys
+names = sys.argv[1].split(":")
+for i in range(len(names)):  # out of the way of fds 3, 4, ... first
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(50)
+    os.dup2(s.fileno(), 100 + i)
+    s.close()
+for i in range(len(names)):
+    os.dup2(100 + i, 3 + i)
+    os.close(100 + i)
+os.environ.update(LISTEN_FDS=str(len(names)), LISTEN_PID=str(os.getpid()),
+                  LISTEN_FDNAMES=sys.argv[1])
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+class ActivatedDaemon(Daemon):
+    def command(self) -> list[str]:
+        plain = super().command()
+        return [plain[0], "-c", ACTIVATE, "http:https", *plain[1:]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_activation_with_tls_on_the_adopted_socket(tmp_path):
+    ca = CA(tmp_path)
+    key, cert = ca.issue("activated", ["localhost"])
+    d = ActivatedDaemon(tmp_path / "data", "--web", "systemd:domain=INET:name=http",
+                        "--web", f"systemd-tls:domain=INET:name=https:privateKey={key}"
+                        f":certKey={cert}")
+    d.start()
+    try:
+        log = d.log()
+        assert "on systemd:domain=INET:name=http (127.0.0.1:" in log
+        assert "on systemd-tls:domain=INET:name=https" in log
+        https_port = d.web  # the last web listener logged
+        http_port = int(re.search(r"on systemd:domain=INET:name=http \([\d.]+:(\d+)\)",
+                                  log).group(1))
+        r = await http("GET", f"https://localhost:{https_port}/",
+                       tls_policy=ca.https_policy())
+        assert r.status == 200
+        r = await http("GET", f"http://127.0.0.1:{http_port}/")
+        assert r.status == 200
+        uid, token = await d.user(unique())
+        client = await ws_connect(https_port, tls=ca.client_options())
+        client.send(f"login_{uid}_{token}")
+        assert await client.next() == "ok"
+        client.close()
+    finally:
+        await d.close_store()
+        assert d.stop() in CLEAN_EXIT
+        d.kill_leftover_redis()
+    assert "Traceback" not in d.log(), d.log()

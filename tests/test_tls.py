@@ -8,8 +8,8 @@ import ipaddress
 import re
 import secrets
 import shutil
-import subprocess
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from tests.conftest import unique
 from tests.test_cluster import free_port
-from tests.test_media import make_png
 from tests.test_daemon import TWISTD, run
+from tests.test_media import make_png
 from tests.wire import http, ws_connect
 
 
@@ -44,7 +44,7 @@ class CA:
 
     @staticmethod
     def _builder(subject, issuer, public_key) -> x509.CertificateBuilder:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
                 .public_key(public_key).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))

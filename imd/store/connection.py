@@ -118,7 +118,7 @@ def parse_redis_url(url: str) -> RedisAddress:
     return address
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tls_options(address: RedisAddress):
     """The client TLS options of a ``rediss://`` address, its files read once."""
     extra = {}
@@ -126,7 +126,7 @@ def tls_options(address: RedisAddress):
         if address.ca_certs:
             with open(address.ca_certs, "rb") as f:
                 pems = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
-                                  f.read(), re.S)
+                                  f.read(), re.DOTALL)
             if not pems:
                 raise BadRedisURL(f"no PEM certificate in {address.ca_certs} (ssl_ca_certs)")
             extra["trustRoot"] = ssl.trustRootFromCertificates(
