@@ -9,6 +9,7 @@ stops the embedded redis-server (which flushes its append-only file).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -124,6 +125,11 @@ class ImdService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # SIGHUP would otherwise kill the process on the spot (no clean stop of the embedded
+        # Redis); imd reads its configuration and certificates at start only.
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
+            log.warn, "SIGHUP ignored: imd reloads nothing; restart it to apply a new "
+            "configuration or certificate"))
         d = defer.ensureDeferred(self._start())
         d.addCallbacks(self.ready.callback, self._start_failed)
 

@@ -197,3 +197,13 @@ async def test_socket_activation_with_tls_on_the_adopted_socket(tmp_path):
         assert d.stop() in CLEAN_EXIT
         d.kill_leftover_redis()
     assert "Traceback" not in d.log(), d.log()
+
+
+def test_sighup_is_ignored_with_a_log_line(fresh_daemon):
+    d = fresh_daemon().start()
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "SIGHUP ignored" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "SIGHUP ignored: imd reloads nothing; restart it" in d.log()
+    assert d.proc.poll() is None and connectable(d.web)
