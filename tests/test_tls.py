@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import re
 import secrets
 import shutil
@@ -127,6 +128,28 @@ async def test_web_port_over_tls_serves_https_and_wss(fresh_daemon, ca):
     assert fetched.status == 200 and fetched.body == png
     over_tls.close()
     cleartext.close()
+
+    # minami: registration over https, login over wss.
+    account = unique("mi")
+    r = await http("POST", f"{base}/im/register",
+                   json.dumps({"account": account, "password": "pw",
+                               "mail": f"{account}@example.org"}).encode(),
+                   {"Content-Type": "application/json"}, tls_policy=ca.https_policy())
+    assert r.json()["code"] == 200, r.body
+    minami = await ws_connect(d.web, f"/im/login?account={account}&password=pw",
+                              tls=ca.client_options())
+    assert json.loads(await minami.next())["code"] == 200
+    minami.close()
+
+    # webim: the long-poll server it hands out is on https too.
+    r = await http("POST", f"{base}/webim/online", f"token={tb}".encode(),
+                   {"Content-Type": "application/x-www-form-urlencoded"},
+                   tls_policy=ca.https_policy())
+    assert r.json()["connection"]["server"] == f"{base}/packets", r.body
+
+    # xuanxuan: the HTTP side (getconfig) over https.
+    r = await http("GET", f"{base}/index.php?mode=getconfig", tls_policy=ca.https_policy())
+    assert r.json()["ip"] == "localhost" and r.json()["port"] == d.xuanxuan
 
 
 # -- rediss:// ----------------------------------------------------------------------------
