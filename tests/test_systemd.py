@@ -14,6 +14,9 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, task
+
+from imd import sdnotify
 
 from tests.conftest import CLEAN_EXIT, LISTEN_RE, REPO, Daemon, unique
 from tests.test_tls import CA
@@ -207,3 +210,53 @@ def test_sighup_is_ignored_with_a_log_line(fresh_daemon):
         time.sleep(0.05)
     assert "SIGHUP ignored: imd reloads nothing; restart it" in d.log()
     assert d.proc.poll() is None and connectable(d.web)
+
+
+# -- imd.sdnotify on a Clock --------------------------------------------------------------
+
+def test_notify_needs_a_socket_and_survives_a_missing_one(tmp_path):
+    assert sdnotify.notify("READY=1", environ={}) is False
+    assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": "relative"}) is False
+    assert sdnotify.notify("READY=1",
+                           environ={"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False
+    sock = FakeNotifySocket(str(tmp_path / "n.sock"))
+    assert sdnotify.notify("READY=1", "STATUS=x", environ={"NOTIFY_SOCKET": sock.address})
+    assert sock.next(1) == "READY=1\nSTATUS=x"
+    sock.close()
+
+
+def test_watchdog_period_is_half_of_watchdog_usec():
+    assert sdnotify.watchdog_period({}) is None
+    assert sdnotify.watchdog_period({"WATCHDOG_USEC": "60000000"}) == 30.0
+    assert sdnotify.watchdog_period({"WATCHDOG_USEC": "0"}) is None
+    assert sdnotify.watchdog_period({"WATCHDOG_USEC": "x"}) is None
+    assert sdnotify.watchdog_period({"WATCHDOG_USEC": "2000000",
+                                     "WATCHDOG_PID": str(os.getpid())}) == 1.0
+    assert sdnotify.watchdog_period({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+
+
+def test_watchdog_skips_pings_while_the_check_hangs_or_fails(tmp_path):
+    sock = FakeNotifySocket(str(tmp_path / "w.sock"))
+    clock = task.Clock()
+    answers: list[defer.Deferred] = []
+
+    def healthy() -> defer.Deferred:
+        answers.append(defer.Deferred())
+        return answers[-1]
+
+    dog = sdnotify.Watchdog(clock, 10.0, healthy, environ={"NOTIFY_SOCKET": sock.address})
+    dog.start()
+    answers[-1].callback("PONG")
+    assert sock.next(1) == "WATCHDOG=1"
+    clock.advance(10)  # this check hangs: no ping within the period
+    clock.advance(10)
+    assert dog.failing and sock.all(0.1) == []
+    answers[1].callback("PONG")  # a late answer changes nothing
+    clock.advance(10)
+    answers[2].errback(RuntimeError("Redis is down"))
+    assert sock.all(0.1) == []
+    clock.advance(10)
+    answers[3].callback("PONG")
+    assert sock.next(1) == "WATCHDOG=1" and not dog.failing
+    dog.stop()
+    sock.close()
