@@ -17,7 +17,6 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from imd import sdnotify
-
 from tests.conftest import CLEAN_EXIT, LISTEN_RE, REPO, Daemon, unique
 from tests.test_tls import CA
 from tests.wire import http, ws_connect
