@@ -18,12 +18,12 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from imd import sdnotify
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.chats import Chats
 from imd.friends import Friends
 from imd.groups import Groups
-from imd import sdnotify
 from imd.hub import Hub
 from imd.protocols.boss import http as boss_http
 from imd.protocols.boss import uploads as boss_uploads
