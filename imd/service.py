@@ -9,6 +9,7 @@ stops the embedded redis-server (which flushes its append-only file).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from imd import __version__
+from imd import __version__, sdnotify
 from imd.accounts import Accounts
 from imd.admin.site import AdminService
 from imd.config import Config
@@ -108,6 +109,7 @@ class ImdService(service.MultiService):
         self.boss: BossService | None = None
         self.tickets: Tickets | None = None
         self.connections: set = set()  # minami and xuanxuan client connections
+        self.watchdog: sdnotify.Watchdog | None = None
         self.check()
 
     def check(self) -> None:
@@ -136,6 +138,11 @@ class ImdService(service.MultiService):
                  version=__version__, python=sys.version.split()[0],
                  twisted=twisted_version.short())
         super().startService()
+        # SIGHUP would otherwise kill the process on the spot (no clean stop of the embedded
+        # Redis); imd reads its configuration and certificates at start only.
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
+            log.warn, "SIGHUP ignored: imd reloads nothing; restart it to apply a new "
+            "configuration or certificate"))
         d = defer.ensureDeferred(self._start())
         d.addCallbacks(self.ready.callback, self._start_failed)
 
@@ -222,6 +229,15 @@ class ImdService(service.MultiService):
             port = await self._listen(config.xuanxuan, guard.wrap(socket_factory(xuanxuan)),
                                       "xuanxuan socket")
             xuanxuan_port.append(getattr(port.getHost(), "port", 0))
+        self._notify_ready()
+
+    def _notify_ready(self) -> None:
+        """Every listener is up: tell systemd (Type=notify) and start its watchdog."""
+        sdnotify.notify("READY=1", f"STATUS=serving as node {self.hub.node}")
+        period = sdnotify.watchdog_period()
+        if period is not None:
+            self.watchdog = sdnotify.Watchdog(reactor, period, self.hub.store.redis.ping)
+            self.watchdog.start()
 
     async def _listen(self, description: str, factory, what: str):
         try:
@@ -238,6 +254,9 @@ class ImdService(service.MultiService):
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        if self.watchdog is not None:
+            self.watchdog.stop()
         for port in self.ports:
             try:
                 await port.stopListening()

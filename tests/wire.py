@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
@@ -86,9 +86,10 @@ class WSClient:
 
 
 async def ws_connect(port: int, path: str = "/entry", source: str | None = None,
-                     **options) -> WSClient:
-    """A WebSocket client; ``source`` is the local address to connect from (127.0.0.2...)."""
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
+                     tls=None, **options) -> WSClient:
+    """A WebSocket client; ``source`` is the local address to connect from (127.0.0.2...);
+    ``tls`` (client TLS options, ``optionsForClientTLS``) makes it wss://."""
+    factory = WebSocketClientFactory(f"{'wss' if tls else 'ws'}://127.0.0.1:{port}{path}")
     factory.protocol = _WS
     factory.opened = defer.Deferred()
     if options:
@@ -102,7 +103,8 @@ async def ws_connect(port: int, path: str = "/entry", source: str | None = None,
 
     factory.buildProtocol = build
     bind = (source, 0) if source else None
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind).connect(factory)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind)
+    await (wrapClientTLS(tls, endpoint) if tls else endpoint).connect(factory)
     proto = await factory.opened
     return WSClient(proto)
 
@@ -193,9 +195,12 @@ class Response:
 
 
 async def http(method: str, url: str, body: bytes | None = None,
-               headers: dict[str, str] | None = None, source: str | None = None) -> Response:
+               headers: dict[str, str] | None = None, source: str | None = None,
+               tls_policy=None) -> Response:
+    """One request; ``tls_policy`` (``BrowserLikePolicyForHTTPS``) for https:// URLs."""
     hdrs = Headers({k: [v] for k, v in (headers or {}).items()})
-    agent = Agent(reactor, bindAddress=(source, 0) if source else None)
+    extra = {"contextFactory": tls_policy} if tls_policy is not None else {}
+    agent = Agent(reactor, bindAddress=(source, 0) if source else None, **extra)
     response = await agent.request(method.encode(), url.encode(), hdrs,
                                             _Body(body) if body is not None else None)
     data = await readBody(response)

@@ -1,7 +1,10 @@
 """Opening Redis connections from a ``redis://``, ``rediss://`` or ``unix://`` URL.
 
 Builds txredisapi factories on Twisted endpoints, so TLS (verified with service-identity
-through ``optionsForClientTLS``) and unix sockets use the same code path.  Also builds the
+through ``optionsForClientTLS``) and unix sockets use the same code path.  A ``rediss://``
+URL trusts the system's CAs, or the ones in the file named by ``?ssl_ca_certs=``, and may
+present a client certificate (``ssl_certfile=`` and ``ssl_keyfile=``; the parameter names
+are redis-py's).  Also builds the
 pub/sub subscriber connection, which resubscribes by itself after a reconnect.
 
 Readiness and outages are handled here, once for every caller:
@@ -18,16 +21,19 @@ Readiness and outages are handled here, once for every caller:
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
-from twisted.internet import defer, protocol, reactor, task
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -61,6 +67,9 @@ class RedisAddress:
     db: int | None = None
     username: str | None = None
     password: str | None = None
+    ca_certs: str = ""  # rediss: PEM file of the CAs to trust instead of the system's
+    certfile: str = ""  # rediss: client certificate (PEM) and its key
+    keyfile: str = ""
 
     @property
     def display(self) -> str:
@@ -97,8 +106,41 @@ def parse_redis_url(url: str) -> RedisAddress:
     if scheme == "unix":
         return RedisAddress("unix", path=parts.path, db=db, username=username,
                             password=password)
-    return RedisAddress(scheme, host=parts.hostname, port=port, db=db,
-                        username=username, password=password)
+    tls = {name: query[f"ssl_{name}"][0] for name in ("ca_certs", "certfile", "keyfile")
+           if f"ssl_{name}" in query}
+    if tls and scheme != "rediss":
+        raise BadRedisURL("the ssl_... parameters of a Redis URL need rediss://")
+    if bool(tls.get("certfile")) != bool(tls.get("keyfile")):
+        raise BadRedisURL("a Redis client certificate needs both ssl_certfile and ssl_keyfile")
+    address = RedisAddress(scheme, host=parts.hostname, port=port, db=db,
+                           username=username, password=password, **tls)
+    if scheme == "rediss":
+        tls_options(address)  # unreadable files are an error now, not at each connect
+    return address
+
+
+@functools.cache
+def tls_options(address: RedisAddress):
+    """The client TLS options of a ``rediss://`` address, its files read once."""
+    extra = {}
+    try:
+        if address.ca_certs:
+            with open(address.ca_certs, "rb") as f:
+                pems = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                                  f.read(), re.DOTALL)
+            if not pems:
+                raise BadRedisURL(f"no PEM certificate in {address.ca_certs} (ssl_ca_certs)")
+            extra["trustRoot"] = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(pem) for pem in pems])
+        if address.certfile:
+            with open(address.certfile, "rb") as cert, open(address.keyfile, "rb") as key:
+                extra["clientCertificate"] = ssl.PrivateCertificate.loadPEM(
+                    cert.read() + b"\n" + key.read())
+    except OSError as e:
+        raise BadRedisURL(f"cannot read {e.filename} for Redis TLS: {e.strerror}") from None
+    except SSL.Error as e:
+        raise BadRedisURL(f"bad certificate or key for Redis TLS: {_ssl_reason(e)}") from None
+    return ssl.optionsForClientTLS(address.host, **extra)
 
 
 def endpoint_for(address: RedisAddress) -> IStreamClientEndpoint:
@@ -106,7 +148,7 @@ def endpoint_for(address: RedisAddress) -> IStreamClientEndpoint:
         return UNIXClientEndpoint(reactor, address.path, timeout=10)
     endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=10)
     if address.scheme == "rediss":
-        return wrapClientTLS(optionsForClientTLS(address.host), endpoint)
+        return wrapClientTLS(tls_options(address), endpoint)
     return endpoint
 
 
@@ -272,6 +314,8 @@ async def wait_until_ready(address: RedisAddress, bound: float,
             reply = (await _probe(address, [("PING",)]))[0]
         except RedisNotReady:
             raise
+        except (SSL.Error, VerificationError) as e:  # waiting will not mend a certificate
+            raise RedisNotReady(_tls_failure(address, e)) from None
         except Exception as e:
             reply, reason = "", _reason(e)
         if reply.startswith("+"):
@@ -310,6 +354,21 @@ async def _log_loading(address: RedisAddress, bound: float, option: str) -> None
              "({option})", redis=address.display,
              size=_megabytes(_info_field(info, "loading_total_bytes")), bound=bound,
              option=option)
+
+
+def _tls_failure(address: RedisAddress, e: Exception) -> str:
+    if isinstance(e, VerificationError):
+        return (f"the certificate of Redis at {address.display} is not valid for "
+                f"{address.host}: use the host name it was issued for in the URL")
+    return (f"TLS with Redis at {address.display} failed ({_ssl_reason(e)}): check that "
+            "it speaks TLS on that port and that its CA is trusted (?ssl_ca_certs=FILE)")
+
+
+def _ssl_reason(e: SSL.Error) -> str:
+    """OpenSSL's reasons ("certificate verify failed"), without the library names."""
+    errors = e.args[0] if e.args and isinstance(e.args[0], list) else []
+    reasons = [item[-1] for item in errors if isinstance(item, tuple) and item[-1]]
+    return "; ".join(reasons) or str(e) or type(e).__name__
 
 
 def _reason(e: BaseException) -> str:

@@ -6,6 +6,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 
 from imd.config import Options
+from imd.endpoints import SystemdTLSParser
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -21,3 +22,6 @@ class ImdServiceMaker:
 
 
 serviceMaker = ImdServiceMaker()
+
+# The systemd-tls: server endpoint (TLS on a socket from socket activation).
+systemdTLS = SystemdTLSParser()
