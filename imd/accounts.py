@@ -11,7 +11,7 @@ from imd.model import PROFILE_FIELDS, User
 from imd.passwords import check_verifier, make_verifier, md5hex
 from imd.store.redis import AccountTaken, RedisStore
 
-ACCOUNT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MAX_AVATAR = 256 * 1024  # minami sends pictures inline, base64
 MAX_FIELD = 256
 
@@ -28,7 +28,7 @@ class Accounts:
     async def create(self, account: str, password: str, name: str = "",
                      avatar: str = "", **profile: str) -> User:
         """A new user; ``profile`` may hold sex, birthday, sign and mail."""
-        if not ACCOUNT_RE.match(account or ""):
+        if not isinstance(account, str) or not ACCOUNT_RE.fullmatch(account):
             raise AccountError("account must be 1-64 letters, digits or ._@- "
                                "and start with a letter or digit")
         if not password:

@@ -30,7 +30,11 @@ _OPTIONS = [
      "directory for the embedded Redis' data and for uploaded files"),
     ("public-url", "", str,
      "base URL clients reach the web port at (for upload links); empty = from the request's "
-     "Host header"),
+     "Host header when it names this listener or one of --public-hosts"),
+    ("public-hosts", "", str,
+     "comma-separated host names (or name:port) the web port may be reached by, besides "
+     "the address it listens on; used for upload links and server URLs when --public-url "
+     "is empty (another Host header is replaced by the listener's address)"),
     ("boss-auth", "token", str,
      "66boss login: 'token' requires login_<userid>_<token>; 'address' also accepts a bare "
      "login_<userid> from the source address that proved it is that user within "
@@ -80,6 +84,7 @@ class Config:
     redis_timeout: float = 5.0
     data_dir: str = "./imd-data"
     public_url: str = ""
+    public_hosts: str = ""
     boss_auth: str = "token"
     boss_address_window: float = 120.0
     heartbeat: float = 30.0

@@ -183,7 +183,8 @@ class ImdService(service.MultiService):
         xuanxuan_http.mount(root, XuanxuanHttp(xuanxuan, self.data_dir / "files",
                                                lambda: xuanxuan_port[0] if xuanxuan_port else 0))
         site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
-                       upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS)
+                       upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS,
+                       public_hosts=config.public_hosts)
         for description in config.web:
             await self._listen(description, site,
                                "web (66boss /entry, group API, uploads; minami /im/; webim /webim/; "

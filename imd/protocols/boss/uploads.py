@@ -96,7 +96,7 @@ class _NoSniff(resource.Resource):
 
     def getChild(self, path, request):
         request.setHeader(b"x-content-type-options", b"nosniff")
-        if not path or path.startswith(b".") or b"/" in path:
+        if not path or path.startswith(b".") or b"/" in path or b"\0" in path:
             return resource.NoResource()
         return self.files.getChild(path, request)
 

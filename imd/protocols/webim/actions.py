@@ -13,6 +13,7 @@ import time
 
 from twisted.web import server
 
+from imd import jsonin
 from imd.accounts import Accounts
 from imd.friends import Friends
 from imd.groups import GroupError, Groups
@@ -25,6 +26,7 @@ from imd.web import arg, public_base
 
 HISTORY_SIZE = 30
 MAX_IDS = 200
+SETTING_MAX = 8192  # bytes of one user's webim settings (JSON)
 
 
 class ActionError(Exception):
@@ -207,9 +209,9 @@ class WebimActions:
         users = await self._nicks(m.sender for m in unseen)
         base = public_base(request, self.public_url)
         try:
-            setting = json.loads(fields.get("webim_setting") or "{}")
-        except ValueError:
-            setting = {}
+            setting = jsonin.read(fields.get("webim_setting") or "{}", limit=SETTING_MAX)
+        except jsonin.BadJSON:
+            setting = {}  # stored before the reader checked settings
         return {
             "success": True, "server_time": int(time.time() * 1000),
             "user": {**self._user_json(user, fields), "presence": "online"},
@@ -327,12 +329,10 @@ class WebimActions:
                                for k, v in request.args.items()
                                if k not in (b"callback", b"ticket", b"token", b"auth",
                                             b"webim_action", b"_")})
-        if len(data) > 8192:
-            raise ActionError("setting too large")
         try:
-            json.loads(data)
-        except ValueError:
-            raise ActionError("data must be JSON") from None
+            jsonin.read(data, limit=SETTING_MAX)
+        except jsonin.BadJSON as e:
+            raise ActionError(f"data must be JSON: {e}") from None
         await self.store.set_user_fields(uid, webim_setting=data)
         return "ok"
 

@@ -17,6 +17,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from imd import jsonin
 from imd.accounts import Accounts
 from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
@@ -110,6 +111,16 @@ def param(params, index: int, name: str, default=None):
     return default
 
 
+def text(params, index: int, name: str, default: str = "") -> str:
+    """A string parameter (``default`` when absent or null); any other type is refused."""
+    value = param(params, index, name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise Refused(f"{name} must be a string")
+    return value
+
+
 def id_list(value) -> list[int]:
     """Member ids given as [1, 2], [{"id": 1}], "1,2" or 1."""
     if isinstance(value, (int, str)):
@@ -164,8 +175,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if not line.strip():
             return
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+            request = jsonin.read(line)
+        except jsonin.BadJSON:
             request = None
         if not isinstance(request, dict):
             self._reply({}, "fail", "request must be one JSON object")
@@ -230,7 +241,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
         service = self.service
         account, password = param(params, 0, "account"), param(params, 1, "password")
         status = param(params, 2, "status", "online")
-        if not isinstance(account, str) or not isinstance(password, str):
+        if not isinstance(account, str) or not isinstance(password, str) or \
+                not isinstance(status, str):
             self._reply(request, "fail", "login takes [account, md5(password), status]")
             return
         if self.user_id is not None:
@@ -400,8 +412,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
 
     async def m_create(self, request, params):
         gid = param(params, 0, "gid")
-        name = param(params, 1, "name", "") or ""
-        kind = param(params, 2, "type", "group") or "group"
+        name = text(params, 1, "name")
+        kind = text(params, 2, "type") or "group"
         members = id_list(param(params, 3, "members", []))
         subject = param(params, 4, "subject", 0)
         public = truthy(param(params, 5, "public", False), False)
@@ -425,8 +437,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
                               to=[m for m in chat.members if m != self.user_id], info=info)
 
     async def m_changename(self, request, params):
-        gid, name = param(params, 0, "gid"), param(params, 1, "name")
-        chat = await self.service.chats.rename(self.user_id, str(gid), name or "")
+        gid, name = param(params, 0, "gid"), text(params, 1, "name")
+        chat = await self.service.chats.rename(self.user_id, str(gid), name)
         self._reply(request, "success", data={"gid": chat.shown_gid, "name": name})
         await self._push_chat(chat, "changename")
 
@@ -474,7 +486,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
             chat = await self.service.chats.resolve(str(item.get("cgid", "")), self.user_id)
             if not self.service.chats.may_post(chat, self.user_id):
                 raise Refused("you may not post in this chat")
-            kind = CONTENT_IN.get(item.get("contentType") or "text")
+            kind = item.get("contentType") or "text"
+            kind = CONTENT_IN.get(kind) if isinstance(kind, str) else None
             if kind is None:
                 raise Refused("contentType must be text, emoticon, image or file")
             client_gid = str(item.get("gid") or "")[:64]
