@@ -38,8 +38,8 @@ def ids_param(request: server.Request, *names: str) -> list[int]:
     for name in names:
         value = arg(request, name)
         if value:
-            ids = [int(p) for p in value.split(",")
-                   if p.strip().isascii() and p.strip().isdigit() and len(p.strip()) <= 18]
+            parts = [p.strip() for p in value.split(",")]
+            ids = [int(p) for p in parts if p.isascii() and p.isdigit() and len(p) <= 18]
             return ids[:MAX_IDS]
     return []
 

@@ -150,6 +150,7 @@ class Refused(Exception):
 class XuanxuanProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     user_id: int | None = None
+    _closed = False
     watches_directory = True  # the client lists every user: it gets everyone's presence
 
     def connectionMade(self):
@@ -210,12 +211,18 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._write(list(packets))
 
     def _failed(self, failure, request):
+        if self._closed:  # it ran on after its connection closed (user_id is gone)
+            log.debug("xuanxuan request ended by the close of its connection: {f}",
+                      f=failure.getErrorMessage())
+            return
         log_failure(log, "xuanxuan request failed", failure)
         self._reply(request, "fail", "server error")
 
     # -- requests --------------------------------------------------------------------------
 
     async def _handle(self, request: dict) -> None:
+        if self._closed:  # queued behind a request that was running at the close
+            return
         module = str(request.get("module") or "").lower()
         method = str(request.get("method") or "").lower()
         params = request.get("params")
@@ -370,6 +377,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone):
+        self._closed = True
         self.service.connections.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
