@@ -101,7 +101,8 @@ async def test_jsonp_callback_with_a_trailing_newline_is_refused(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_nul_in_a_file_path_is_a_404(daemon):
-    for path in ("/upload/files/a%00b", "/upload/files/%00", "/sys/attach-download-1%00.json"):
+    for path in ("/upload/files/a%00b", "/upload/files/%00", "/sys/attach-download-1%00.json",
+                 "/upload/files/a%BDb", "/upload/files/%0D"):
         r = await http("GET", f"http://127.0.0.1:{daemon.web}{path}")
         assert r.status in (400, 403, 404), (path, r.status, r.body[:200])
 
@@ -186,3 +187,21 @@ async def test_boss_upload_url_ignores_a_foreign_host(fresh_daemon):
     assert r.status == 200, r.body
     assert f"http://127.0.0.1:{d.web}/upload/files/" in r.body.decode(), r.body
     await d.close_store()
+
+
+@pytest_twisted.ensureDeferred
+async def test_webim_ids_with_separator_characters_are_ignored(daemon):
+    w = await tab(daemon)
+    for value in ("1\x1c", "\x1d1", "10001\x1e,2"):  # str.strip() strips these, int() not
+        reply = await w.call("buddies", ids=value)
+        assert reply == [] or isinstance(reply, list), reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_xuanxuan_requests_cut_off_by_a_too_long_line_leave_no_traceback(daemon):
+    uid, x, _, _ = await xx_login(daemon)
+    for i in range(5):  # requests in flight, then a line over --max-frame closes the socket
+        x.send("chat", "create", [unique("g"), f"chat {i}", "group", [uid]])
+    x.client.send("x" * 5000)
+    while (await x.next()) is not CLOSED:
+        pass
