@@ -205,3 +205,23 @@ async def test_xuanxuan_requests_cut_off_by_a_too_long_line_leave_no_traceback(d
     x.client.send("x" * 5000)
     while (await x.next()) is not CLOSED:
         pass
+
+
+def test_the_reader_counts_nesting_outside_strings_only():
+    from imd.jsonin import BadJSON, read
+
+    assert read('["' + "[" * 100 + '\\"{"]') == ["[" * 100 + '"{']
+    assert read("[" * 32 + "]" * 32) is not None
+    for text in ("[" * 33 + "]" * 33, '{"a": 1, "a": 1}', "[1e400]", '"\\udc00"', b"\xc3(",
+                 "[1] [2]", "x" * 10):
+        try:
+            read(text)
+        except BadJSON:
+            continue
+        raise AssertionError(f"accepted {text!r}")
+    try:
+        read(b"[" + b"1," * 600 + b"1]", limit=1000)
+    except BadJSON as e:
+        assert "longer than 1000" in str(e)
+    else:
+        raise AssertionError("over the limit was accepted")
