@@ -16,7 +16,7 @@ from imd.passwords import check_verifier, make_verifier, md5hex
 from imd.store.redis import AccountTaken, RedisStore
 from imd.throttle import LoginThrottles
 
-ACCOUNT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MAX_AVATAR = 256 * 1024  # minami sends pictures inline, base64
 MAX_FIELD = 256
 
@@ -38,7 +38,7 @@ class Accounts:
         registering client's (registrations are throttled per address)."""
         if self.throttles is not None:
             self.throttles.before_register(address)
-        if not ACCOUNT_RE.match(account or ""):
+        if not isinstance(account, str) or not ACCOUNT_RE.fullmatch(account):
             raise AccountError("account must be 1-64 letters, digits or ._@- "
                                "and start with a letter or digit")
         if not password:

@@ -37,7 +37,11 @@ _OPTIONS = [
      "file to append an access log of the web port to (combined log format); empty = none"),
     ("public-url", "", str,
      "base URL clients reach the web port at (for upload links); empty = from the request's "
-     "Host header"),
+     "Host header when it names this listener or one of --public-hosts"),
+    ("public-hosts", "", str,
+     "comma-separated host names (or name:port) the web port may be reached by, besides "
+     "the address it listens on; used for upload links and server URLs when --public-url "
+     "is empty (another Host header is replaced by the listener's address)"),
     ("boss-auth", "token", str,
      "66boss login: 'token' requires login_<userid>_<token>; 'address' also accepts a bare "
      "login_<userid> from the source address that proved it is that user within "
@@ -109,6 +113,7 @@ class Config:
     data_dir: str = "./imd-data"
     access_log: str = ""
     public_url: str = ""
+    public_hosts: str = ""
     boss_auth: str = "token"
     boss_address_window: float = 120.0
     heartbeat: float = 30.0

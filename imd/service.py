@@ -214,7 +214,7 @@ class ImdService(service.MultiService):
                        upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS,
                        timeout=config.login_timeout, request_timeout=config.request_timeout,
                        upload_timeout=config.upload_timeout, spool_dir=self.data_dir,
-                       logPath=config.access_log or None)
+                       logPath=config.access_log or None, public_hosts=config.public_hosts)
         # Every listener: a cap on connections per address and a deadline for logging in
         # (HTTP connections: the site's own timeouts until a WebSocket takes one over).
         guard = Guard(reactor, config.max_connections_per_address, config.login_timeout)

@@ -12,6 +12,7 @@ it trickles in.  Protocol adapters mount their resources on the root this module
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import re
 import tempfile
@@ -37,7 +38,8 @@ if hasattr(http, "_parseContentType"):
     http._parseContentType = functools.lru_cache(maxsize=256)(http._parseContentType)
 
 SPOOL_OVER = 100_000  # bodies this long or longer are spooled to a file (twisted.web's rule)
-_HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+_HOST_RE = re.compile(r"(?P<name>[a-z0-9.\-]+)(?::(?P<port>\d{1,5}))?"
+                      r"|\[(?P<ip6>[0-9a-f:.]+)\](?::(?P<port6>\d{1,5}))?")
 
 
 class LimitedRequest(server.Request):
@@ -161,8 +163,12 @@ class ImdSite(server.Site):
     def __init__(self, root: resource.Resource, max_body: int, max_upload: int,
                  upload_paths: tuple[bytes, ...] = (), request_timeout: float = 30.0,
                  upload_timeout: float = 600.0,
-                 spool_dir: Path | None = None, **kw):
+                 spool_dir: Path | None = None, public_hosts: str = "", **kw):
         super().__init__(root, **kw)
+        # Host names (or name:port) besides this listener's own address that may appear in
+        # the URLs imd hands out (see public_base).
+        self.public_hosts = frozenset(h.strip().lower() for h in public_hosts.split(",")
+                                      if h.strip())
         self.max_body = max_body
         self.max_upload = max_upload
         self.request_timeout = request_timeout
@@ -233,16 +239,40 @@ def request_token(request: server.Request) -> str | None:
     return token or None
 
 
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 def public_base(request: server.Request, configured: str) -> str:
-    """The base URL clients use to reach this web port."""
+    """The base URL clients use to reach this web port: ``configured`` (--public-url) when
+    set; else the request's Host when it names this listener (the address and port the
+    request came in on, ``localhost`` on loopback) or one of --public-hosts; else the
+    listener's own address.  An arbitrary Host never reaches a URL imd hands out."""
     if configured:
         return configured.rstrip("/")
-    host = (request.getHeader(b"host") or b"").decode("latin-1")
-    if not _HOST_RE.match(host):
-        local = request.getHost()
-        host = f"{getattr(local, 'host', 'localhost')}:{getattr(local, 'port', 80)}"
     scheme = "https" if request.isSecure() else "http"
-    return f"{scheme}://{host}"
+    local = request.getHost()
+    local_host = getattr(local, "host", None)
+    local_port = getattr(local, "port", None)
+    host = (request.getHeader(b"host") or b"").decode("latin-1").strip().lower()
+    m = _HOST_RE.fullmatch(host)
+    if m:
+        name = m.group("name") or m.group("ip6")
+        port = int(m.group("port") or m.group("port6") or (443 if scheme == "https" else 80))
+        allowed = getattr(request.site, "public_hosts", ())
+        if name in allowed or f"{name}:{port}" in allowed:
+            return f"{scheme}://{host}"
+        if port == local_port and local_host is not None and (
+                name == local_host.lower()
+                or name == "localhost" and _loopback(local_host)):
+            return f"{scheme}://{host}"
+    if local_host is None:  # a unix socket: only --public-url can say
+        return f"{scheme}://localhost"
+    shown = f"[{local_host}]" if ":" in local_host else local_host
+    return f"{scheme}://{shown}:{local_port}"
 
 
 class AsyncJSONResource(resource.Resource):

@@ -70,9 +70,16 @@ class Daemon:
         raise RuntimeError(f"imd did not start:\n{self.log()}")
 
     def log(self) -> str:
+        """What this daemon logged since its last start."""
         with open(self.log_path, "rb") as f:
             f.seek(self.log_offset)
             return f.read().decode(errors="replace")
+
+    def full_log(self) -> str:
+        """Everything every start of this daemon logged."""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_bytes().decode(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Stop the daemon and return its exit status."""
@@ -158,10 +165,28 @@ def fresh_daemon(tmp_path):
 
     yield make
     for d in started:
-        run_blocking(d.close_store())
-        d.stop()  # SIGTERM: the daemon takes its redis-server down with it
-        d.kill_leftover_redis()
-        assert "Traceback" not in d.log(), d.log()
+        try:
+            run_blocking(d.close_store())
+            d.stop()  # SIGTERM: the daemon takes its redis-server down with it
+        finally:
+            d.kill()
+            d.kill_leftover_redis()
+    for d in started:  # every run of every daemon, restarted ones too
+        assert "Traceback" not in d.full_log(), d.full_log()
+
+
+@pytest.fixture(autouse=True)
+def _no_traceback_in_the_shared_daemon(request):
+    """Each test that used the shared daemon left no traceback in its log (checked after
+    the test, so the failure names the test; the session end checks once more)."""
+    if "daemon" not in request.fixturenames:
+        yield
+        return
+    d = request.getfixturevalue("daemon")
+    start = len(d.log())
+    yield
+    new = d.log()[start:]
+    assert "Traceback" not in new, new[max(0, new.index("Traceback") - 1500):][:5000]
 
 
 @pytest.fixture

@@ -599,11 +599,15 @@ async def test_getconfig_for_a_client_that_drops_the_port(fresh_daemon):
     d = fresh_daemon("--public-url", "https://im.example.org/").start()
     config = (await http("GET", f"http://127.0.0.1:{d.web}/index.php?mode=getconfig")).json()
     assert config["ip"] == "im.example.org" and config["port"] == d.xuanxuan
-    # behind a proxy that passes the Host the client asked (no port: 80 or 443)
-    plain = fresh_daemon().start()
+    # behind a proxy that passes the Host the client asked (no port: 80 or 443), when that
+    # host is one of --public-hosts; another host name is not handed out
+    plain = fresh_daemon("--public-hosts", "chat.example.com").start()
     config = (await http("GET", f"http://127.0.0.1:{plain.web}/index.php?mode=getconfig",
                          headers={"Host": "chat.example.com"})).json()
     assert config["ip"] == "chat.example.com" and config["port"] == plain.xuanxuan
+    other = (await http("GET", f"http://127.0.0.1:{plain.web}/index.php?mode=getconfig",
+                        headers={"Host": "evil.example.net"})).json()
+    assert other["ip"] == "127.0.0.1"
     bad = (await http("GET", f"http://127.0.0.1:{plain.web}/sys/index.php?mode=getconfig",
                       headers={"Host": "x y<"})).json()
     assert bad["ip"] == "127.0.0.1"

@@ -5,7 +5,12 @@ Keys (all under the ``imd:`` prefix):
     nextid                    counter shared by users and groups (first id 10001)
     msgid                     message id counter
     u:<id>                    hash  account, name, avatar, verifier, created
-    acct:<account>            string -> user id (account names are unique)
+    acct:<account>            string -> user id; <account> is the name folded to ASCII lower
+                              case (names that differ only in case are one account; the
+                              user hash keeps the form it was created with).  Data from
+                              before folding also has keys in the created form; start-up
+                              adds the folded key for those once (acctfold marks it done)
+    acctfold                  string, set once every account has its folded acct: key
     users                     set of user ids
     name:<name>               set of user ids with that display name
     fr:<uid>                  hash  friend id -> the alias the user gave that friend
@@ -141,15 +146,15 @@ async def _load_scripts(redis) -> None:
 
 _CREATE_USER = Script("""
 local p = ARGV[1]
-if redis.call('EXISTS', p..'acct:'..ARGV[2]) == 1 then return 0 end
+if redis.call('EXISTS', p..'acct:'..ARGV[8], p..'acct:'..ARGV[2]) > 0 then return 0 end
 local id = redis.call('INCR', p..'nextid')
 if id < tonumber(ARGV[6]) then
   redis.call('SET', p..'nextid', ARGV[6]); id = tonumber(ARGV[6])
 end
 redis.call('HSET', p..'u:'..id, 'account', ARGV[2], 'name', ARGV[3], 'verifier', ARGV[4],
            'avatar', ARGV[5], 'created', ARGV[7])
-for i = 8, #ARGV, 2 do redis.call('HSET', p..'u:'..id, ARGV[i], ARGV[i + 1]) end
-redis.call('SET', p..'acct:'..ARGV[2], id)
+for i = 9, #ARGV, 2 do redis.call('HSET', p..'u:'..id, ARGV[i], ARGV[i + 1]) end
+redis.call('SET', p..'acct:'..ARGV[8], id)
 redis.call('SADD', p..'users', id)
 redis.call('SADD', p..'name:'..ARGV[3], id)
 local system = redis.call('GET', p..'system')
@@ -159,6 +164,26 @@ if system then
 end
 return id
 """)
+
+# Once, on data from before account names were folded: a folded acct: key for every user.
+# Account names are ASCII (Accounts.create), so Lua's string.lower folds them as fold() does.
+_FOLD_ACCOUNTS = Script("""
+local p = ARGV[1]
+if redis.call('EXISTS', p..'acctfold') == 1 then return 0 end
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', p..'users')) do
+  local account = redis.call('HGET', p..'u:'..id, 'account')
+  if account then n = n + redis.call('SETNX', p..'acct:'..string.lower(account), id) end
+end
+redis.call('SET', p..'acctfold', 1)
+return n
+""")
+
+
+def fold(account: str) -> str:
+    """The form of an account name that the account index is keyed by (ASCII lower case)."""
+    return account.encode("utf-8", "surrogatepass").lower().decode("utf-8", "surrogatepass")
+
 
 _CREATE_GROUP = Script("""
 local p = ARGV[1]
@@ -451,6 +476,7 @@ class RedisStore:
         await _load_scripts(self.redis)
         self.redis.before_use(_load_scripts)
         await self.drop_clear_tokens()
+        await _FOLD_ACCOUNTS(self.redis, [], [self.p])
 
     # -- users -------------------------------------------------------------------------
 
@@ -459,7 +485,8 @@ class RedisStore:
         """A new user; ``profile`` takes the fields of PROFILE_FIELDS."""
         extra = [x for k in PROFILE_FIELDS for x in (k, profile.get(k) or "")]
         uid = await _CREATE_USER(self.redis, [], [
-            self.p, account, name, verifier, avatar, FIRST_ID, int(time.time()), *extra])
+            self.p, account, name, verifier, avatar, FIRST_ID, int(time.time()), fold(account),
+            *extra])
         if not uid:
             raise AccountTaken(account)
         return User(id=int(uid), account=account, name=name, avatar=avatar,
@@ -505,7 +532,11 @@ class RedisStore:
                 for u, row in zip(uids, rows)}
 
     async def find_account(self, account: str) -> int | None:
-        uid = await self.redis.get(f"{self.p}acct:{account}")
+        """The user id of an account name in any case (the name as created first: data from
+        before folding may hold two names that differ only in case)."""
+        exact, folded = await self.redis.mget([f"{self.p}acct:{account}",
+                                              f"{self.p}acct:{fold(account)}"])
+        uid = exact or folded
         return int(uid) if uid else None
 
     async def get_verifier(self, uid: int) -> str | None:

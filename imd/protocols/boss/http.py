@@ -23,10 +23,10 @@ all strings) is in ``result``; any other code is a failure whose ``message`` the
 
 from __future__ import annotations
 
-import json
 
 from twisted.web import resource, server
 
+from imd import jsonin
 from imd.groups import GroupError, GroupNotFound, NotAllowed
 from imd.model import Group, User
 from imd.protocols.boss.connection import BossService
@@ -194,10 +194,14 @@ class BossApi:
         account, password = arg(request, "account"), arg(request, "password")
         if account is None and b"json" in (request.getHeader(b"content-type") or b""):
             try:
-                body = json.loads(request.content.read() or b"{}")
-                account, password = str(body.get("account", "")), str(body.get("password", ""))
-            except (ValueError, AttributeError):
-                raise ApiError(400, "body is not a JSON object") from None
+                body = jsonin.read(request.content.read())
+            except jsonin.BadJSON:
+                body = None
+            if not isinstance(body, dict):
+                raise ApiError(400, "body is not a JSON object")
+            account, password = body.get("account"), body.get("password")
+            if not isinstance(account, str) or not isinstance(password, str):
+                raise ApiError(400, "account and password must be strings")
         if not account or not password:
             raise ApiError(400, "missing parameter: account and password are required")
         result = await self.service.accounts.login(

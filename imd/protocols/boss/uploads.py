@@ -93,6 +93,13 @@ class Uploads:
         return _NoSniff(files)
 
 
+def _bad_name(path: bytes) -> bool:
+    """Stored names are printable ASCII: anything else (NUL, not UTF-8, a dot file, a
+    separator) is no file, before static.File makes it an OS error or a logged traceback."""
+    return not path or path.startswith(b".") or b"/" in path or not path.isascii() or \
+        not path.decode("ascii").isprintable()
+
+
 class _NoSniff(resource.Resource):
     """Serves the wrapped static files with ``X-Content-Type-Options: nosniff``."""
 
@@ -102,7 +109,7 @@ class _NoSniff(resource.Resource):
 
     def getChild(self, path, request):
         request.setHeader(b"x-content-type-options", b"nosniff")
-        if not path or path.startswith(b".") or b"/" in path:
+        if _bad_name(path):
             return resource.NoResource()
         return self.files.getChild(path, request)
 

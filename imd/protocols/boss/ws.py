@@ -77,5 +77,5 @@ def entry_resource(service: BossService) -> WebSocketResource:
     factory.setProtocolOptions(
         maxFramePayloadSize=config.max_frame, maxMessagePayloadSize=config.max_frame,
         autoPingInterval=config.heartbeat, autoPingTimeout=config.heartbeat_timeout,
-        openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=True)
+        openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=False)
     return WebSocketResource(factory)

@@ -3,10 +3,10 @@ with ``id`` + ``token`` auth.  Replies are the seed's JSON with its exact codes 
 
 from __future__ import annotations
 
-import json
 
 from twisted.web import resource, server
 
+from imd import jsonin
 from imd.accounts import AccountError, Accounts
 from imd.friends import FriendError, Friends
 from imd.model import User
@@ -56,8 +56,8 @@ class MinamiHttp:
         if request.method != b"POST":
             raise MinamiError(403)
         try:
-            body = json.loads(request.content.read() or b"")
-        except (ValueError, UnicodeDecodeError):
+            body = jsonin.read(request.content.read())
+        except jsonin.BadJSON:
             raise MinamiError(403) from None
         if not isinstance(body, dict) or any(
                 not isinstance(body.get(k, ""), str) for k in REGISTER_FIELDS):

@@ -13,7 +13,6 @@ minami has no groups, so group messages are not shown here (they stay in the gro
 
 from __future__ import annotations
 
-import json
 import secrets
 
 from autobahn.twisted.resource import WebSocketResource
@@ -21,6 +20,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from imd import jsonin
 from imd.accounts import Accounts
 from imd.config import Config
 from imd.friends import Friends
@@ -167,8 +167,8 @@ class MinamiWebSocket(WebSocketServerProtocol):
         if self._gone or self.user_id is None:
             return
         try:
-            frame = json.loads(payload)
-        except ValueError:
+            frame = jsonin.read(payload)
+        except jsonin.BadJSON:
             frame = None
         if not isinstance(frame, dict):
             self._send(reply(403))
@@ -280,5 +280,5 @@ def login_resource(service: MinamiService) -> WebSocketResource:
         maxFramePayloadSize=hard_limit, maxMessagePayloadSize=hard_limit,
         utf8validateIncoming=False,
         autoPingInterval=config.heartbeat, autoPingTimeout=config.heartbeat_timeout,
-        openHandshakeTimeout=10, closeHandshakeTimeout=5)
+        openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=False)
     return WebSocketResource(factory)

@@ -13,6 +13,7 @@ import time
 
 from twisted.web import server
 
+from imd import jsonin
 from imd.accounts import Accounts
 from imd.friends import Friends
 from imd.groups import GroupError, Groups
@@ -31,6 +32,7 @@ MAX_IDS = 200
 # What a page of another site must not make a user do with the user's cookie alone.
 CHANGES_STATE = frozenset({"online", "offline", "refresh", "message", "presence", "status",
                            "join", "leave", "clear_history", "setting", "logout"})
+SETTING_MAX = 8192  # bytes of one user's webim settings (JSON)
 
 
 class ActionError(Exception):
@@ -42,8 +44,8 @@ def ids_param(request: server.Request, *names: str) -> list[int]:
     for name in names:
         value = arg(request, name)
         if value:
-            ids = [int(p) for p in value.split(",")
-                   if p.strip().isascii() and p.strip().isdigit() and len(p.strip()) <= 18]
+            parts = [p.strip() for p in value.split(",")]
+            ids = [int(p) for p in parts if p.isascii() and p.isdigit() and len(p) <= 18]
             return ids[:MAX_IDS]
     return []
 
@@ -242,9 +244,9 @@ class WebimActions:
         fields = await self.store.user_fields(uid, "show", "status", "webim_setting",
                                               "webim_blocked")
         try:
-            setting = json.loads(fields.get("webim_setting") or "{}")
-        except ValueError:
-            setting = {}
+            setting = jsonin.read(fields.get("webim_setting") or "{}", limit=SETTING_MAX)
+        except jsonin.BadJSON:
+            setting = {}  # stored before the reader checked settings
         blocked = blocked_rooms(fields) | setting_blocked(setting)
         self.tickets.set_blocked(uid, blocked)
         ticket, unseen = await self.tickets.open(uid)
@@ -420,12 +422,10 @@ class WebimActions:
                                for k, v in request.args.items()
                                if k not in (b"callback", b"ticket", b"token", b"auth",
                                             b"webim_action", b"_")})
-        if len(data) > 8192:
-            raise ActionError("setting too large")
         try:
-            json.loads(data)
-        except ValueError:
-            raise ActionError("data must be JSON") from None
+            jsonin.read(data, limit=SETTING_MAX)
+        except jsonin.BadJSON as e:
+            raise ActionError(f"data must be JSON: {e}") from None
         await self.store.set_user_fields(uid, webim_setting=data)
         return "ok"
 

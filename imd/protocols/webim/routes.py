@@ -31,7 +31,7 @@ from imd.unavailable import Unavailable
 from imd.web import arg
 
 log = Logger()
-CALLBACK_RE = re.compile(r"^[A-Za-z_$][\w$]{0,63}(?:\.[A-Za-z_$][\w$]{0,63}){0,7}$")
+CALLBACK_RE = re.compile(r"[A-Za-z_$][\w$]{0,63}(?:\.[A-Za-z_$][\w$]{0,63}){0,7}", re.ASCII)
 WWW = Path(__file__).parent / "www"
 
 
@@ -70,7 +70,7 @@ def reply(request: server.Request, obj, status: int = 200) -> None:
     request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"cache-control", b"no-store")
     if callback is not None:
-        if not CALLBACK_RE.match(callback):
+        if not CALLBACK_RE.fullmatch(callback):
             status, callback = 400, None
             body = json.dumps({"success": False, "error_msg": "bad callback name"})
     if callback:

@@ -18,6 +18,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from imd import jsonin
 from imd.accounts import Accounts
 from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
@@ -117,6 +118,16 @@ def param(params, index: int, name: str, default=None):
     return default
 
 
+def text(params, index: int, name: str, default: str = "") -> str:
+    """A string parameter (``default`` when absent or null); any other type is refused."""
+    value = param(params, index, name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise Refused(f"{name} must be a string")
+    return value
+
+
 def id_list(value) -> list[int]:
     """Member ids given as [1, 2], [{"id": 1}], "1,2" or 1."""
     if isinstance(value, (int, str)):
@@ -180,8 +191,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if not line.strip():
             return
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+            request = jsonin.read(line)
+        except jsonin.BadJSON:
             request = None
         if not isinstance(request, dict):
             self._reply({}, "fail", "request must be one JSON object")
@@ -219,12 +230,18 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._write(list(packets), messages)
 
     def _failed(self, failure, request):
+        if self._gone:  # it ran on after its connection closed (user_id is gone)
+            log.debug("xuanxuan request ended by the close of its connection: {f}",
+                      f=failure.getErrorMessage())
+            return
         log_failure(log, "xuanxuan request failed", failure)
         self._reply(request, "fail", "server error")
 
     # -- requests --------------------------------------------------------------------------
 
     async def _handle(self, request: dict) -> None:
+        if self._gone:  # queued behind a request that was running at the close
+            return
         module = str(request.get("module") or "").lower()
         method = str(request.get("method") or "").lower()
         params = request.get("params")
@@ -250,7 +267,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
         service = self.service
         account, password = param(params, 0, "account"), param(params, 1, "password")
         status = param(params, 2, "status", "online")
-        if not isinstance(account, str) or not isinstance(password, str):
+        if not isinstance(account, str) or not isinstance(password, str) or \
+                not isinstance(status, str):
             self._reply(request, "fail", "login takes [account, md5(password), status]")
             return
         if self.user_id is not None:
@@ -481,8 +499,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
 
     async def m_create(self, request, params):
         gid = param(params, 0, "gid")
-        name = param(params, 1, "name", "") or ""
-        kind = param(params, 2, "type", "group") or "group"
+        name = text(params, 1, "name")
+        kind = text(params, 2, "type") or "group"
         members = id_list(param(params, 3, "members", []))
         subject = param(params, 4, "subject", 0)
         public = truthy(param(params, 5, "public", False), False)
@@ -506,8 +524,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
                               to=[m for m in chat.members if m != self.user_id], info=info)
 
     async def m_changename(self, request, params):
-        gid, name = param(params, 0, "gid"), param(params, 1, "name")
-        chat = await self.service.chats.rename(self.user_id, str(gid), name or "")
+        gid, name = param(params, 0, "gid"), text(params, 1, "name")
+        chat = await self.service.chats.rename(self.user_id, str(gid), name)
         self._reply(request, "success", data={"gid": chat.shown_gid, "name": name})
         await self._push_chat(chat, "changename")
 
@@ -555,7 +573,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
             chat = await self.service.chats.resolve(str(item.get("cgid", "")), self.user_id)
             if not self.service.chats.may_post(chat, self.user_id):
                 raise Refused("you may not post in this chat")
-            kind = CONTENT_IN.get(item.get("contentType") or "text")
+            kind = item.get("contentType") or "text"
+            kind = CONTENT_IN.get(kind) if isinstance(kind, str) else None
             if kind is None:
                 raise Refused("contentType must be text, emoticon, image or file")
             client_gid = str(item.get("gid") or "")[:64]
