@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import noLongerProvides
 
 log = Logger()
 
@@ -78,6 +79,16 @@ class GuardedConnection(ProtocolWrapper):
         self._inner = protocol
         if taken_over and self.connected:
             self._arm()
+
+    def makeConnection(self, transport):
+        # ProtocolWrapper claims every interface of the transport it wraps.  Not TLS: code
+        # that sees ISSLTransport reaches for the TLS connection itself (autobahn's channel
+        # binding needs a TLSMemoryBIOProtocol), which this wrapper is not.  Whether the
+        # connection is secure is asked of ``secure`` instead (see web.ImdChannel).
+        self.secure = ISSLTransport.providedBy(transport)
+        super().makeConnection(transport)
+        if self.secure:
+            noLongerProvides(self, ISSLTransport)
 
     def connectionMade(self):
         if self.factory.login_deadline:

@@ -117,6 +117,10 @@ class ImdChannel(http.HTTPChannel):
 
     _deadline = None
 
+    def isSecure(self) -> bool:
+        # Behind imd.guard's wrapper, which does not pass ISSLTransport on.
+        return super().isSecure() or bool(getattr(self.transport, "secure", False))
+
     def dataReceived(self, data):
         if self._deadline is None:
             self._arm(self.site.request_timeout)

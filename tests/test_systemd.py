@@ -69,7 +69,8 @@ def test_ready_only_once_listeners_are_up_and_stopping_at_sigterm(fresh_daemon, 
         up = {name: connectable(port) for name, port in ports.items()}
     finally:
         starting.join()
-    assert up == {"web": True, "66boss line protocol": True, "xuanxuan socket": True}, d.log()
+    assert up == {"web": True, "66boss line protocol": True, "xuanxuan socket": True,
+                  "admin": True}, d.log()
     assert ready.splitlines()[0] == "READY=1", ready
     assert "STATUS=serving as node " in ready
     assert notify.all(0.5) == []  # READY once, and no watchdog unless asked for
