@@ -83,7 +83,7 @@ def test_installed_package_runs_in_a_clean_directory(venv, tmp_path):
 
     log_path = tmp_path.parent / f"{tmp_path.name}-imd.log"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([str(venv.bin / "twistd"), "-n", "imd",
+        proc = subprocess.Popen([str(venv.bin / "twistd"), "-n", "imd", "--admin", "none",
                                  "--web", "tcp:0:interface=127.0.0.1",
                                  "--boss-line", "tcp:0:interface=127.0.0.1",
                                  "--xuanxuan", "tcp:0:interface=127.0.0.1"],
@@ -154,7 +154,7 @@ def test_daemon_with_a_server_from_path_only(tmp_path):
               "from twisted.scripts.twistd import run; run()")
     args = [sys.executable, "-c", twistd, "-n", "--pidfile=", "imd", "--data-dir",
             str(tmp_path / "data"), "--web", "tcp:0:interface=127.0.0.1", "--boss-line",
-            "none", "--xuanxuan", "none"]
+            "none", "--xuanxuan", "none", "--admin", "none"]
     env = dict(os.environ, PYTHONPATH=str(REPO), PATH=str(bin_dir))
     log_path = tmp_path / "imd.log"
     with open(log_path, "wb") as out:

@@ -39,7 +39,7 @@ def test_json_log(tmp_path):
         proc = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "--logger=imd.logs.json_observer", "imd",
              "--data-dir", str(tmp_path / "data"), "--web", "tcp:0:interface=127.0.0.1",
-             "--boss-line", "none", "--xuanxuan", "none"],
+             "--boss-line", "none", "--xuanxuan", "none", "--admin", "none"],
             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
             env=dict(os.environ, PYTHONPATH=str(REPO)))
 
@@ -75,7 +75,7 @@ def test_json_log(tmp_path):
 def test_twisted_json_file_observer_is_not_a_logger_factory(tmp_path):
     """Why imd has its own: twistd calls the --logger value with no arguments."""
     result = run([*TWISTD, "-n", "--pidfile=", "--logger=twisted.logger.jsonFileLogObserver",
-                  "imd", "--data-dir", str(tmp_path / "data"), "--web", "tcp:0",
+                  "imd", "--admin", "none", "--data-dir", str(tmp_path / "data"), "--web", "tcp:0",
                   "--boss-line", "none", "--xuanxuan", "none"])
     assert result.returncode != 0
     assert "missing 1 required positional argument: 'outFile'" in result.stderr
@@ -103,7 +103,7 @@ async def test_access_log(fresh_daemon, tmp_path):
 def test_access_log_that_cannot_be_written_is_one_clear_line(tmp_path):
     result = run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(tmp_path / "data"),
                   "--access-log", str(tmp_path / "no" / "such" / "dir" / "access.log"),
-                  "--web", "tcp:0", "--boss-line", "none", "--xuanxuan", "none"])
+                  "--web", "tcp:0", "--boss-line", "none", "--xuanxuan", "none", "--admin", "none"])
     assert result.returncode == 1
     errors = [line for line in (result.stdout + result.stderr).splitlines()
               if "imd: error:" in line]

@@ -210,7 +210,7 @@ def test_rediss_host_name_mismatch_refuses_to_start(tls_redis, tmp_path):
     port, query = tls_redis
     started = time.monotonic()
     out = run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(tmp_path / "d"),
-               "--web", "tcp:0:interface=127.0.0.1", "--boss-line", "none",
+               "--admin", "none", "--web", "tcp:0:interface=127.0.0.1", "--boss-line", "none",
                "--xuanxuan", "none", "--redis", f"rediss://127.0.0.1:{port}/0?{query}"])
     assert out.returncode == 1, out.stdout + out.stderr
     assert time.monotonic() - started < 20  # not the 300 s of --redis-wait

@@ -44,6 +44,7 @@ PRESENCE_PUSH = {ONLINE: "login", OFFLINE: "logout", SHOW: "userChangeStatus",
 CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
+LOGIN_CHUNK = 100  # queued messages per push line at login
 PER_USER = ("star", "hide", "mute")  # chat fields that differ per user
 # A message a xuanxuan client sent keeps the client's gid in its extension after this mark,
 # so that its sender is shown that gid again (the client matches its own copy by gid).
@@ -206,9 +207,10 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._reply({}, "fail", "request too long")
         self.transport.loseConnection()
 
-    def _write(self, obj, messages=()) -> None:
+    def _write(self, obj, messages=(), bounded: bool = True) -> None:
         self.outbox.put(json.dumps(obj, ensure_ascii=False,
-                                   separators=(",", ":")).encode("utf-8") + b"\n", messages)
+                                   separators=(",", ":")).encode("utf-8") + b"\n", messages,
+                        bounded)
 
     def _emit(self, data: bytes) -> bool:
         self.transport.write(data)
@@ -225,9 +227,10 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._push_serial += 1
         return {"id": self._push_serial, "module": module, "method": method, "data": data}
 
-    def push(self, *packets: dict, messages=()) -> None:
-        """Write packets in one push; ``messages``: the hub messages they show."""
-        self._write(list(packets), messages)
+    def push(self, *packets: dict, messages=(), bounded: bool = True) -> None:
+        """Write packets in one push; ``messages``: the hub messages they show;
+        ``bounded=False``: not counted against --max-pending (the login backlog)."""
+        self._write(list(packets), messages, bounded)
 
     def _failed(self, failure, request):
         if self._gone:  # it ran on after its connection closed (user_id is gone)
@@ -338,10 +341,15 @@ class XuanxuanProtocol(LineOnlyReceiver):
         packets = [self._packet("chat", "userGetlist", users)]
         if chats:
             packets.append(self._packet("chat", "getList", chats))
-        if queued:
-            packets.append(self._packet("chat", "message",
-                                        [self._message_json(m) for m in queued]))
-        self.push(*packets, messages=queued)
+        # The backlog in pushes of LOGIN_CHUNK messages (the first in the login array), so
+        # that no line grows with the backlog.
+        chunks = [queued[i:i + LOGIN_CHUNK] for i in range(0, len(queued), LOGIN_CHUNK)] or [[]]
+        for chunk in chunks:
+            if chunk:
+                packets.append(self._packet("chat", "message",
+                                            [self._message_json(m) for m in chunk]))
+            self.push(*packets, messages=chunk, bounded=False)
+            packets = []
         for m in queued:
             written(self, m)
 
