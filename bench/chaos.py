@@ -8,8 +8,10 @@ Faults:
 - ``kill-all``: SIGKILL of imd and of its embedded redis-server; restart.
 - ``redis-restart``: imd runs on an external redis-server (the one imd would embed), which is
   SIGKILLed and started again on its append-only file while imd keeps running.
-- ``slow-reader``: the recipient is online but stops reading; imd drops it when its queue is
-  full; it logs in again and drains.
+- ``slow-reader``: the recipient is online but stops reading; imd ends its session when its
+  queue is full (what was not written goes back to the offline queue); the client reads again
+  what imd had written, sees the close, logs in again and drains.  (A peer that vanishes
+  instead loses what the kernel had accepted for it: the README's delivery promise.)
 
 Acknowledged means: xuanxuan ``result: success``, webim ``"ok"``, minami ``code: 200``.
 66boss has no acknowledgement, so for it only delivered and duplicated are meaningful.
@@ -224,6 +226,16 @@ class Recipient:
     def drop(self) -> None:
         if self.ws is not None and self.ws.transport is not None:
             self.ws.transport.abortConnection()
+
+    async def read_until_closed(self, timeout: float = 30.0) -> None:
+        """Read again (a slow reader catching up) until imd closes the connection."""
+        closed = self.ws.factory.closed
+        self.ws.transport.resumeProducing()
+        closed.addTimeout(timeout, reactor)
+        try:
+            await closed
+        except defer.TimeoutError:
+            pass
 
     async def drain(self, quiet: float = 2.0) -> None:
         """Log in again and read until nothing came for ``quiet`` seconds."""
@@ -450,11 +462,20 @@ async def scenario(args, proto: str, fault: str) -> dict:
             while not await logs_in(daemon, p_id, p_token):  # back when a login answers
                 await task.deferLater(reactor, 0.1, lambda: None)
             recovered = time.monotonic() - started
+        elif fault == "slow-reader":  # catch up once imd has ended the session
+            started = time.monotonic()
+            while b"does not read" not in (root / "daemon.log").read_bytes():
+                if time.monotonic() - started > 30:
+                    break
+                await task.deferLater(reactor, 0.05, lambda: None)
+            recipient.ws.transport.resumeProducing()
 
     # A slow reader needs more than the kernel's socket buffers hold to be dropped at all.
     pad = "x" * (args.slow_body if fault == "slow-reader" else 0)
     bodies = [f"{i:07d}{pad}" for i in range(args.messages)]
     sent = await sender.run(bodies, inject)
+    if fault == "slow-reader":  # imd dropped it; it reads what was written, then logs in
+        await recipient.read_until_closed()
     await recipient.drain()
     delivered = recipient.bodies
     result = {
