@@ -347,7 +347,12 @@ class ImdService(Ordered):
             log.failure("imd: error: start-up failed", failure)
         self.ready.errback(failure)
         reactor.addSystemEventTrigger("after", "shutdown", _exit_with_error)
-        reactor.stop()
+        # twistd starts the service before it runs the reactor: a child that fails at once
+        # (a busy --admin port) fails before there is a reactor to stop.
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> defer.Deferred:
         d = super().stopService()
