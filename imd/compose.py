@@ -95,16 +95,19 @@ def _address(port) -> str:
         return "?"
 
 
-class ProtocolService(service.Service):
+class ProtocolService(Ordered):
     """One protocol of the daemon.  Subclasses set ``name`` and ``upload_paths`` and
     override ``build`` (make the adapter's objects; the hub is up), ``mount`` (its HTTP
-    routes on the shared root), ``listeners`` and ``close`` (drop its connections)."""
+    routes on the shared root), ``listeners`` and ``close`` (drop its connections).
+    ``build`` may add child services (a heartbeat: ``internet.TimerService``); they start
+    after ``mount`` and stop before ``close``."""
 
     name = "protocol"
     # Paths (or markers in them) of the web port's request bodies that may be big uploads.
     upload_paths: tuple[bytes, ...] = ()
 
     def __init__(self, daemon):
+        super().__init__()
         self.daemon = daemon  # imd.service.ImdService: config, hub, accounts, ...
 
     def build(self) -> None:
@@ -119,14 +122,14 @@ class ProtocolService(service.Service):
     def close(self) -> None:
         """Drop every connection of this protocol (their logouts follow)."""
 
-    def startService(self) -> None:
-        super().startService()
+    def startService(self) -> defer.Deferred:
         self.build()
         self.mount(self.daemon.root)
+        return super().startService()
 
     def stopService(self) -> defer.Deferred:
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
+        return super().stopService().addCallback(
+            lambda _: defer.ensureDeferred(self._stop()))
 
     async def _stop(self) -> None:
         self.close()

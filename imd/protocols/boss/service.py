@@ -3,6 +3,7 @@ on the web port, the line listener (``--boss-line``), and the heartbeat signal."
 
 from __future__ import annotations
 
+from twisted.application.internet import TimerService
 from twisted.internet import reactor
 from twisted.logger import Logger
 from twisted.web import resource
@@ -25,6 +26,7 @@ class BossProtocolService(ProtocolService):
         self.boss = BossService(daemon.hub, daemon.accounts, daemon.groups, daemon.config,
                                 reactor)
         self.boss.start()
+        TimerService(daemon.config.heartbeat, self.boss.heartbeat).setServiceParent(self)
         if daemon.config.boss_auth == "trust":
             log.warn("--boss-auth=trust: 66boss clients may log in as any user id without a "
                      "token; use only on a closed network")
@@ -39,4 +41,4 @@ class BossProtocolService(ProtocolService):
                          "66boss line protocol")]
 
     def close(self) -> None:
-        self.boss.stop()  # the heartbeat, and every connection
+        self.boss.stop()  # every connection
