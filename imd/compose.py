@@ -8,7 +8,8 @@ fails to start fails the whole start; the children already started are left to t
 
 A protocol is a ``ProtocolService``: built on the daemon (its parent's shared state: config,
 hub, accounts, the web root), it mounts its HTTP routes in ``mount``, declares its own
-listeners (``Listener``: an endpoint description from the config and a factory), and at
+listeners (``Listener``: an endpoint description from the config and a factory) and its
+open connections (a metric; the counters it bumps are declared in its modules), and at
 shutdown closes its connections and lets their logouts finish.  The daemon opens every
 listener after every protocol has started, behind the shared guard (imd/guard.py).
 """
@@ -121,6 +122,11 @@ class ProtocolService(Ordered):
 
     def close(self) -> None:
         """Drop every connection of this protocol (their logouts follow)."""
+
+    def open_connections(self) -> int:
+        """Client connections of this protocol open on this node now (the admin endpoint's
+        ``imd_open_connections`` gauge, read at scrape time once the protocol runs)."""
+        return 0
 
     def startService(self) -> defer.Deferred:
         self.build()

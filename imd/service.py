@@ -296,12 +296,12 @@ class ImdService(Ordered):
         self.groups: Groups | None = None
         self.root = build_root()  # the web port's routes; every protocol mounts its own
         self.check()
+        self.protocols = [protocol(self) for protocol in (PROTOCOLS if protocols is None
+                                                          else protocols)]
         if config.admin.lower() != "none":
             AdminService(self).setServiceParent(self)
         StoreService(self).setServiceParent(self)
         HubService(self).setServiceParent(self)
-        self.protocols = [protocol(self) for protocol in (PROTOCOLS if protocols is None
-                                                          else protocols)]
         for protocol in self.protocols:
             protocol.setServiceParent(self)
         ListenersService(self).setServiceParent(self)

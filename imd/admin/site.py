@@ -128,6 +128,12 @@ class _Live:
         sessions = GaugeMetricFamily("imd_sessions", "Sessions on this node, per protocol",
                                      labels=["protocol"])
         info = InfoMetricFamily("imd_node", "This node's id and imd's version")
+        open_ = GaugeMetricFamily("imd_open_connections", "Client connections open on this "
+                                  "node, per protocol (webim: bound tickets)",
+                                  labels=["protocol"])
+        for protocol in self.admin.daemon.protocols:
+            if protocol.running:
+                open_.add_metric([protocol.name], protocol.open_connections())
         depth = GaugeMetricFamily("imd_offline_queue_messages",
                                   "Messages waiting in offline queues (all nodes; estimated "
                                   "from a sample of users beyond 200)")
@@ -137,7 +143,7 @@ class _Live:
                 sessions.add_metric([protocol], n)
             info.add_metric([], {"node": hub.node, "version": _version()})
             depth.add_metric([], self.admin.queue_depth)
-        yield from (sessions, info, depth)
+        yield from (sessions, open_, info, depth)
 
 
 def _version() -> str:

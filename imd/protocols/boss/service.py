@@ -40,5 +40,8 @@ class BossProtocolService(ProtocolService):
         return [Listener(self.daemon.config.boss_line, line_factory(self.boss),
                          "66boss line protocol")]
 
+    def open_connections(self) -> int:
+        return len(self.boss.connections)
+
     def close(self) -> None:
         self.boss.stop()  # every connection

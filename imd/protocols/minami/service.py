@@ -19,6 +19,9 @@ class MinamiProtocolService(ProtocolService):
     def mount(self, root: resource.Resource) -> None:
         routes.mount(root, self.minami)
 
+    def open_connections(self) -> int:
+        return len(self.minami.connections)
+
     def close(self) -> None:
         for connection in list(self.minami.connections):
             connection.transport.abortConnection()

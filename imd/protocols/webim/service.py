@@ -27,5 +27,8 @@ class WebimProtocolService(ProtocolService):
     def mount(self, root: resource.Resource) -> None:
         routes.mount(root, self.actions, self.tickets)
 
+    def open_connections(self) -> int:
+        return len(self.tickets.by_id)  # bound tickets: one per open browser tab
+
     def close(self) -> None:
         self.tickets.close_all()

@@ -32,6 +32,9 @@ class XuanxuanProtocolService(ProtocolService):
     def _listening(self, port) -> None:
         self.socket_port = getattr(port.getHost(), "port", 0)
 
+    def open_connections(self) -> int:
+        return len(self.xuanxuan.connections)
+
     def close(self) -> None:
         for connection in list(self.xuanxuan.connections):
             connection.transport.abortConnection()
