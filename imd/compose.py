@@ -104,6 +104,7 @@ class ProtocolService(Ordered):
     after ``mount`` and stop before ``close``."""
 
     name = "protocol"
+    web_routes = ""  # what it serves on the web port, for the log ("minami /im/")
     # Paths (or markers in them) of the web port's request bodies that may be big uploads.
     upload_paths: tuple[bytes, ...] = ()
 

@@ -204,8 +204,6 @@ class ListenersService(service.Service):
     Guard (a cap per source address, a deadline for logging in)."""
 
     name = "listeners"
-    WEB = ("web (66boss /entry, group API, uploads; minami /im/; webim /webim/; "
-           "xuanxuan HTTP)")
 
     def __init__(self, daemon: "ImdService"):
         self.daemon = daemon
@@ -224,9 +222,11 @@ class ListenersService(service.Service):
                        upload_timeout=config.upload_timeout, spool_dir=daemon.data_dir,
                        logPath=config.access_log or None, public_hosts=config.public_hosts)
         guard = Guard(reactor, config.max_connections_per_address, config.login_timeout)
+        what = "web ({})".format("; ".join(p.web_routes for p in daemon.protocols
+                                           if p.web_routes))
         for description in config.web:
             self.ports.append(await listen(description, guard.wrap(site, login_deadline=False),
-                                           self.WEB))
+                                           what))
         for protocol in daemon.protocols:
             for listener in protocol.listeners():
                 if not listener.enabled:

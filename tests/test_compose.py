@@ -99,6 +99,7 @@ class ToyProtocolService(ProtocolService):
     """A fifth protocol: one route on the web port and one listener of its own."""
 
     name = "toy"
+    web_routes = "toy /toy"
     port = None
 
     def mount(self, root):

@@ -19,6 +19,7 @@ log = Logger()
 
 class BossProtocolService(ProtocolService):
     name = "66boss"
+    web_routes = "66boss /entry, group API, uploads"
     upload_paths = uploads.UPLOAD_PATHS
 
     def build(self) -> None:

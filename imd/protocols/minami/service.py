@@ -11,6 +11,7 @@ from imd.protocols.minami.ws import MinamiService
 
 class MinamiProtocolService(ProtocolService):
     name = "minami"
+    web_routes = "minami /im/"
 
     def build(self) -> None:
         daemon = self.daemon

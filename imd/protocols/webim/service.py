@@ -14,6 +14,7 @@ from imd.protocols.webim.tickets import Tickets
 
 class WebimProtocolService(ProtocolService):
     name = "webim"
+    web_routes = "webim /webim/"
 
     def build(self) -> None:
         daemon = self.daemon

@@ -13,6 +13,7 @@ from imd.protocols.xuanxuan.socket import XuanxuanService, socket_factory
 
 class XuanxuanProtocolService(ProtocolService):
     name = "xuanxuan"
+    web_routes = "xuanxuan HTTP"
     upload_paths = http.UPLOAD_MARKERS
     socket_port = 0  # where the socket listens (getconfig tells clients), once it does
 
