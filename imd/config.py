@@ -9,90 +9,25 @@ in the file.
 from __future__ import annotations
 
 import configparser
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 
 from twisted.python import usage
 
 from imd import __version__
 
-# (name, default, coerce, help) for every single-valued option.
-_OPTIONS = [
-    ("boss-line", "tcp:6061", str,
-     "endpoint of the 66boss line protocol (one signal per line); 'none' disables it"),
-    ("xuanxuan", "tcp:8080", str,
-     "endpoint of the xuanxuan 1.0 socket (JSON lines); 'none' disables it"),
-    ("admin", "tcp:9180:interface=127.0.0.1", str,
-     "endpoint of the admin HTTP port (/metrics, /health, /ready, the admin API and page); "
-     "'none' disables it"),
-    ("redis", "", str,
-     "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path.sock); "
-     "empty = start the embedded redis-server"),
-    ("redis-wait", 300.0, float,
-     "seconds to wait at start for Redis to be reachable and to load its data"),
-    ("redis-timeout", 5.0, float,
-     "seconds a login or request waits for an unreachable Redis before it gets an error"),
-    ("data-dir", "./imd-data", str,
-     "directory for the embedded Redis' data and for uploaded files"),
-    ("access-log", "", str,
-     "file to append an access log of the web port to (combined log format); empty = none"),
-    ("public-url", "", str,
-     "base URL clients reach the web port at (for upload links); empty = from the request's "
-     "Host header when it names this listener or one of --public-hosts"),
-    ("public-hosts", "", str,
-     "comma-separated host names (or name:port) the web port may be reached by, besides "
-     "the address it listens on; used for upload links and server URLs when --public-url "
-     "is empty (another Host header is replaced by the listener's address)"),
-    ("boss-auth", "token", str,
-     "66boss login: 'token' requires login_<userid>_<token>; 'address' also accepts a bare "
-     "login_<userid> from the source address that proved it is that user within "
-     "--boss-address-window (the 66boss app); 'trust' accepts any bare login_<userid> "
-     "(closed networks only)"),
-    ("boss-address-window", 120.0, float,
-     "seconds after an HTTP login (or a token-checked request, or the end of a connection) "
-     "during which a bare 66boss login_<userid> is accepted from that address "
-     "(--boss-auth=address)"),
-    ("heartbeat", 30.0, float, "seconds between heartbeats sent to clients"),
-    ("heartbeat-timeout", 10.0, float,
-     "seconds a WebSocket client has to answer a ping before it is dropped"),
-    ("node-timeout", 15.0, float,
-     "seconds after which the users of a dead imd node count as offline"),
-    ("token-ttl", 30 * 86400, int, "seconds a login token stays valid"),
-    ("max-frame", 65536, int, "largest WebSocket message or protocol line, in bytes"),
-    ("max-body", 1024 * 1024, int, "largest HTTP request body (other than uploads), in bytes"),
-    ("max-upload", 20 * 1024 * 1024, int, "largest uploaded file, in bytes"),
-    ("max-queue", 10000, int, "offline messages kept per user (the oldest are dropped)"),
-    ("max-pending", 1000, int,
-     "messages and replies waiting for one client that does not read before it is dropped "
-     "(its unwritten messages go back to its offline queue)"),
-    ("history-limit", 1000, int, "messages kept per conversation"),
-    ("webim-secret", "", str,
-     "secret shared with a host site that signs webim 'auth' values; empty = none accepted"),
-    ("poll-timeout", 28.0, float, "seconds a webim long-poll is held when nothing is waiting"),
-    ("ticket-timeout", 8.0, float, "seconds a webim ticket lives without a poll"),
-    ("offline-grace", 8.0, float,
-     "seconds after its last ticket before a webim user counts as offline"),
-    ("login-timeout", 30.0, float,
-     "seconds a connection (xuanxuan socket, 66boss line, WebSocket) may stay open without "
-     "logging in, and an HTTP connection may stay idle between requests"),
-    ("request-timeout", 30.0, float,
-     "seconds in which an HTTP request's headers and body must have arrived"),
-    ("upload-timeout", 600.0, float,
-     "seconds in which an upload's body must have arrived"),
-    ("max-connections-per-address", 256, int,
-     "open connections allowed from one source address, over all listeners; 0 = no limit"),
-    ("login-failures", 10, int,
-     "failed logins (password or token) of one account within --login-window before its "
-     "logins are refused until the window has passed; 0 = no limit"),
-    ("login-address-failures", 100, int,
-     "failed logins from one source address within --login-window before its logins are "
-     "refused; 0 = no limit"),
-    ("login-window", 300.0, float, "seconds over which failed logins are counted"),
-    ("registrations", 20, int,
-     "new accounts from one source address within --register-window; 0 = no limit"),
-    ("register-window", 600.0, float, "seconds over which registrations are counted"),
-]
-_DEFAULTS = {name: default for name, default, _, _ in _OPTIONS}
-_COERCE = {name: coerce for name, _, coerce, _ in _OPTIONS}
+ENDPOINT, TEXT, SECONDS, BYTES, COUNT, LIMIT = ("endpoint", "text", "seconds", "bytes",
+                                                "count", "limit")
+# What each unit accepts: seconds, bytes and counts must be positive; a limit may be 0 (none).
+_POSITIVE = (SECONDS, BYTES, COUNT)
+
+
+def option(default, unit: str, help_: str, choices: tuple[str, ...] = ()):
+    """One option: its default, its unit (which also says how its value is checked) and its
+    help (``twistd imd --help``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default),
+                     metadata={"unit": unit, "help": help_, "repeatable": True})
+    return field(default=default, metadata={"unit": unit, "help": help_, "choices": choices})
 
 
 class ConfigError(Exception):
@@ -101,44 +36,125 @@ class ConfigError(Exception):
 
 @dataclass
 class Config:
-    """The options, typed, as the rest of imd reads them."""
+    """Every option, typed, as the rest of imd reads them: the one table of defaults, from
+    which the command line (``Options``) and the INI reader are derived.  The long option
+    and the INI key is the field name with dashes (``data_dir``: ``--data-dir``)."""
 
-    web: list[str] = field(default_factory=lambda: ["tcp:8000"])
-    boss_line: str = "tcp:6061"
-    xuanxuan: str = "tcp:8080"
-    admin: str = "tcp:9180:interface=127.0.0.1"
-    redis: str = ""
-    redis_wait: float = 300.0
-    redis_timeout: float = 5.0
-    data_dir: str = "./imd-data"
-    access_log: str = ""
-    public_url: str = ""
-    public_hosts: str = ""
-    boss_auth: str = "token"
-    boss_address_window: float = 120.0
-    heartbeat: float = 30.0
-    heartbeat_timeout: float = 10.0
-    node_timeout: float = 15.0
-    token_ttl: int = 30 * 86400
-    max_frame: int = 65536
-    max_body: int = 1024 * 1024
-    max_upload: int = 20 * 1024 * 1024
-    max_queue: int = 10000
-    max_pending: int = 1000
-    history_limit: int = 1000
-    webim_secret: str = ""
-    poll_timeout: float = 28.0
-    ticket_timeout: float = 8.0
-    offline_grace: float = 8.0
-    login_timeout: float = 30.0
-    request_timeout: float = 30.0
-    upload_timeout: float = 600.0
-    max_connections_per_address: int = 256
-    login_failures: int = 10
-    login_address_failures: int = 100
-    login_window: float = 300.0
-    registrations: int = 20
-    register_window: float = 600.0
+    web: list[str] = option(
+        ["tcp:8000"], ENDPOINT,
+        "endpoint of the web port (HTTP and WebSocket of every protocol); repeatable (in the "
+        "file: comma-separated)")
+    boss_line: str = option(
+        "tcp:6061", ENDPOINT,
+        "endpoint of the 66boss line protocol (one signal per line); 'none' disables it")
+    xuanxuan: str = option(
+        "tcp:8080", ENDPOINT,
+        "endpoint of the xuanxuan 1.0 socket (JSON lines); 'none' disables it")
+    admin: str = option(
+        "tcp:9180:interface=127.0.0.1", ENDPOINT,
+        "endpoint of the admin HTTP port (/metrics, /health, /ready, the admin API and page); "
+        "'none' disables it")
+    redis: str = option(
+        "", TEXT,
+        "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path.sock); "
+        "empty = start the embedded redis-server")
+    redis_wait: float = option(
+        300.0, SECONDS, "seconds to wait at start for Redis to be reachable and to load its data")
+    redis_timeout: float = option(
+        5.0, SECONDS,
+        "seconds a login or request waits for an unreachable Redis before it gets an error")
+    data_dir: str = option(
+        "./imd-data", TEXT, "directory for the embedded Redis' data and for uploaded files")
+    access_log: str = option(
+        "", TEXT,
+        "file to append an access log of the web port to (combined log format); empty = none")
+    public_url: str = option(
+        "", TEXT,
+        "base URL clients reach the web port at (for upload links); empty = from the "
+        "request's Host header when it names this listener or one of --public-hosts")
+    public_hosts: str = option(
+        "", TEXT,
+        "comma-separated host names (or name:port) the web port may be reached by, besides "
+        "the address it listens on; used for upload links and server URLs when --public-url "
+        "is empty (another Host header is replaced by the listener's address)")
+    boss_auth: str = option(
+        "token", TEXT,
+        "66boss login: 'token' requires login_<userid>_<token>; 'address' also accepts a bare "
+        "login_<userid> from the source address that proved it is that user within "
+        "--boss-address-window (the 66boss app); 'trust' accepts any bare login_<userid> "
+        "(closed networks only)", choices=("token", "address", "trust"))
+    boss_address_window: float = option(
+        120.0, SECONDS,
+        "seconds after an HTTP login (or a token-checked request, or the end of a connection) "
+        "during which a bare 66boss login_<userid> is accepted from that address "
+        "(--boss-auth=address)")
+    heartbeat: float = option(30.0, SECONDS, "seconds between heartbeats sent to clients")
+    heartbeat_timeout: float = option(
+        10.0, SECONDS, "seconds a WebSocket client has to answer a ping before it is dropped")
+    node_timeout: float = option(
+        15.0, SECONDS, "seconds after which the users of a dead imd node count as offline")
+    token_ttl: int = option(30 * 86400, SECONDS, "seconds a login token stays valid")
+    max_frame: int = option(65536, BYTES, "largest WebSocket message or protocol line, in bytes")
+    max_body: int = option(
+        1024 * 1024, BYTES, "largest HTTP request body (other than uploads), in bytes")
+    max_upload: int = option(20 * 1024 * 1024, BYTES, "largest uploaded file, in bytes")
+    max_queue: int = option(
+        10000, COUNT, "offline messages kept per user (the oldest are dropped)")
+    max_pending: int = option(
+        1000, COUNT,
+        "messages and replies waiting for one client that does not read before it is dropped "
+        "(its unwritten messages go back to its offline queue)")
+    history_limit: int = option(1000, COUNT, "messages kept per conversation")
+    webim_secret: str = option(
+        "", TEXT,
+        "secret shared with a host site that signs webim 'auth' values; empty = none accepted")
+    poll_timeout: float = option(
+        28.0, SECONDS, "seconds a webim long-poll is held when nothing is waiting")
+    ticket_timeout: float = option(8.0, SECONDS, "seconds a webim ticket lives without a poll")
+    offline_grace: float = option(
+        8.0, SECONDS, "seconds after its last ticket before a webim user counts as offline")
+    login_timeout: float = option(
+        30.0, SECONDS,
+        "seconds a connection (xuanxuan socket, 66boss line, WebSocket) may stay open without "
+        "logging in, and an HTTP connection may stay idle between requests")
+    request_timeout: float = option(
+        30.0, SECONDS, "seconds in which an HTTP request's headers and body must have arrived")
+    upload_timeout: float = option(
+        600.0, SECONDS, "seconds in which an upload's body must have arrived")
+    max_connections_per_address: int = option(
+        256, LIMIT,
+        "open connections allowed from one source address, over all listeners; 0 = no limit")
+    login_failures: int = option(
+        10, LIMIT,
+        "failed logins (password or token) of one account within --login-window before its "
+        "logins are refused until the window has passed; 0 = no limit")
+    login_address_failures: int = option(
+        100, LIMIT,
+        "failed logins from one source address within --login-window before its logins are "
+        "refused; 0 = no limit")
+    login_window: float = option(300.0, SECONDS, "seconds over which failed logins are counted")
+    registrations: int = option(
+        20, LIMIT, "new accounts from one source address within --register-window; 0 = no limit")
+    register_window: float = option(
+        600.0, SECONDS, "seconds over which registrations are counted")
+
+
+def option_name(f: Field) -> str:
+    """The long option and INI key of a field."""
+    return f.name.replace("_", "-")
+
+
+OPTIONS: tuple[Field, ...] = fields(Config)  # the table, in --help order
+
+
+def _default(f: Field):
+    return f.default_factory() if f.metadata.get("repeatable") else f.default
+
+
+def _help(f: Field) -> str:
+    default = _default(f)
+    shown = ", ".join(default) if isinstance(default, list) else default
+    return f"{f.metadata['help']} [default: {shown}]"
 
 
 class Options(usage.Options):
@@ -146,28 +162,39 @@ class Options(usage.Options):
     longdesc = ("imd: multi-protocol instant-messaging daemon (webim, xuanxuan, minami, 66boss) "
                 "on one account system.")
     optParameters = [["config", "c", None, "INI config file with an [imd] section"]] + [
-        [name, None, None, f"{help_} [default: {default}]"]
-        for name, default, _, help_ in _OPTIONS]
+        [option_name(f), None, None, _help(f)]
+        for f in OPTIONS if not f.metadata.get("repeatable")]
 
     def __init__(self):
         super().__init__()
-        self["web"] = []
+        for f in OPTIONS:
+            if f.metadata.get("repeatable"):
+                self[option_name(f)] = []
 
     def opt_version(self) -> None:
         """print imd's version and exit"""
         print(f"imd {__version__}")
         raise SystemExit(0)
 
-    def opt_web(self, endpoint: str) -> None:
-        """endpoint of the web port (HTTP and WebSocket of every protocol); repeatable
-        [default: tcp:8000]"""
-        self["web"].append(endpoint)
-
     def postOptions(self) -> None:
         try:
             self.config = build_config(self)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def _repeatable(name: str, help_: str):
+    def opt(self, value: str) -> None:
+        self[name].append(value)
+
+    opt.__doc__ = help_
+    return opt
+
+
+# A repeatable option is a method of Options (usage.Options collects ``opt_*`` methods).
+for _f in OPTIONS:
+    if _f.metadata.get("repeatable"):
+        setattr(Options, f"opt_{_f.name}", _repeatable(option_name(_f), _help(_f)))
 
 
 def _read_file(path: str) -> dict[str, str]:
@@ -180,7 +207,7 @@ def _read_file(path: str) -> dict[str, str]:
     if not parser.has_section("imd"):
         raise ConfigError(f"config file {path} has no [imd] section")
     values = dict(parser.items("imd"))
-    unknown = set(values) - set(_DEFAULTS) - {"web"}
+    unknown = set(values) - {option_name(f) for f in OPTIONS}
     if unknown:
         raise ConfigError(f"unknown option(s) in {path}: {', '.join(sorted(unknown))}")
     return values
@@ -190,35 +217,35 @@ def build_config(options: dict) -> Config:
     """Merge defaults, the config file and the command line into a Config."""
     from_file = _read_file(options["config"]) if options.get("config") else {}
     values = {}
-    for name, default in _DEFAULTS.items():
+    for f in OPTIONS:
+        name = option_name(f)
+        if f.metadata.get("repeatable"):
+            given = list(options.get(name) or [])
+            if not given and name in from_file:
+                given = [v.strip() for v in from_file[name].replace("\n", ",").split(",")
+                         if v.strip()]
+            values[f.name] = given or _default(f)
+            continue
         raw = options.get(name)
         if raw is None:
-            raw = from_file.get(name, default)
+            raw = from_file.get(name, f.default)
         try:
-            values[name.replace("-", "_")] = _COERCE[name](raw)
+            values[f.name] = type(f.default)(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"--{name}: {raw!r} is not a valid value") from None
-    web = list(options.get("web") or [])
-    if not web and "web" in from_file:
-        web = [w.strip() for w in from_file["web"].replace("\n", ",").split(",") if w.strip()]
-    config = Config(web=web or ["tcp:8000"], **values)
+    config = Config(**values)
     _check(config)
     return config
 
 
 def _check(config: Config) -> None:
-    if config.boss_auth not in ("token", "address", "trust"):
-        raise ConfigError("--boss-auth must be 'token', 'address' or 'trust'")
-    if config.boss_address_window <= 0:
-        raise ConfigError("--boss-address-window must be positive")
-    for name in ("redis_wait", "redis_timeout", "heartbeat", "heartbeat_timeout",
-                 "node_timeout", "token_ttl", "max_frame", "max_body", "max_upload",
-                 "max_queue", "max_pending", "history_limit", "poll_timeout",
-                 "ticket_timeout", "offline_grace", "login_timeout", "request_timeout",
-                 "upload_timeout", "login_window", "register_window"):
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("max_connections_per_address", "login_failures", "login_address_failures",
-                 "registrations"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+    for f in OPTIONS:
+        name, value, unit = option_name(f), getattr(config, f.name), f.metadata["unit"]
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"--{name} must be "
+                              + " or ".join(", ".join(f"'{c}'" for c in choices).rsplit(", ", 1)))
+        if unit in _POSITIVE and value <= 0:
+            raise ConfigError(f"--{name} must be positive")
+        if unit == LIMIT and value < 0:
+            raise ConfigError(f"--{name} must not be negative")

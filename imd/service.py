@@ -1,9 +1,20 @@
-"""Builds and runs the daemon: embedded Redis (or a URL), store, hub, pub/sub bus, listeners.
+"""The daemon: child services that start in order and stop in reverse (``imd.compose``).
 
-Start-up is asynchronous: Redis first, then the hub, then the listeners.  Any failure on the
-way is logged as one line saying why and what to do, and the process exits with status 1.
-Stopping closes the listeners and client connections, marks this node's users offline, and
-stops the embedded redis-server (which flushes its append-only file).
+    admin       the admin endpoint (first, so /health and /ready answer during start-up)
+    store       Redis (the embedded server, or --redis) and the store on it
+    hub         the hub, its node heartbeat and pub/sub link, and the domain services
+    <protocol>  one child per entry of PROTOCOLS: builds its adapter, mounts its routes
+    listeners   the web port and every protocol's own listeners, behind the guard
+    systemd     READY once every listener is up (and the watchdog); STOPPING at shutdown
+
+The daemon itself holds what the children share (config, store, hub, accounts, the web
+root), as twisted.mail's MailService does.  A fifth protocol is a package with a
+``ProtocolService`` and one line in PROTOCOLS; protocols never import each other.
+
+Start-up is asynchronous; any failure on the way is logged as one line saying why and what
+to do, and the process exits with status 1.  Stopping closes the listeners and client
+connections, marks this node's users offline, and stops the embedded Redis (which flushes
+its append-only file).
 """
 
 from __future__ import annotations
@@ -15,32 +26,22 @@ from pathlib import Path
 
 from twisted import version as twisted_version
 from twisted.application import service
-from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import serverFromString
+from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from imd import __version__, sdnotify
 from imd.accounts import Accounts
 from imd.admin.site import AdminService
+from imd.compose import Ordered, ProtocolService, StartupError, listen
 from imd.config import Config
-from imd.chats import Chats
 from imd.friends import Friends
 from imd.groups import Groups
 from imd.guard import Guard
 from imd.hub import Hub
-from imd.protocols.boss import http as boss_http
-from imd.protocols.boss import uploads as boss_uploads
-from imd.protocols.boss.connection import BossService
-from imd.protocols.boss.line import line_factory
-from imd.protocols.boss.ws import entry_resource
-from imd.protocols.minami import routes as minami_routes
-from imd.protocols.minami.ws import MinamiService
-from imd.protocols.webim import routes as webim_routes
-from imd.protocols.webim.actions import WebimActions
-from imd.protocols.webim.tickets import Tickets
-from imd.protocols.xuanxuan import http as xuanxuan_http
-from imd.protocols.xuanxuan.http import XuanxuanHttp
-from imd.protocols.xuanxuan.socket import XuanxuanService, socket_factory
+from imd.protocols.boss.service import BossProtocolService
+from imd.protocols.minami.service import MinamiProtocolService
+from imd.protocols.webim.service import WebimProtocolService
+from imd.protocols.xuanxuan.service import XuanxuanProtocolService
 from imd.store.connection import (BadRedisURL, RedisAddress, RedisNotReady, connect_pool,
                                   connect_subscriber, parse_redis_url, wait_until_ready)
 from imd.store.embedded import (EmbeddedRedis, EmbeddedRedisError, find_redis_server,
@@ -50,10 +51,15 @@ from imd.throttle import LoginThrottles
 from imd.web import ImdSite, build_root
 
 log = Logger()
+STOP_WAIT = 3.0  # seconds each step of the shutdown may wait for Redis
 
-
-class StartupError(Exception):
-    """imd cannot start; the message says why and what to do."""
+# Every protocol the daemon serves, in start order (stopped in reverse).
+PROTOCOLS: list[type[ProtocolService]] = [
+    BossProtocolService,
+    MinamiProtocolService,
+    WebimProtocolService,
+    XuanxuanProtocolService,
+]
 
 
 def fail(message: str) -> None:
@@ -96,21 +102,210 @@ async def open_store(config: Config, embedded: EmbeddedRedis | None
     return address, factory, store
 
 
-class ImdService(service.MultiService):
-    def __init__(self, config: Config):
+async def _quietly(d: defer.Deferred) -> None:
+    """Wait for ``d`` at most STOP_WAIT seconds; Redis may be gone already at shutdown."""
+    try:
+        await d.addTimeout(STOP_WAIT, reactor)
+    except Exception:
+        pass
+
+
+class StoreService(service.Service):
+    """Redis and the store: the embedded server (or --redis) and a connection pool."""
+
+    name = "store"
+
+    def __init__(self, daemon: "ImdService"):
+        self.daemon = daemon
+        self.pool = None
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        daemon = self.daemon
+        daemon.redis_address, self.pool, daemon.store = await open_store(daemon.config,
+                                                                         daemon.embedded)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self.pool is not None:
+            await _quietly(self.pool.disconnect())
+        if self.daemon.embedded is not None:
+            await self.daemon.embedded.stop()
+
+
+class HubService(service.Service):
+    """The hub (its node heartbeat reaps dead nodes), its pub/sub link to the other nodes,
+    and the domain services every protocol shares (accounts, friends, groups)."""
+
+    name = "hub"
+
+    def __init__(self, daemon: "ImdService"):
+        self.daemon = daemon
+        self.subscriber = None
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        daemon, config, store = self.daemon, self.daemon.config, self.daemon.store
+        pool = daemon.getServiceNamed("store").pool
+        hub = Hub(store, reactor, node_ttl=config.node_timeout, max_body=config.max_frame)
+        await hub.start()
+        daemon.hub = hub
+        subscribed = defer.Deferred()
+
+        def on_connect():
+            if not subscribed.called:
+                subscribed.callback(None)
+            else:
+                # The pool may still be waiting for a restarted Redis to load its data.
+                d = pool.when_up(None)
+                d.addCallback(lambda _: defer.ensureDeferred(hub.resync()))
+                d.addErrback(lambda f: log.failure("resync after reconnect failed", f))
+
+        self.subscriber = connect_subscriber(
+            daemon.redis_address, [store.channel(hub.node), store.presence_channel()],
+            hub.remote_delivery, on_connect)
+        await subscribed
+        log.info("node {node} using Redis at {redis}", node=hub.node,
+                 redis=daemon.redis_address.display)
+        daemon.accounts = Accounts(store, config.token_ttl, LoginThrottles(
+            reactor, config.login_failures, config.login_address_failures, config.login_window,
+            config.registrations, config.register_window))
+        daemon.friends, daemon.groups = Friends(hub), Groups(store)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        hub = self.daemon.hub
+        if hub is not None:
+            # Token revokes of the protocols' last logouts run before a PING sent after them.
+            await _quietly(hub.store.redis.ping())
+            try:
+                await defer.ensureDeferred(hub.stop()).addTimeout(STOP_WAIT, reactor)
+            except Exception as e:
+                log.warn("could not mark this node's users offline: {e!r}", e=e)
+        if self.subscriber is not None:
+            await _quietly(self.subscriber.disconnect())
+
+
+class ListenersService(service.Service):
+    """Every listener, opened once the hub and every protocol are up: the web port (one
+    Site for every protocol's routes) and each protocol's own listeners, all behind one
+    Guard (a cap per source address, a deadline for logging in)."""
+
+    name = "listeners"
+
+    def __init__(self, daemon: "ImdService"):
+        self.daemon = daemon
+        self.ports: list = []
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        daemon, config = self.daemon, self.daemon.config
+        site = ImdSite(daemon.root, max_body=config.max_body, max_upload=config.max_upload,
+                       upload_paths=tuple(p for protocol in daemon.protocols
+                                          for p in protocol.upload_paths),
+                       timeout=config.login_timeout, request_timeout=config.request_timeout,
+                       upload_timeout=config.upload_timeout, spool_dir=daemon.data_dir,
+                       logPath=config.access_log or None, public_hosts=config.public_hosts)
+        guard = Guard(reactor, config.max_connections_per_address, config.login_timeout)
+        what = "web ({})".format("; ".join(p.web_routes for p in daemon.protocols
+                                           if p.web_routes))
+        for description in config.web:
+            self.ports.append(await listen(description, guard.wrap(site, login_deadline=False),
+                                           what))
+        for protocol in daemon.protocols:
+            for listener in protocol.listeners():
+                if not listener.enabled:
+                    continue
+                port = await listen(listener.description,
+                                    guard.wrap(listener.factory, listener.login_deadline),
+                                    listener.what)
+                self.ports.append(port)
+                if listener.listening is not None:
+                    listener.listening(port)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        ports, self.ports = self.ports, []
+        for port in ports:
+            try:
+                await port.stopListening()
+            except Exception as e:
+                log.warn("could not close a listener: {e!r}", e=e)
+
+
+class SystemdService(service.Service):
+    """Tells systemd (Type=notify) READY once every listener is up, runs its watchdog, and
+    says STOPPING first thing at shutdown."""
+
+    name = "systemd"
+    watchdog: sdnotify.Watchdog | None = None
+
+    def __init__(self, daemon: "ImdService"):
+        self.daemon = daemon
+
+    def startService(self) -> None:
+        super().startService()
+        hub = self.daemon.hub
+        sdnotify.notify("READY=1", f"STATUS=serving as node {hub.node}")
+        period = sdnotify.watchdog_period()
+        if period is not None:
+            self.watchdog = sdnotify.Watchdog(reactor, period, hub.store.redis.ping)
+            self.watchdog.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        sdnotify.notify("STOPPING=1")
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+
+class ImdService(Ordered):
+    """The daemon: the shared state of its children, which it starts in order."""
+
+    def __init__(self, config: Config,
+                 protocols: list[type[ProtocolService]] | None = None):
         super().__init__()
         self.config = config
         self.data_dir = Path(config.data_dir).resolve()
         self.embedded: EmbeddedRedis | None = None
-        self.ports: list = []
         self.ready = defer.Deferred()
-        self._factories: list = []
+        # Set by the children as they start.
+        self.redis_address: RedisAddress | None = None
+        self.store: RedisStore | None = None
         self.hub: Hub | None = None
-        self.boss: BossService | None = None
-        self.tickets: Tickets | None = None
-        self.connections: set = set()  # minami and xuanxuan client connections
-        self.watchdog: sdnotify.Watchdog | None = None
+        self.accounts: Accounts | None = None
+        self.friends: Friends | None = None
+        self.groups: Groups | None = None
+        self.root = build_root()  # the web port's routes; every protocol mounts its own
         self.check()
+        self.protocols = [protocol(self) for protocol in (PROTOCOLS if protocols is None
+                                                          else protocols)]
+        if config.admin.lower() != "none":
+            AdminService(self).setServiceParent(self)
+        StoreService(self).setServiceParent(self)
+        HubService(self).setServiceParent(self)
+        for protocol in self.protocols:
+            protocol.setServiceParent(self)
+        ListenersService(self).setServiceParent(self)
+        SystemdService(self).setServiceParent(self)
 
     def check(self) -> None:
         """The start-up checks that need no reactor; exits with one line on failure."""
@@ -133,18 +328,17 @@ class ImdService(service.MultiService):
                 fail(f"cannot write the access log {self.config.access_log} ({e.strerror}): "
                      "fix its directory or permissions, or choose another --access-log")
 
-    def startService(self) -> None:
+    def startService(self) -> defer.Deferred:
         log.info("imd {version} starting (Python {python}, Twisted {twisted})",
                  version=__version__, python=sys.version.split()[0],
                  twisted=twisted_version.short())
-        super().startService()
         # SIGHUP would otherwise kill the process on the spot (no clean stop of the embedded
         # Redis); imd reads its configuration and certificates at start only.
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
             log.warn, "SIGHUP ignored: imd reloads nothing; restart it to apply a new "
             "configuration or certificate"))
-        d = defer.ensureDeferred(self._start())
-        d.addCallbacks(self.ready.callback, self._start_failed)
+        d = super().startService()
+        return d.addCallbacks(self.ready.callback, self._start_failed)
 
     def _start_failed(self, failure) -> None:
         if failure.check(StartupError, EmbeddedRedisError):
@@ -153,152 +347,17 @@ class ImdService(service.MultiService):
             log.failure("imd: error: start-up failed", failure)
         self.ready.errback(failure)
         reactor.addSystemEventTrigger("after", "shutdown", _exit_with_error)
-        reactor.stop()
-
-    async def _start(self) -> None:
-        config = self.config
-        if config.admin.lower() != "none":
-            # First, so that /health and /ready answer during the start-up.
-            admin = AdminService(self)
-            admin.setServiceParent(self)
-            await self._listen(config.admin, admin.site, "admin (metrics, health, API)")
-        address, factory, store = await open_store(config, self.embedded)
-        self._factories.append(factory)
-        self.hub = hub = Hub(store, reactor, node_ttl=config.node_timeout,
-                             max_body=config.max_frame)
-        await hub.start()
-        subscribed = defer.Deferred()
-
-        def on_connect():
-            if not subscribed.called:
-                subscribed.callback(None)
-            else:
-                # The pool may still be waiting for a restarted Redis to load its data.
-                d = factory.when_up(None)
-                d.addCallback(lambda _: defer.ensureDeferred(hub.resync()))
-                d.addErrback(lambda f: log.failure("resync after reconnect failed", f))
-
-        self._factories.append(connect_subscriber(
-            address, [store.channel(hub.node), store.presence_channel()],
-            hub.remote_delivery, on_connect))
-        await subscribed
-        log.info("node {node} using Redis at {redis}", node=hub.node, redis=address.display)
-
-        accounts = Accounts(store, config.token_ttl, LoginThrottles(
-            reactor, config.login_failures, config.login_address_failures, config.login_window,
-            config.registrations, config.register_window))
-        friends, groups = Friends(hub), Groups(store)
-        minami = MinamiService(hub, accounts, friends, config)
-        self.boss = BossService(hub, accounts, groups, config, reactor)
-        self.tickets = Tickets(hub, reactor, config.poll_timeout, config.ticket_timeout,
-                               config.offline_grace, config.max_queue)
-        webim = WebimActions(hub, accounts, friends, groups, self.tickets,
-                             config.webim_secret, config.public_url, config.token_ttl)
-        xuanxuan = XuanxuanService(hub, accounts, Chats(store, groups), config)
-        minami.connections = xuanxuan.connections = self.connections
-        xuanxuan_port: list[int] = []
-        self.boss.start()
-        if config.boss_auth == "trust":
-            log.warn("--boss-auth=trust: 66boss clients may log in as any user id without a "
-                     "token; use only on a closed network")
-
-        root = build_root()
-        root.putChild(b"entry", entry_resource(self.boss))
-        boss_http.mount(root, self.boss)
-        boss_uploads.mount(root, self.boss, self.data_dir)
-        minami_routes.mount(root, minami)
-        webim_routes.mount(root, webim, self.tickets)
-        xuanxuan_http.mount(root, XuanxuanHttp(xuanxuan, self.data_dir / "files",
-                                               lambda: xuanxuan_port[0] if xuanxuan_port else 0))
-        site = ImdSite(root, max_body=config.max_body, max_upload=config.max_upload,
-                       upload_paths=boss_uploads.UPLOAD_PATHS + xuanxuan_http.UPLOAD_MARKERS,
-                       timeout=config.login_timeout, request_timeout=config.request_timeout,
-                       upload_timeout=config.upload_timeout, spool_dir=self.data_dir,
-                       logPath=config.access_log or None, public_hosts=config.public_hosts)
-        # Every listener: a cap on connections per address and a deadline for logging in
-        # (HTTP connections: the site's own timeouts until a WebSocket takes one over).
-        guard = Guard(reactor, config.max_connections_per_address, config.login_timeout)
-        for description in config.web:
-            await self._listen(description, guard.wrap(site, login_deadline=False),
-                               "web (66boss /entry, group API, uploads; minami /im/; "
-                               "webim /webim/; xuanxuan HTTP)")
-        if config.boss_line.lower() != "none":
-            await self._listen(config.boss_line, guard.wrap(line_factory(self.boss)),
-                               "66boss line protocol")
-        if config.xuanxuan.lower() != "none":
-            port = await self._listen(config.xuanxuan, guard.wrap(socket_factory(xuanxuan)),
-                                      "xuanxuan socket")
-            xuanxuan_port.append(getattr(port.getHost(), "port", 0))
-        self._notify_ready()
-
-    def _notify_ready(self) -> None:
-        """Every listener is up: tell systemd (Type=notify) and start its watchdog."""
-        sdnotify.notify("READY=1", f"STATUS=serving as node {self.hub.node}")
-        period = sdnotify.watchdog_period()
-        if period is not None:
-            self.watchdog = sdnotify.Watchdog(reactor, period, self.hub.store.redis.ping)
-            self.watchdog.start()
-
-    async def _listen(self, description: str, factory, what: str):
-        try:
-            port = await serverFromString(reactor, description).listen(factory)
-        except Exception as e:
-            raise StartupError(f"cannot listen on {description} for {what}: {e}") from None
-        self.ports.append(port)
-        log.info("{what} on {endpoint} ({address})", what=what, endpoint=description,
-                 address=_address(port))
-        return port
+        # twistd starts the service before it runs the reactor: a child that fails at once
+        # (a busy --admin port) fails before there is a reactor to stop.
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> defer.Deferred:
-        super().stopService()
-        return defer.ensureDeferred(self._stop())
-
-    async def _stop(self) -> None:
-        sdnotify.notify("STOPPING=1")
-        if self.watchdog is not None:
-            self.watchdog.stop()
-        for port in self.ports:
-            try:
-                await port.stopListening()
-            except Exception:
-                pass
-        self.ports = []
-        if self.boss is not None:
-            self.boss.stop()
-        for connection in list(self.connections):
-            connection.transport.abortConnection()
-        if self.tickets is not None:
-            self.tickets.close_all()
-        if self.hub is not None:
-            # Let the closed connections log out and revoke their tokens while Redis is
-            # still there (a token revoke runs before a PING sent after it).
-            await task.deferLater(reactor, 0, lambda: None)
-            try:
-                await self.hub.logouts_done().addTimeout(3, reactor)
-                await self.hub.store.redis.ping().addTimeout(3, reactor)
-            except Exception:
-                pass
-            try:
-                # Redis may be gone already: do not let that hold up the shutdown.
-                await defer.ensureDeferred(self.hub.stop()).addTimeout(3, reactor)
-            except Exception as e:
-                log.warn("could not mark this node's users offline: {e!r}", e=e)
-        for factory in self._factories:
-            try:
-                await factory.disconnect().addTimeout(3, reactor)
-            except Exception:
-                pass
-        if self.embedded is not None:
-            await self.embedded.stop()
-        log.info("imd stopped")
-
-
-def _address(port) -> str:
-    try:
-        host = port.getHost()
-        return f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}".strip(":") or str(host)
-    except Exception:
-        return "?"
+        d = super().stopService()
+        d.addCallback(lambda _: log.info("imd stopped"))
+        return d
 
 
 def _exit_with_error() -> None:

@@ -11,7 +11,6 @@ it trickles in.  Protocol adapters mount their resources on the root this module
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import re
@@ -29,13 +28,6 @@ from imd.forms import form_args
 from imd.unavailable import Unavailable
 
 log = Logger()
-
-# twisted.web parses every request's Content-Type with the email package (about a fifth of
-# the daemon's CPU under webim load).  The result depends on the header alone, and clients
-# send the same few values, so remember them.  Guarded: if Twisted renames the function,
-# nothing changes.
-if hasattr(http, "_parseContentType"):
-    http._parseContentType = functools.lru_cache(maxsize=256)(http._parseContentType)
 
 SPOOL_OVER = 100_000  # bodies this long or longer are spooled to a file (twisted.web's rule)
 _HOST_RE = re.compile(r"(?P<name>[a-z0-9.\-]+)(?::(?P<port>\d{1,5}))?"

@@ -115,6 +115,7 @@ async def test_metrics_count_logins_messages_and_latency_per_protocol(daemon):
                      le="+Inf") == value(after, "imd_delivery_latency_seconds_count",
                                          protocol=protocol)
         assert value(after, "imd_sessions", protocol=protocol) >= 1, protocol
+        assert value(after, "imd_open_connections", protocol=protocol) >= 1, protocol
     assert moved("imd_messages_in_total", protocol="minami") == 0
     assert value(after, "imd_redis_roundtrip_seconds_count") > \
         value(before, "imd_redis_roundtrip_seconds_count")  # a PING per scrape

@@ -26,6 +26,7 @@ import imd
 from imd.accounts import Accounts
 from imd.admin.api import Api
 from imd.admin.ops import Ops
+from imd.compose import listen
 from imd.metrics import registry
 from imd.unavailable import Unavailable
 from imd.web import AsyncJSONResource
@@ -37,8 +38,12 @@ WWW = Path(__file__).parent / "www"
 
 
 class AdminService(service.Service):
-    """The admin endpoint of one daemon; ``daemon`` is its ImdService (``hub`` is set once
-    Redis is up, ``ready`` fires once every listener is)."""
+    """The admin endpoint of one daemon, a child service that listens on ``--admin``;
+    ``daemon`` is its ImdService (``hub`` is set once Redis is up, ``ready`` fires once
+    every listener is)."""
+
+    name = "admin"
+    port = None
 
     def __init__(self, daemon):
         self.daemon = daemon
@@ -64,14 +69,22 @@ class AdminService(service.Service):
             self._ops = Ops(self.hub, Accounts(self.hub.store, self.daemon.config.token_ttl))
         return self._ops
 
-    def startService(self) -> None:
+    def startService(self) -> defer.Deferred:
         super().startService()
         self._loop.start(REPORT_INTERVAL, now=False)
+        return defer.ensureDeferred(self._listen())
+
+    async def _listen(self) -> None:
+        self.port = await listen(self.daemon.config.admin, self.site,
+                                 "admin (metrics, health, API)")
 
     def stopService(self):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
 
     def _report(self) -> defer.Deferred:
         d = defer.ensureDeferred(self._report_once())
@@ -115,6 +128,12 @@ class _Live:
         sessions = GaugeMetricFamily("imd_sessions", "Sessions on this node, per protocol",
                                      labels=["protocol"])
         info = InfoMetricFamily("imd_node", "This node's id and imd's version")
+        open_ = GaugeMetricFamily("imd_open_connections", "Client connections open on this "
+                                  "node, per protocol (webim: bound tickets)",
+                                  labels=["protocol"])
+        for protocol in self.admin.daemon.protocols:
+            if protocol.running:
+                open_.add_metric([protocol.name], protocol.open_connections())
         depth = GaugeMetricFamily("imd_offline_queue_messages",
                                   "Messages waiting in offline queues (all nodes; estimated "
                                   "from a sample of users beyond 200)")
@@ -124,7 +143,7 @@ class _Live:
                 sessions.add_metric([protocol], n)
             info.add_metric([], {"node": hub.node, "version": _version()})
             depth.add_metric([], self.admin.queue_depth)
-        yield from (sessions, info, depth)
+        yield from (sessions, open_, info, depth)
 
 
 def _version() -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -35,7 +35,8 @@ log = Logger()
 
 
 class BossService:
-    """What every 66boss connection shares: the hub, accounts, settings, and the heartbeat."""
+    """What every 66boss connection shares: the hub, accounts, settings, and the heartbeat
+    (``heartbeat``, called every --heartbeat seconds by the protocol's service)."""
 
     def __init__(self, hub: Hub, accounts: Accounts, groups: Groups, config: Config,
                  clock: IReactorTime):
@@ -46,11 +47,8 @@ class BossService:
         self.clock = clock
         self.connections: set[BossConnection] = set()
         self.proofs = Proofs(clock, config.boss_address_window, config.boss_auth == "address")
-        self._heartbeat = task.LoopingCall(self.heartbeat)
-        self._heartbeat.clock = clock
 
     def start(self) -> None:
-        self._heartbeat.start(self.config.heartbeat, now=False)
         if self.config.boss_auth == "address":
             log.info("--boss-auth=address: a bare 66boss login_<userid> is accepted from an "
                      "address that proved it is that user in the last {window} s (clients "
@@ -58,8 +56,6 @@ class BossService:
                      window=self.config.boss_address_window)
 
     def stop(self) -> None:
-        if self._heartbeat.running:
-            self._heartbeat.stop()
         for conn in list(self.connections):
             conn.abort()
 

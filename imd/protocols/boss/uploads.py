@@ -18,6 +18,7 @@ from pathlib import Path
 
 from twisted.internet import threads
 from twisted.web import resource, server, static
+from twisted.web.pages import forbidden, notFound
 
 from imd import forms, media
 from imd.protocols.boss.connection import BossService
@@ -89,7 +90,7 @@ class Uploads:
         files.contentTypes.update({".amr": "audio/amr", ".m4a": "audio/mp4",
                                    ".webm": "video/webm", ".3gp": "video/3gpp",
                                    ".webp": "image/webp", ".opus": "audio/ogg"})
-        files.directoryListing = lambda: resource.ForbiddenResource()
+        files.directoryListing = forbidden
         return _NoSniff(files)
 
 
@@ -110,11 +111,11 @@ class _NoSniff(resource.Resource):
     def getChild(self, path, request):
         request.setHeader(b"x-content-type-options", b"nosniff")
         if _bad_name(path):
-            return resource.NoResource()
+            return notFound()
         return self.files.getChild(path, request)
 
     def render(self, request):
-        return resource.ForbiddenResource().render(request)
+        return forbidden().render(request)
 
 
 def mount(root: resource.Resource, service: BossService, data_dir: Path) -> None:

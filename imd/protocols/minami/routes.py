@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.web import resource, static
+from twisted.web.pages import forbidden
 
 from imd.protocols.minami.http import MinamiHttp
 from imd.protocols.minami.ws import MinamiService, login_resource
@@ -18,7 +19,7 @@ def mount(root: resource.Resource, service: MinamiService) -> None:
     http = MinamiHttp(service.accounts, service.friends)
     login = login_resource(service)
     pages = static.File(str(WWW))
-    pages.directoryListing = lambda: resource.ForbiddenResource()
+    pages.directoryListing = forbidden
     for prefix in PREFIXES:
         base = resource.Resource()
         root.putChild(prefix, base)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, threads
 from twisted.web import resource, server, static
+from twisted.web.pages import notFound
 
 from imd.chats import ChatError
 from imd.protocols.xuanxuan.socket import XuanxuanService
@@ -183,7 +184,7 @@ class Sys(resource.Resource):
         m = DOWNLOAD_RE.match(name)
         if m:
             return Download(self.http, int(m.group(1)))
-        return resource.NoResource()
+        return notFound()
 
 
 def mount(root: resource.Resource, http: XuanxuanHttp) -> None:
