@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -330,8 +331,17 @@ def test_waits_for_an_external_redis_that_is_starting_and_loading(fresh_daemon, 
     redis = ExternalRedis(tmp_path / "redis")
     write_aof(redis.dir / "appendonly.aof", 500_000)
     try:
-        redis.start(wait=False)  # imd finds it refusing connections, then LOADING
-        d = fresh_daemon("--redis", redis.url).start()
+        d = fresh_daemon("--redis", redis.url)
+        starting = threading.Thread(target=d.start)
+        starting.start()
+        # imd finds it refusing connections (and says so after a second), then LOADING: the
+        # server starts only now, so its loading cannot be over before imd looks.
+        deadline = time.monotonic() + 30
+        while not (d.log_path.exists() and "waiting for Redis" in d.log_path.read_text()):
+            assert time.monotonic() < deadline, "imd did not wait for the refusing Redis"
+            time.sleep(0.05)
+        redis.start(wait=False)
+        starting.join()
         assert "is loading its data (" in d.log(), d.log()
         assert d.stop() in CLEAN_EXIT
     finally:
