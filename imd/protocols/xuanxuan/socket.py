@@ -203,6 +203,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._rendering: list[Message] = []  # delivered, not yet written (login, first contact)
         self._waiting = 0  # pushes queued on _out and not yet done
         self._slow = 0  # requests queued on _chain for _handle and not yet done
+        self._contacting: set[str] = set()  # conversations whose first contact is under way
         self._targets: dict[str, tuple[str, int, str, str, str]] = {}  # see _target
         self._push_serial = 0
         self._gone = False
@@ -450,7 +451,14 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._write_message(message, [])  # nothing queued ahead of it: write it now
             return
         self._rendering.append(message)
-        self._later(lambda _: defer.ensureDeferred(self._push_message(message)))
+        contact = None
+        if message.conversation not in self.shown and \
+                message.conversation not in self._contacting:
+            # First contact: fetch the chat now, beside the pushes queued ahead of it (the
+            # later messages of the chat find it shown by the time they are written).
+            contact = defer.ensureDeferred(self._contact(message))
+            self._contacting.add(message.conversation)
+        self._later(lambda _: defer.ensureDeferred(self._push_message(message, contact)))
 
     def _later(self, push) -> None:
         """Run ``push`` on _out: after the login array and the pushes queued before."""
@@ -462,15 +470,27 @@ class XuanxuanProtocol(LineOnlyReceiver):
     def _pushed(self, _) -> None:
         self._waiting -= 1
 
-    async def _push_message(self, message: Message) -> None:
+    async def _contact(self, message: Message) -> dict | None:
+        """The chat object of a message's chat for this client (None: the group is
+        gone)."""
+        try:
+            chat = await self.service.chats.of_message(message, self.user_id)
+        except ChatError:
+            return None
+        return (await self.service.chats.infos([chat], self.user_id))[0]
+
+    async def _push_message(self, message: Message,
+                            contact: defer.Deferred | None = None) -> None:
         packets = []
         if message.conversation not in self.shown:  # first contact: the chat comes first
-            try:
-                chat = await self.service.chats.of_message(message, self.user_id)
-            except ChatError:
-                chat = None  # the group is gone
-            if chat is not None:
-                packets.append(self._packet("chat", "create", await self._chat_info(chat)))
+            info = await (contact or defer.ensureDeferred(self._contact(message)))
+            self._contacting.discard(message.conversation)
+            if info is not None:
+                self._saw(info)
+                packets.append(self._packet("chat", "create", info))
+        elif contact is not None:
+            contact.addErrback(lambda f: None)  # shown meanwhile (a getList)
+            self._contacting.discard(message.conversation)
         if message not in self._rendering:  # the session ended and requeued it
             return
         self._rendering.remove(message)
