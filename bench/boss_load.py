@@ -584,9 +584,10 @@ def worker_main(config_path: str) -> None:
             return d
 
         def cgid_of(self, i: int, other: bytes) -> bytes:
-            """xuanxuan: the one-to-one chat gid of active user i and user ``other``."""
-            a, b = self.uid_ints[i], int(other)
-            return b"%d&%d" % ((a, b) if a < b else (b, a))
+            """xuanxuan: the one-to-one chat gid of active user i and user ``other``, the
+            ids sorted as text, as the 1.0 client sorts them (99999&100000 is
+            100000&99999); imd shows the chat with this gid."""
+            return b"&".join(sorted((b"%d" % self.uid_ints[i], other)))
 
         def xuanxuan_reply(self, conn, obj: dict) -> None:
             """The reply to the oldest unanswered ``message`` request of conn."""

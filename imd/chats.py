@@ -34,6 +34,7 @@ class Chat:
     group: Group | None = None
     meta: dict | None = None
     peer: int | None = None  # the other user of a one-to-one chat, seen from the caller
+    mine: dict | None = None  # the caller's flags (star, hide, mute), when fetched with it
 
     def csv(self, name: str) -> list[int]:
         raw = (self.meta or {}).get(name, "")
@@ -58,22 +59,29 @@ class Chats:
         self.store = store
         self.groups = groups
 
+    @staticmethod
+    def one2one(gid: str, uid: int | None = None) -> Chat:
+        """The one-to-one chat ``a&b`` (either order) without its settings and without
+        asking the store whether both users exist; ChatError for a malformed gid."""
+        parts = gid.split("&")
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 18
+                                      for p in parts):
+            raise ChatError("bad chat gid")
+        a, b = sorted((int(parts[0]), int(parts[1])))
+        if gid not in (f"{a}&{b}", f"{b}&{a}"):
+            raise ChatError("bad chat gid")
+        # numeric order inside, the client's order on the wire
+        return Chat(f"{a}&{b}", "one2one", [a, b],
+                    peer=None if uid is None else (b if uid == a else a))
+
     async def resolve(self, gid: str, uid: int | None = None) -> Chat:
         gid = str(gid or "")
         if "&" in gid:
-            parts = gid.split("&")
-            if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 18
-                                          for p in parts):
-                raise ChatError("bad chat gid")
-            a, b = int(parts[0]), int(parts[1])
-            if gid not in (f"{a}&{b}", f"{b}&{a}"):
-                raise ChatError("bad chat gid")
-            gid = one2one_gid(a, b)  # numeric order inside, the client's order on the wire
-            if await self.store.users_exist([a, b]):
+            chat = self.one2one(gid, uid)
+            if await self.store.users_exist(chat.members):
                 raise ChatError("no such user")
-            peer = None if uid is None else (b if uid == a else a)
-            return Chat(gid, "one2one", [a, b], meta=await self.store.chat_meta(gid),
-                        peer=peer)
+            chat.meta = await self.store.chat_meta(chat.gid)
+            return chat
         if gid == "system":
             group_id = await self.store.system_group()
         else:
@@ -91,8 +99,12 @@ class Chats:
         return await self.store.gid_for_group(group_id) or str(group_id)
 
     async def infos(self, chats: list[Chat], uid: int) -> list[dict]:
-        """The chat objects ``uid`` is shown (two round trips for the lot)."""
-        flags = await self.store.chat_flags(uid)
+        """The chat objects ``uid`` is shown (two round trips for the lot, fewer when
+        the chats came with ``uid``'s flags or name no creator or editor)."""
+        if all(c.mine is not None for c in chats):
+            flags = {c.gid: c.mine for c in chats}
+        else:
+            flags = await self.store.chat_flags(uid)
         people = {int(x) for c in chats for x in (_creator(c), (c.meta or {}).get("editedBy"))
                   if str(x or "").isdigit()}
         accounts = {u: user.account for u, user in (await self.store.get_users(people)).items()}
@@ -137,8 +149,9 @@ class Chats:
             system = await self.store.system_group()
             return await self.resolve("system" if message.to == system
                                       else await self.gid_of_group(message.to), uid)
-        chat = await self.resolve(one2one_gid(message.sender, message.to), uid)
-        await self.store.add_one2one(chat.gid, *chat.members)
+        # The message is stored, so both users exist: one round trip.
+        chat = self.one2one(one2one_gid(message.sender, message.to), uid)
+        chat.meta, chat.mine = await self.store.one2one_contact(chat.gid, *chat.members, uid)
         return chat
 
     async def of_user(self, uid: int) -> list[Chat]:

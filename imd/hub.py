@@ -30,8 +30,8 @@ from twisted.logger import Logger
 from imd.metrics import ERRORS, counter, histogram
 from imd.model import (GROUP, KICK, KINDS, OFFLINE, ONLINE, PRESENCE, PROFILE, SHOW, SHOWS,
                        UNICAST, Event, Message, group_conversation, one2one_gid)
-from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotAMember, NotFriends,
-                             RedisStore)
+from imd.store.redis import (FriendOffline, NoSuchGroup, NoSuchUser, NotACommitter, NotAMember,
+                             NotFriends, RedisStore)
 from imd.unavailable import Unavailable, log_failure
 
 log = Logger()
@@ -358,13 +358,14 @@ class Hub:
     # -- messages ----------------------------------------------------------------------
 
     def send(self, origin: Session, ctype: str, to: int, kind: str, body: str,
-             extension: str = "", style: str = "", friends_only: bool = False
-             ) -> defer.Deferred:
+             extension: str = "", style: str = "", friends_only: bool = False,
+             chat: str = "") -> defer.Deferred:
         """Check, store and deliver one message from ``origin``'s user.
 
         Deferred[Message]: the stored message (with id and ts) once it is persisted; fails
         with HubError for a message that was refused and so not stored.  ``friends_only``:
         only to a friend who has a live session (minami), else refused and stored nowhere.
+        ``chat``: the xuanxuan chat it is posted in (see ``RedisStore.post``).
         (A plain Deferred chain, not a coroutine: this is the hot path.)
         """
         if origin.user_id is None:
@@ -379,7 +380,7 @@ class Hub:
         message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
                           body=body, extension=extension, style=style,
                           accepted=time.monotonic())
-        d = self.store.post(message, self.node, friends_only)
+        d = self.store.post(message, self.node, friends_only, chat)
         d.addCallbacks(self._posted, _refused, callbackArgs=(message, origin))
         return d
 
@@ -453,7 +454,8 @@ _REFUSALS = {NoSuchUser: ("no_such_user", "no such user"),
              NoSuchGroup: ("no_such_group", "no such group"),
              NotAMember: ("not_a_member", "not a member of this group"),
              NotFriends: ("not_friends", "not friends"),
-             FriendOffline: ("friend_offline", "the friend has no live session")}
+             FriendOffline: ("friend_offline", "the friend has no live session"),
+             NotACommitter: ("not_a_committer", "you may not post in this chat")}
 
 
 def _refused(failure) -> None:

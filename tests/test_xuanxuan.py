@@ -642,3 +642,46 @@ async def test_one2one_gid_in_the_clients_own_order(fresh_daemon):
     again = await b.call("create", [one2one(uid_a, uid_b), "", "one2one", [uid_a, uid_b]])
     assert again["data"]["gid"] == gid and again["data"]["id"] == created["data"]["id"]
     await d.close_store()
+
+
+async def message_replies(x: XX, count: int) -> list[dict]:
+    """The next ``count`` replies to ``message`` requests (pushes skipped)."""
+    replies = []
+    while len(replies) < count:
+        line = await x.next()
+        if isinstance(line, dict) and line.get("method") == "message":
+            replies.append(line)
+    return replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_messages_are_checked_stored_and_answered_in_order(daemon):
+    """Messages sent without waiting for the replies go to the store together; each is
+    still checked there (committers set after the session first posted to the chat),
+    answered in order, stored in order, and stamps the chat's lastActiveTime."""
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    gid = (await a.call("create", ["g-" + unique(), "team", "group", [uid_a, uid_b], 0]))[
+        "data"]["gid"]
+    assert (await b.call("message", [{"cgid": gid, "content": "first"}]))["result"] == \
+        "success"  # b's session now knows where messages to gid go
+    assert (await a.call("setCommitters", [gid, [uid_a]]))["result"] == "success"
+    for i in range(3):
+        b.send("chat", "message", [{"gid": f"b{i}", "cgid": gid, "content": f"no {i}"}])
+    assert [r["result"] for r in await message_replies(b, 3)] == ["fail"] * 3
+    pair = "&".join(sorted((str(uid_a), str(uid_b))))  # the 1.0 client's order
+    for i in range(5):
+        a.send("chat", "message", [{"gid": f"a{i}", "cgid": pair if i % 2 else
+                                    one2one(uid_a, uid_b), "content": f"m{i}"}])
+    b.send("chat", "message", [{"cgid": gid, "content": "still no"}])
+    replies = await message_replies(a, 5)
+    assert [r["result"] for r in replies] == ["success"] * 5
+    assert [r["data"][0]["gid"] for r in replies] == [f"a{i}" for i in range(5)]
+    assert [r["data"][0]["cgid"] for r in replies] == [pair] * 5
+    assert (await message_replies(b, 1))[0]["result"] == "fail"
+    history = await b.call("history", [pair, 10, 1])
+    assert [m["content"] for m in history["data"]] == [f"m{i}" for i in range(5)]
+    assert [m["content"] for m in (await b.call("history", [gid, 10, 1]))["data"]] == \
+        ["first"]
+    mine = {c["gid"]: c for c in (await b.call("getList"))["data"]}
+    assert mine[pair]["lastActiveTime"] >= replies[-1]["data"][0]["date"]

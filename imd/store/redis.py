@@ -110,8 +110,12 @@ class FriendOffline(StoreError):
     pass
 
 
+class NotACommitter(StoreError):
+    pass
+
+
 _POST_ERRORS = {-1: NoSuchUser, -2: NoSuchGroup, -3: NotAMember, -4: NotFriends,
-                -5: FriendOffline}
+                -5: FriendOffline, -6: NotACommitter}
 
 
 class Script:
@@ -210,15 +214,17 @@ end
 return 1
 """)
 
-# ARGV: prefix, node, history cap, queue cap, then 6 fields per message: conversation,
+# ARGV: prefix, node, history cap, queue cap, then 7 fields per message: conversation,
 #       JSON tail (",sender,...]"), sender, type ('unicast' | 'group'), to, mode ('f': only
-#       to a friend with a live session, else stored nowhere).
+#       to a friend with a live session, else stored nowhere), xuanxuan chat gid ('' none).
 # For each message: checks the recipient (user exists; group exists and has the sender as a
-# member), appends to history, publishes to the other nodes of every recipient and of the
-# sender (for the sender's other sessions), queues for recipients live nowhere.
+# member) and, with a chat gid, that the chat's committers (if any) include the sender;
+# appends to history, publishes to the other nodes of every recipient and of the sender (for
+# the sender's other sessions), queues for recipients live nowhere; with a chat gid, stamps
+# the chat's lastActiveTime and lists a one-to-one chat as both users' (xo:).
 # Returns, per message, {id, ts, n, n uids live on the calling node} or {error code, 0, 0}:
 # -1 no such user, -2 no such group, -3 sender not a member, -4 not friends, -5 the friend
-# has no live session.
+# has no live session, -6 not one of the chat's committers.
 _POST = Script("""
 local p, node = ARGV[1], ARGV[2]
 local hcap, qcap = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -236,9 +242,9 @@ local function live_anywhere(uid)
   end
   return false
 end
-for m = 5, #ARGV, 6 do
+for m = 5, #ARGV, 7 do
   local conv, tail, sender, ctype, to = ARGV[m], ARGV[m+1], ARGV[m+2], ARGV[m+3], ARGV[m+4]
-  local mode = ARGV[m+5]
+  local mode, chat = ARGV[m+5], ARGV[m+6]
   local targets, err
   if ctype == 'group' then
     if redis.call('EXISTS', p..'g:'..to) == 0 then err = -2
@@ -250,6 +256,11 @@ for m = 5, #ARGV, 6 do
   else
     targets = {to}
     if to ~= sender then targets[2] = sender end
+  end
+  if not err and chat ~= '' then
+    local committers = redis.call('HGET', p..'xc:'..chat, 'committers')
+    if committers and committers ~= '' and
+        not string.find(','..committers..',', ','..sender..',', 1, true) then err = -6 end
   end
   if err then
     out[#out + 1] = err; out[#out + 1] = 0; out[#out + 1] = 0
@@ -284,6 +295,13 @@ for m = 5, #ARGV, 6 do
       if not live[uid] and uid ~= sender then
         redis.call('RPUSH', p..'q:'..uid, msg)
         redis.call('LTRIM', p..'q:'..uid, -qcap, -1)
+      end
+    end
+    if chat ~= '' then
+      redis.call('HSET', p..'xc:'..chat, 'lastActiveTime', math.floor(ts / 1000))
+      if ctype ~= 'group' then
+        redis.call('SADD', p..'xo:'..sender, chat)
+        redis.call('SADD', p..'xo:'..to, chat)
       end
     end
     out[#out + 1] = id; out[#out + 1] = ts; out[#out + 1] = #here
@@ -432,6 +450,17 @@ table.insert(gone, 1, more)
 return gone
 """)
 
+# ARGV: prefix, one-to-one chat gid, its two users, the user who is shown it.  Lists the
+# chat as both users' and returns {that user's flags JSON or '', the chat's settings...}.
+_CONTACT = Script("""
+local p, gid = ARGV[1], ARGV[2]
+redis.call('SADD', p..'xo:'..ARGV[3], gid)
+redis.call('SADD', p..'xo:'..ARGV[4], gid)
+local out = redis.call('HGETALL', p..'xc:'..gid)
+table.insert(out, 1, redis.call('HGET', p..'xu:'..ARGV[5], gid) or '')
+return out
+""")
+
 # Puts messages back in a queue (a delivery that found no session any more).
 _REQUEUE = Script("""
 for i = 3, #ARGV do redis.call('RPUSH', ARGV[1]..'q:'..ARGV[2], ARGV[i]) end
@@ -463,7 +492,7 @@ class RedisStore:
         from twisted.internet import reactor
 
         self._clock = clock or reactor
-        self._batch: list[tuple[Message, defer.Deferred, str]] = []
+        self._batch: list[tuple[Message, defer.Deferred, str, str]] = []
         self._batch_node = ""
         self.redis = redis
         self.history_limit = history_limit
@@ -706,6 +735,14 @@ class RedisStore:
         await self._pipeline([("SADD", f"{self.p}xo:{int(a)}", gid),
                               ("SADD", f"{self.p}xo:{int(b)}", gid)])
 
+    async def one2one_contact(self, gid: str, a: int, b: int,
+                              viewer: int) -> tuple[dict[str, str], dict]:
+        """Lists a one-to-one chat as both users' and returns its settings and
+        ``viewer``'s flags for it (one round trip)."""
+        flags, *meta = await _CONTACT(self.redis, [], [self.p, gid, int(a), int(b),
+                                                       int(viewer)])
+        return _pairs(meta), json.loads(flags) if flags else {}
+
     async def add_file(self, gid: str, title: str, size: int, added_by: int,
                        name: str) -> int:
         fid = int(await self.redis.incr(f"{self.p}fileid"))
@@ -755,17 +792,21 @@ class RedisStore:
 
     # -- messages ----------------------------------------------------------------------
 
-    def post(self, message: Message, node: str, friends_only: bool = False) -> defer.Deferred:
+    def post(self, message: Message, node: str, friends_only: bool = False,
+             chat: str = "") -> defer.Deferred:
         """Check, store and route ``message``; fills in ``id`` and ``ts``.
 
         Deferred[list[int]]: the recipients (and the sender) with a live session on
-        ``node``, which the caller delivers to itself.  Fails with NoSuchUser, NoSuchGroup or
-        NotAMember.  The messages posted during one reactor turn go to Redis as one script
-        call, in order.
+        ``node``, which the caller delivers to itself.  Fails with NoSuchUser, NoSuchGroup,
+        NotAMember (NotFriends, FriendOffline with ``friends_only``) or NotACommitter.
+        ``chat``: the xuanxuan chat (``xc:`` gid) the message is posted in: its committers
+        are checked, its lastActiveTime stamped and a one-to-one chat listed as both users'
+        in the same script call.  The messages posted during one reactor turn go to Redis as
+        one script call, in order.
         """
         d = defer.Deferred()
         self._batch_node = node
-        self._batch.append((message, d, "f" if friends_only else ""))
+        self._batch.append((message, d, "f" if friends_only else "", chat))
         if len(self._batch) == 1:
             self._clock.callLater(0, self._flush)
         elif len(self._batch) >= MAX_BATCH:
@@ -780,12 +821,12 @@ class RedisStore:
             return
         args: list[Any] = [self.p, self._batch_node, self.history_limit, self.queue_limit]
         good = []
-        for message, d, mode in batch:
+        for message, d, mode, chat in batch:
             try:
                 tail = message.to_json()
                 tail = tail[tail.index(",", tail.index(",") + 1):]  # drop the "[id,ts" head
                 args += [message.conversation, tail, int(message.sender), message.ctype,
-                         int(message.to), mode]
+                         int(message.to), mode, chat]
             except Exception as e:  # one bad message must not sink the batch
                 d.errback(e)
             else:

@@ -214,10 +214,15 @@ class MinamiWebSocket(WebSocketServerProtocol):
     def deliver(self, message: Message) -> None:
         if message.sender == self.user_id or message.ctype == GROUP:
             return
-        body = message.body if message.kind == TEXT else f"[{message.kind}] {message.body}"
+        if message.wire is None:
+            message.wire = {}
+        frame = message.wire.get("minami")
+        if frame is None:  # encoded once for all the recipient's sessions
+            body = message.body if message.kind == TEXT else f"[{message.kind}] {message.body}"
+            frame = message.wire["minami"] = encode({"from": str(message.sender),
+                                                     "payload": body})
         # During the login (no _logout yet) this is the offline queue: not bounded.
-        self.outbox.put(encode({"from": str(message.sender), "payload": body}), (message,),
-                        self._logout is not None)
+        self.outbox.put(frame, (message,), self._logout is not None)
         written(self, message)
 
     def kick(self) -> None:

@@ -45,6 +45,7 @@ CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
 LOGIN_CHUNK = 100  # queued messages per push line at login
+TARGETS_MAX = 1024  # chats a session remembers where its messages go
 PER_USER = ("star", "hide", "mute")  # chat fields that differ per user
 # A message a xuanxuan client sent keeps the client's gid in its extension after this mark,
 # so that its sender is shown that gid again (the client matches its own copy by gid).
@@ -155,6 +156,31 @@ class Refused(Exception):
     pass
 
 
+def message_items(params) -> list:
+    """The messages of a ``message`` request: [[m, ...]], {"messages": [...]}, [m, ...]
+    or one m; Refused unless 1-100."""
+    messages = param(params, 0, "messages") if isinstance(params, list) and params and \
+        isinstance(params[0], list) else (params.get("messages") if isinstance(params, dict)
+                                           else params)
+    if isinstance(messages, dict):
+        messages = [messages]
+    if not isinstance(messages, list) or not messages or len(messages) > 100:
+        raise Refused("message takes a list of 1-100 messages")
+    return messages
+
+
+def message_item(item) -> tuple[str, str, str]:
+    """(chat gid, hub kind, extension) of one message; Refused when malformed."""
+    if not isinstance(item, dict) or not isinstance(item.get("content"), str):
+        raise Refused("each message needs cgid and a text content")
+    kind = item.get("contentType") or "text"
+    kind = CONTENT_IN.get(kind) if isinstance(kind, str) else None
+    if kind is None:
+        raise Refused("contentType must be text, emoticon, image or file")
+    client_gid = str(item.get("gid") or "")[:64]
+    return str(item.get("cgid", "")), kind, OWN_GID + client_gid if client_gid else ""
+
+
 class XuanxuanProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     user_id: int | None = None
@@ -176,6 +202,10 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # on any other chat is preceded by the chat (a 1.0 client drops it otherwise).
         self.shown: dict[str, str] = {}
         self._rendering: list[Message] = []  # delivered, not yet written (login, first contact)
+        self._waiting = 0  # pushes queued on _out and not yet done
+        self._slow = 0  # requests queued on _chain for _handle and not yet done
+        self._contacting: set[str] = set()  # conversations whose first contact is under way
+        self._targets: dict[str, tuple[str, int, str, str, str]] = {}  # see _target
         self._push_serial = 0
         self._gone = False
         self._logout: Logout | None = None
@@ -199,9 +229,51 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._reply({}, "fail", "request must be one JSON object")
             return
         self._gate.begin()
-        self._chain.addCallback(lambda _: defer.ensureDeferred(self._handle(request)))
+        posted = self._post_now(request)
+        if posted is not None:  # stored in this turn's post script; answered in turn
+            self._chain.addCallback(lambda _: posted)
+            self._chain.addCallbacks(self._posted, self._refused, callbackArgs=(request,),
+                                     errbackArgs=(request,))
+        else:
+            self._slow += 1
+            self._chain.addCallback(lambda _: defer.ensureDeferred(self._handle(request)))
+            self._chain.addBoth(self._slow_done)
         self._chain.addErrback(self._failed, request)
         self._chain.addBoth(self._gate.end)
+
+    def _slow_done(self, result):
+        self._slow -= 1
+        return result
+
+    def _post_now(self, request: dict) -> defer.Deferred | None:
+        """The hot path: a ``message`` request of one message to a chat this session has
+        posted to before, with no other request under way, is handed to the hub at once
+        (so that a connection's messages share a post script call) and answered in order
+        once stored; None for every other request (handled in order by _handle)."""
+        if self._slow or self.user_id is None or self._gone or \
+                str(request.get("method") or "").lower() != "message" or \
+                str(request.get("module") or "").lower() != "chat":
+            return None
+        try:
+            messages = message_items(request.get("params"))
+            if len(messages) != 1:
+                return None
+            cgid, kind, extension = message_item(messages[0])
+            target = self._targets.get(cgid)
+            if target is None:
+                if "&" not in cgid:
+                    return None  # a group chat: resolved once, in turn
+                target = self._one2one_target(cgid)
+        except (Refused, ChatError):
+            return None  # _handle gives the error in turn
+        return self._post(target, kind, messages[0]["content"], extension)
+
+    def _posted(self, m: Message, request: dict) -> None:
+        self._reply(request, "success", data=[self._message_json(m)])
+
+    def _refused(self, failure, request: dict) -> None:
+        failure.trap(HubError)
+        self._reply(request, "fail", str(failure.value))
 
     def lineLengthExceeded(self, line):
         self._reply({}, "fail", "request too long")
@@ -383,26 +455,83 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if self._collect is not None:
             self._collect.append(message)
             return
+        if message.conversation in self.shown and not self._waiting and self._out.called:
+            self._write_message(message, [])  # nothing queued ahead of it: write it now
+            return
         self._rendering.append(message)
-        self._out.addCallback(lambda _: defer.ensureDeferred(self._push_message(message)))
-        self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
+        contact = None
+        if message.conversation not in self.shown and \
+                message.conversation not in self._contacting:
+            # First contact: fetch the chat now, beside the pushes queued ahead of it (the
+            # later messages of the chat find it shown by the time they are written).
+            contact = defer.ensureDeferred(self._contact(message))
+            self._contacting.add(message.conversation)
+        self._later(lambda _: defer.ensureDeferred(self._push_message(message, contact)))
 
-    async def _push_message(self, message: Message) -> None:
+    def _later(self, push) -> None:
+        """Run ``push`` on _out: after the login array and the pushes queued before."""
+        self._waiting += 1
+        self._out.addCallback(push)
+        self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
+        self._out.addBoth(self._pushed)
+
+    def _pushed(self, _) -> None:
+        self._waiting -= 1
+
+    async def _contact(self, message: Message) -> dict | None:
+        """The chat object of a message's chat for this client (None: the group is
+        gone)."""
+        try:
+            chat = await self.service.chats.of_message(message, self.user_id)
+        except ChatError:
+            return None
+        return (await self.service.chats.infos([chat], self.user_id))[0]
+
+    async def _push_message(self, message: Message,
+                            contact: defer.Deferred | None = None) -> None:
         packets = []
         if message.conversation not in self.shown:  # first contact: the chat comes first
-            try:
-                chat = await self.service.chats.of_message(message, self.user_id)
-            except ChatError:
-                chat = None  # the group is gone
-            if chat is not None:
-                packets.append(self._packet("chat", "create", await self._chat_info(chat)))
+            info = await (contact or defer.ensureDeferred(self._contact(message)))
+            self._contacting.discard(message.conversation)
+            if info is not None:
+                self._saw(info)
+                packets.append(self._packet("chat", "create", info))
+        elif contact is not None:
+            contact.addErrback(lambda f: None)  # shown meanwhile (a getList)
+            self._contacting.discard(message.conversation)
         if message not in self._rendering:  # the session ended and requeued it
             return
         self._rendering.remove(message)
         if message.conversation in self.shown:  # else: no longer a member
+            self._write_message(message, packets)
+
+    def _write_message(self, message: Message, packets: list[dict]) -> None:
+        """Push a message (after ``packets``) on a chat this client has been shown.  The
+        message's JSON is encoded once for every recipient but its sender (point 6)."""
+        if message.sender == self.user_id:
             packets.append(self._packet("chat", "message", [self._message_json(message)]))
             self.push(*packets, messages=(message,))
-            written(self, message)
+        else:
+            self._push_serial += 1
+            head = json.dumps(packets, ensure_ascii=False, separators=(",", ":"))[1:-1]
+            self.outbox.put(b"".join((
+                b"[", head.encode("utf-8"), b"," if head else b"",
+                b'{"id":%d,"module":"chat","method":"message","data":[' % self._push_serial,
+                self._shared_json(message), b"]}]\n")), (message,))
+        written(self, message)
+
+    def _shared_json(self, m: Message) -> bytes:
+        """The encoded JSON of a message as every viewer but its sender is shown it,
+        cached on the message (per chat gid shown)."""
+        cgid = self.shown[m.conversation]
+        if m.wire is None:
+            m.wire = {}
+        cached = m.wire.get("xuanxuan")
+        if cached is None or cached[0] != cgid:
+            cached = m.wire["xuanxuan"] = (cgid, json.dumps(
+                self._message_json(m), ensure_ascii=False,
+                separators=(",", ":")).encode("utf-8"))
+        return cached[1]
 
     def _unsent(self) -> list[Message]:
         """Every message delivered to this session and not written, in order."""
@@ -429,8 +558,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         elif event.kind == "xuanxuan" or (event.kind == PRESENCE and
                                           data["change"] in PRESENCE_PUSH):
             # After the login array, in order with the messages waiting to be written.
-            self._out.addCallback(lambda _: self._push_notice(event))
-            self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
+            self._later(lambda _: self._push_notice(event))
 
     def _push_notice(self, event: Event) -> None:
         data = event.data
@@ -567,39 +695,52 @@ class XuanxuanProtocol(LineOnlyReceiver):
                                                                      "data": dropped}))
 
     async def m_message(self, request, params):
-        messages = param(params, 0, "messages") if isinstance(params, list) and params and \
-            isinstance(params[0], list) else (params.get("messages") if isinstance(params, dict)
-                                               else params)
-        if isinstance(messages, dict):
-            messages = [messages]
-        if not isinstance(messages, list) or not messages or len(messages) > 100:
-            raise Refused("message takes a list of 1-100 messages")
         stored = []
-        for item in messages:
-            if not isinstance(item, dict) or not isinstance(item.get("content"), str):
-                raise Refused("each message needs cgid and a text content")
-            chat = await self.service.chats.resolve(str(item.get("cgid", "")), self.user_id)
-            if not self.service.chats.may_post(chat, self.user_id):
-                raise Refused("you may not post in this chat")
-            kind = item.get("contentType") or "text"
-            kind = CONTENT_IN.get(kind) if isinstance(kind, str) else None
-            if kind is None:
-                raise Refused("contentType must be text, emoticon, image or file")
-            client_gid = str(item.get("gid") or "")[:64]
-            extension = OWN_GID + client_gid if client_gid else ""
-            if chat.conversation not in self.shown:  # the client named it: it knows it
-                self.shown[chat.conversation] = chat.shown_gid
-                if chat.type == "one2one":  # in both users' getList from now on
-                    await self.service.store.add_one2one(chat.gid, *chat.members)
-            if chat.type == "one2one":
-                m = await self.service.hub.send(self, UNICAST, chat.peer, kind,
-                                                item["content"], extension=extension)
-            else:
-                m = await self.service.hub.send(self, GROUP, chat.group.id, kind,
-                                                item["content"], extension=extension)
-            await self.service.store.set_chat_meta(chat.gid, lastActiveTime=m.ts // 1000)
+        for item in message_items(params):
+            cgid, kind, extension = message_item(item)
+            target = self._targets.get(cgid) or await self._target(cgid)
+            m = await self._post(target, kind, item["content"], extension)
             stored.append(self._message_json(m))
         self._reply(request, "success", data=stored)
+
+    def _post(self, target: tuple[str, int, str, str, str], kind: str, content: str,
+              extension: str) -> defer.Deferred:
+        """Deferred[Message]: the message stored.  The one round trip: the post script also
+        checks the membership and the committers, stamps lastActiveTime and lists a
+        one-to-one chat as both users'."""
+        ctype, to, conversation, gid, shown_gid = target
+        if conversation not in self.shown:  # the client named it: it knows it
+            self.shown[conversation] = shown_gid
+        return self.service.hub.send(self, ctype, to, kind, content, extension=extension,
+                                     chat=gid)
+
+    async def _target(self, cgid: str) -> tuple[str, int, str, str, str]:
+        """Where a message to the chat ``cgid`` goes: (conversation type, user or group
+        id, conversation, chat gid, the gid the client is shown), resolved once per session.
+        What may change (membership, committers, the users and groups themselves) is not
+        cached: the post script checks it with every message."""
+        if "&" in cgid:
+            return self._one2one_target(cgid)
+        chat = await self.service.chats.resolve(cgid, self.user_id)
+        if not self.service.chats.may_post(chat, self.user_id):
+            raise Refused("you may not post in this chat")
+        return self._remember(cgid, (GROUP, chat.group.id, chat.conversation, chat.gid,
+                                     chat.shown_gid))
+
+    def _remember(self, cgid: str, target: tuple) -> tuple[str, int, str, str, str]:
+        if len(self._targets) >= TARGETS_MAX:
+            self._targets.clear()
+        self._targets[cgid] = target
+        return target
+
+    def _one2one_target(self, cgid: str) -> tuple[str, int, str, str, str]:
+        """_target of a one-to-one chat: no round trip (the post script checks that the
+        peer exists)."""
+        chat = self.service.chats.one2one(cgid, self.user_id)
+        if self.user_id not in chat.members:
+            raise Refused("you may not post in this chat")
+        return self._remember(cgid, (UNICAST, chat.peer, chat.conversation, chat.gid,
+                                     chat.shown_gid))
 
     async def m_history(self, request, params):
         gid = str(param(params, 0, "gid"))
