@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server, static
 
 from imd.hub import written
+from imd.model import Message, User
 from imd.protocols.webim.actions import ActionError, Download, WebimActions
 from imd.protocols.webim.tickets import Tickets
 from imd.unavailable import Unavailable
@@ -63,10 +64,33 @@ def html_names(obj):
     return out
 
 
+def encode(obj) -> str:
+    """``obj`` as the client gets it: JSON, with names HTML-escaped (``html_names``)."""
+    if obj == "ok":
+        return '"ok"'
+    return json.dumps(html_names(obj), ensure_ascii=False, separators=(",", ":"))
+
+
+def message_packet(m: Message, users: dict[int, User]) -> str:
+    """A message as a poll answer carries it, encoded once per message and reused for every
+    ticket that gets it (``users``: at least its sender, for the nick)."""
+    if m.wire is None:
+        m.wire = {}
+    text = m.wire.get("webim")
+    if text is None:
+        text = m.wire["webim"] = encode(WebimActions.message_json(m, users))
+    return text
+
+
 def reply(request: server.Request, obj, status: int = 200) -> None:
     """Write JSON, or JSONP when a valid ``callback`` was given."""
+    reply_encoded(request, encode(obj), status)
+
+
+def reply_encoded(request: server.Request, body: str, status: int = 200) -> None:
+    """Write JSON already made by ``encode``, or JSONP of it when a valid ``callback`` was
+    given."""
     callback = arg(request, "callback")
-    body = json.dumps(html_names(obj), ensure_ascii=False, separators=(",", ":"))
     request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"cache-control", b"no-store")
     if callback is not None:
@@ -210,19 +234,18 @@ class Packets(resource.Resource):
             return users[uid].name if uid in users else str(uid)
 
         try:
-            answer = {
-                "status": "ok",
-                "messages": [self.actions.message_json(m, users) for m in messages],
-                "presences": [{**p, "from": str(p["from"]), "nick": nick(p["from"])}
-                              for p in presences],
-                "statuses": [{**s, "from": str(s["from"]), "nick": nick(s["from"])}
-                             for s in statuses],
-            }
+            # Everything that waited goes out in this one answer.
+            answer = '{"status":"ok","messages":[%s],"presences":%s,"statuses":%s}' % (
+                ",".join([message_packet(m, users) for m in messages]),
+                encode([{**p, "from": str(p["from"]), "nick": nick(p["from"])}
+                        for p in presences]),
+                encode([{**s, "from": str(s["from"]), "nick": nick(s["from"])}
+                        for s in statuses]))
         except Exception:
             log.failure("webim poll answer of user {uid} failed", uid=ticket.user_id)
             self._give_back(request, ticket, packets, gone)
             return
-        reply(request, answer)
+        reply_encoded(request, answer)
         for m in messages:
             written(ticket, m)
 

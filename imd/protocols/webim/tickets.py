@@ -40,6 +40,8 @@ class Ticket:
         self.registry = registry
         self.user_id = user_id
         self.id = secrets.token_urlsafe(24)
+        # auth.credential_digest of what opened it: that credential again needs no lookup
+        self.opened_with: bytes | None = None
         self.messages: list[Message] = []
         self.presences: list[dict] = []
         self.statuses: list[dict] = []
@@ -198,6 +200,13 @@ class Tickets:
                 messages.append(message)
         ticket._start_expiry()
         return ticket, messages
+
+    def forget_credential(self, user_id: int, digest: bytes | None) -> None:
+        """A credential was revoked: the user's tickets opened with it stop vouching for it
+        (requests that carry it are checked, and refused, again)."""
+        for ticket in self.by_id.values():
+            if ticket.user_id == user_id and ticket.opened_with == digest:
+                ticket.opened_with = None
 
     def set_blocked(self, user_id: int, rooms: frozenset[int]) -> None:
         """The rooms whose messages the user's tickets on this node do not get."""
