@@ -11,6 +11,7 @@ import html
 import json
 import time
 
+from twisted.internet import defer
 from twisted.web import server
 
 from imd import jsonin
@@ -37,6 +38,15 @@ SETTING_MAX = 8192  # bytes of one user's webim settings (JSON)
 
 class ActionError(Exception):
     """A refused action; the text goes to ``error_msg``."""
+
+
+def _ok(_) -> str:
+    return "ok"
+
+
+def _refused(failure):
+    failure.trap(HubError)
+    raise ActionError(str(failure.value))
 
 
 def ids_param(request: server.Request, *names: str) -> list[int]:
@@ -327,19 +337,25 @@ class WebimActions:
         return "ok"
 
     async def message(self, request, uid: int, ticket: Ticket):
+        return await self.send_message(request, ticket)
+
+    def send_message(self, request: server.Request, ticket: Ticket) -> defer.Deferred:
+        """``message``, the lean path (a plain Deferred chain: this is the hot path): the
+        few parameters, one ``hub.send``; Deferred["ok"] once the message is stored."""
         kind = arg(request, "type") or "unicast"
-        if kind not in ("unicast", "multicast"):
-            raise ActionError("type must be unicast or multicast")
-        to = one_id(request, "to")
         body = arg(request, "body")
-        if not body:
-            raise ActionError("missing parameter: body")
         try:
-            await self.hub.send(ticket, GROUP if kind == "multicast" else UNICAST, to, TEXT,
-                                body, style=(arg(request, "style") or "")[:256])
-        except HubError as e:
-            raise ActionError(str(e)) from None
-        return "ok"
+            if kind not in ("unicast", "multicast"):
+                raise ActionError("type must be unicast or multicast")
+            to = one_id(request, "to")
+            if not body:
+                raise ActionError("missing parameter: body")
+        except ActionError:
+            return defer.fail()
+        d = self.hub.send(ticket, GROUP if kind == "multicast" else UNICAST, to, TEXT, body,
+                          style=(arg(request, "style") or "")[:256])
+        d.addCallbacks(_ok, _refused)
+        return d
 
     async def presence(self, request, uid: int, ticket: Ticket):
         show = arg(request, "show") or "available"
