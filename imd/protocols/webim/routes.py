@@ -34,6 +34,8 @@ from imd.web import arg
 log = Logger()
 CALLBACK_RE = re.compile(r"[A-Za-z_$][\w$]{0,63}(?:\.[A-Za-z_$][\w$]{0,63}){0,7}", re.ASCII)
 WWW = Path(__file__).parent / "www"
+NAMES_TTL = 2.0  # seconds a poll answer may reuse a user's name it looked up
+NAMES_MAX = 50_000  # names kept at most (then forgotten all at once)
 
 
 # Texts the client inserts into its HTML: escaped as the host site's data was.
@@ -183,6 +185,7 @@ class Packets(resource.Resource):
         super().__init__()
         self.actions = actions
         self.tickets = tickets
+        self._names: dict[int, tuple[float, User]] = {}  # uid -> (expires, user)
 
     def render(self, request):
         callback = arg(request, "callback")
@@ -219,9 +222,9 @@ class Packets(resource.Resource):
         to the ticket and the poll is answered if its browser is still there."""
         messages, presences, statuses = packets
         try:
-            users = await self.actions.store.get_users(
-                {m.sender for m in messages} | {p["from"] for p in presences}
-                | {s["from"] for s in statuses})
+            users = await self._users(
+                {m.sender for m in messages if not (m.wire and "webim" in m.wire)}
+                | {p["from"] for p in presences} | {s["from"] for s in statuses})
         except Exception as e:
             if isinstance(e, defer.FirstError):  # a pipeline's: the command that failed
                 e = e.subFailure.value
@@ -252,6 +255,28 @@ class Packets(resource.Resource):
         reply_encoded(request, answer)
         for m in messages:
             written(ticket, m)
+
+    async def _users(self, uids: set[int]) -> dict[int, User]:
+        """The users a poll answer names, from a short-lived cache of the names it looked
+        up (a busy tab's answers would each cost a store round trip); a rename shows in
+        answers within ``NAMES_TTL``."""
+        now = self.tickets.clock.seconds()
+        users, missing = {}, []
+        for uid in uids:
+            hit = self._names.get(uid)
+            if hit is not None and hit[0] > now:
+                users[uid] = hit[1]
+            else:
+                missing.append(uid)
+        if missing:
+            found = await self.actions.store.get_users(missing)
+            if len(self._names) > NAMES_MAX:
+                self._names.clear()
+            expires = now + NAMES_TTL
+            for uid, user in found.items():
+                self._names[uid] = (expires, user)
+            users.update(found)
+        return users
 
     @staticmethod
     def _give_back(request, ticket, packets, gone: list) -> None:
