@@ -50,6 +50,7 @@ class Ticket:
         self.waiter: Callable[[bool], None] | None = None  # the held poll's answer
         self._poll_timeout: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
+        self._flush: IDelayedCall | None = None  # the held poll's answer, due this turn
 
     # -- hub Session ---------------------------------------------------------------------
 
@@ -90,7 +91,14 @@ class Ticket:
             log.warn("webim ticket of user {uid} overflowed; unbinding it", uid=self.user_id)
             self.registry.unbind(self, grace=True)
             return
-        if self.waiter is not None:
+        if self.waiter is not None and self._flush is None:
+            # Answer on the next turn of the reactor, so that everything delivered in this
+            # one (a batch of store replies) goes out in one answer.
+            self._flush = self.registry.clock.callLater(0, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        if self.waiter is not None and self.pending:
             self.answer(stopped=False)
 
     def take(self) -> tuple[list[Message], list[dict], list[dict]]:
