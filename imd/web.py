@@ -47,6 +47,7 @@ class LimitedRequest(server.Request):
     _received = 0
     _too_large = False
     _limit = 0
+    _upload: bool | None = None  # whether the path is an upload's (known from gotLength on)
 
     def __init__(self, channel, *args, **kw):
         super().__init__(channel, *args, parsePOSTFormSubmission=False, **kw)
@@ -57,19 +58,22 @@ class LimitedRequest(server.Request):
         path = getattr(self.channel, "_path", None)
         site = self.channel.site
         self._limit = site.body_limit(path)
+        self._upload = None if path is None else site.is_upload(path)
         if length is not None and length > self._limit:
             self._refuse()
             return
         if self._limit > site.max_body:
             self.channel.body_deadline(site.upload_timeout)
         if length == 0 or (length is not None and length < SPOOL_OVER
-                           and not site.is_upload(path)):
+                           and not self._upload):
             self.content = BytesIO()
         else:
             self.content = tempfile.TemporaryFile(dir=site.spool_dir)
 
     def process(self):
-        if self.method == b"POST" and not self.channel.site.is_upload(self.uri):
+        upload = self._upload if self._upload is not None else self.channel.site.is_upload(
+            self.uri)
+        if self.method == b"POST" and not upload:
             self._parse_form()
         super().process()
 

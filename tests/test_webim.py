@@ -664,3 +664,32 @@ async def test_a_poll_answer_that_cannot_be_made_keeps_its_packets(daemon):
         await store.redis.hmset(key, saved)
     (m,) = await b.poll_until("messages", lambda m: m["body"] == "kept")
     assert m["nick"] == saved["name"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ticket_vouches_only_for_the_credential_it_was_opened_with(daemon):
+    """The ticket spares the token lookup for the credential that opened it, and only for
+    that one: another credential beside it is checked (and a wrong one refused), and a
+    token revoked by logout is refused again beside the other tabs it opened."""
+    a = await tab(daemon)
+    b = await tab(daemon)
+    a2 = await another_tab(a)  # the same token opened a second tab
+    _, other_token = await daemon.user(unique("w"))
+    assert await a.call("message", to=str(b.uid), body="with its token") == "ok"
+    for token in (other_token, "f" * 32, a.token + "x"):
+        reply = await a.call("message", token=token, to=str(b.uid), body="wrong")
+        assert reply["success"] is False, token
+    # a second good token of the same user is looked up, and does
+    store = await daemon.store()
+    fresh = await store.issue_token(a.uid, 60)
+    assert await a.call("message", token=fresh, to=str(b.uid), body="other token") == "ok"
+    assert await a.call("logout") == "ok"
+    reply = await a2.call("message", to=str(b.uid), body="revoked token")
+    assert reply["success"] is False
+    assert await a2.call("message", token="", to=str(b.uid), body="ticket alone") == "ok"
+    bodies = []
+    for _ in range(5):
+        bodies += [m["body"] for m in (await b.poll())["messages"]]
+        if "ticket alone" in bodies:
+            break
+    assert bodies == ["with its token", "other token", "ticket alone"]

@@ -11,6 +11,7 @@ import html
 import json
 import time
 
+from twisted.internet import defer
 from twisted.web import server
 
 from imd import jsonin
@@ -20,8 +21,8 @@ from imd.groups import GroupError, Groups
 from imd.hub import Hub, HubError
 from imd.model import (GROUP, SHOWS, TEXT, UNICAST, Event, Group, Message, User,
                        group_conversation, one2one_gid)
-from imd.protocols.webim.auth import (caller, clear_cookie, foreign_script, same_origin_post,
-                                     set_cookie)
+from imd.protocols.webim.auth import (caller, clear_cookie, credential_digest, foreign_script,
+                                     same_origin_post, set_cookie)
 from imd.protocols.webim.tickets import Ticket, Tickets
 from imd.guard import source_host
 from imd.throttle import Throttled
@@ -37,6 +38,15 @@ SETTING_MAX = 8192  # bytes of one user's webim settings (JSON)
 
 class ActionError(Exception):
     """A refused action; the text goes to ``error_msg``."""
+
+
+def _ok(_) -> str:
+    return "ok"
+
+
+def _refused(failure):
+    failure.trap(HubError)
+    raise ActionError(str(failure.value))
 
 
 def ids_param(request: server.Request, *names: str) -> list[int]:
@@ -115,6 +125,13 @@ class WebimActions:
             raise ActionError("Unknown action")
         if name == "login":
             return await handler(request)
+        ticket = self.by_ticket(name, request)
+        if ticket is not None:
+            # The lean path (most of a tab's traffic: message, status, ...): the ticket
+            # alone, or with the credential it was opened with, needs no lookup.
+            if name in self.needs_ticket:
+                return await handler(request, ticket.user_id, ticket)
+            return await handler(request, ticket.user_id)
         credential = await caller(request, self.accounts, self.secret)
         if credential is None and (arg(request, "auth") or arg(request, "token")):
             raise ActionError("Not Authorized")  # a bad explicit credential; a stale cookie
@@ -138,7 +155,23 @@ class WebimActions:
             return await handler(request, uid, ticket)
         if name == "logout":
             return await handler(request, uid, credential)
+        if name == "online":
+            return await handler(request, uid, credential_digest(request, self.secret))
         return await handler(request, uid)
+
+    def by_ticket(self, name: str, request: server.Request) -> Ticket | None:
+        """The tab's ticket when it authorizes action ``name`` without a store lookup: the
+        request carries no other credential, or the very one the ticket was opened with.
+        (``online`` needs a credential; ``logout`` the token behind it.)"""
+        if name in ("online", "logout"):
+            return None
+        ticket = self.tickets.get(arg(request, "ticket"))
+        if ticket is None:
+            return None
+        digest = credential_digest(request, self.secret)
+        if digest == b"" or (digest is not None and digest == ticket.opened_with):
+            return ticket
+        return None
 
     # -- rendering -----------------------------------------------------------------------
 
@@ -231,13 +264,15 @@ class WebimActions:
         does the tab's ticket.  (The client's own ``offline`` only goes offline.)"""
         if credential is not None and credential.token:
             await self.accounts.revoke(credential.token)
+            # Tabs opened with it no longer skip the lookup, which now refuses it.
+            self.tickets.forget_credential(uid, credential_digest(request, self.secret))
         ticket = self.tickets.get(arg(request, "ticket"), uid)
         if ticket is not None:
             self.tickets.unbind(ticket, grace=False)
         clear_cookie(request)
         return "ok"
 
-    async def online(self, request: server.Request, uid: int):
+    async def online(self, request: server.Request, uid: int, opened_with: bytes | None):
         show = arg(request, "show")
         if show in SHOWS:  # told to those who see the user if already online elsewhere
             await self.hub.set_show(uid, show)
@@ -250,6 +285,7 @@ class WebimActions:
         blocked = blocked_rooms(fields) | setting_blocked(setting)
         self.tickets.set_blocked(uid, blocked)
         ticket, unseen = await self.tickets.open(uid)
+        ticket.opened_with = opened_with
         # A blocked room's messages are not news; they are in its history.
         unseen = [m for m in unseen if not (m.ctype == GROUP and m.to in blocked)]
         unseen_ids = frozenset(m.id for m in unseen)
@@ -301,19 +337,25 @@ class WebimActions:
         return "ok"
 
     async def message(self, request, uid: int, ticket: Ticket):
+        return await self.send_message(request, ticket)
+
+    def send_message(self, request: server.Request, ticket: Ticket) -> defer.Deferred:
+        """``message``, the lean path (a plain Deferred chain: this is the hot path): the
+        few parameters, one ``hub.send``; Deferred["ok"] once the message is stored."""
         kind = arg(request, "type") or "unicast"
-        if kind not in ("unicast", "multicast"):
-            raise ActionError("type must be unicast or multicast")
-        to = one_id(request, "to")
         body = arg(request, "body")
-        if not body:
-            raise ActionError("missing parameter: body")
         try:
-            await self.hub.send(ticket, GROUP if kind == "multicast" else UNICAST, to, TEXT,
-                                body, style=(arg(request, "style") or "")[:256])
-        except HubError as e:
-            raise ActionError(str(e)) from None
-        return "ok"
+            if kind not in ("unicast", "multicast"):
+                raise ActionError("type must be unicast or multicast")
+            to = one_id(request, "to")
+            if not body:
+                raise ActionError("missing parameter: body")
+        except ActionError:
+            return defer.fail()
+        d = self.hub.send(ticket, GROUP if kind == "multicast" else UNICAST, to, TEXT, body,
+                          style=(arg(request, "style") or "")[:256])
+        d.addCallbacks(_ok, _refused)
+        return d
 
     async def presence(self, request, uid: int, ticket: Ticket):
         show = arg(request, "show") or "available"

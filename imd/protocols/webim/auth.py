@@ -15,7 +15,10 @@ carries nothing but the cookie may read, but may change state only as a POST who
 is this daemon's own (``same_origin_post``), and gets no JSONP reply when the browser says
 another site's page made it (``foreign_script``: any page that includes JSONP can read it).
 The tab's ticket (issued by ``online``) is the other credential; the actions check it against
-the caller (see ``actions.WebimActions.run``).
+the caller (see ``actions.WebimActions.run``).  A ticket remembers a digest of the credential
+it was opened with (``credential_digest``), so a request that carries the ticket and that same
+credential again needs no store lookup; any other credential beside a ticket is checked as
+before (a wrong one is refused).
 """
 
 from __future__ import annotations
@@ -38,6 +41,25 @@ class Credential:
     uid: int
     ambient: bool  # only the cookie: good for reads, not for state changes across sites
     token: str | None = None  # the token behind it (for logout), if any
+
+
+def credential_digest(request: server.Request, secret: str) -> bytes | None:
+    """A digest of the credential ``caller`` would look at (the kind and the value), b""
+    when the request carries none, or None when it carries one ``caller`` treats specially
+    (``auth`` without a configured secret).  Tickets keep this, never the credential."""
+    signed = arg(request, "auth")
+    if signed and secret:
+        key = "auth:" + signed
+    elif (token := arg(request, "token")):
+        key = "token:" + token
+    elif signed:
+        return None
+    else:
+        cookie = request.getCookie(COOKIE)
+        if not cookie:
+            return b""
+        key = "cookie:" + cookie.decode("latin-1")
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def sign(secret: str, user_id: int, expires: int) -> str:

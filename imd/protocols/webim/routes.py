@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server, static
 
 from imd.hub import written
+from imd.model import Message, User
 from imd.protocols.webim.actions import ActionError, Download, WebimActions
 from imd.protocols.webim.tickets import Tickets
 from imd.unavailable import Unavailable
@@ -33,6 +34,8 @@ from imd.web import arg
 log = Logger()
 CALLBACK_RE = re.compile(r"[A-Za-z_$][\w$]{0,63}(?:\.[A-Za-z_$][\w$]{0,63}){0,7}", re.ASCII)
 WWW = Path(__file__).parent / "www"
+NAMES_TTL = 2.0  # seconds a poll answer may reuse a user's name it looked up
+NAMES_MAX = 50_000  # names kept at most (then forgotten all at once)
 
 
 # Texts the client inserts into its HTML: escaped as the host site's data was.
@@ -63,10 +66,33 @@ def html_names(obj):
     return out
 
 
+def encode(obj) -> str:
+    """``obj`` as the client gets it: JSON, with names HTML-escaped (``html_names``)."""
+    if obj == "ok":
+        return '"ok"'
+    return json.dumps(html_names(obj), ensure_ascii=False, separators=(",", ":"))
+
+
+def message_packet(m: Message, users: dict[int, User]) -> str:
+    """A message as a poll answer carries it, encoded once per message and reused for every
+    ticket that gets it (``users``: at least its sender, for the nick)."""
+    if m.wire is None:
+        m.wire = {}
+    text = m.wire.get("webim")
+    if text is None:
+        text = m.wire["webim"] = encode(WebimActions.message_json(m, users))
+    return text
+
+
 def reply(request: server.Request, obj, status: int = 200) -> None:
     """Write JSON, or JSONP when a valid ``callback`` was given."""
+    reply_encoded(request, encode(obj), status)
+
+
+def reply_encoded(request: server.Request, body: str, status: int = 200) -> None:
+    """Write JSON already made by ``encode``, or JSONP of it when a valid ``callback`` was
+    given."""
     callback = arg(request, "callback")
-    body = json.dumps(html_names(obj), ensure_ascii=False, separators=(",", ":"))
     request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"cache-control", b"no-store")
     if callback is not None:
@@ -97,7 +123,11 @@ class ActionResource(resource.Resource):
         name = self.name or arg(request, "webim_action") or ""
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = defer.ensureDeferred(self.actions.run(name, request))
+        ticket = self.actions.by_ticket(name, request) if name == "message" else None
+        if ticket is not None:
+            d = self.actions.send_message(request, ticket)  # the lean path
+        else:
+            d = defer.ensureDeferred(self.actions.run(name, request))
 
         def done(result):
             if gone:
@@ -155,6 +185,7 @@ class Packets(resource.Resource):
         super().__init__()
         self.actions = actions
         self.tickets = tickets
+        self._names: dict[int, tuple[float, User]] = {}  # uid -> (expires, user)
 
     def render(self, request):
         callback = arg(request, "callback")
@@ -191,9 +222,9 @@ class Packets(resource.Resource):
         to the ticket and the poll is answered if its browser is still there."""
         messages, presences, statuses = packets
         try:
-            users = await self.actions.store.get_users(
-                {m.sender for m in messages} | {p["from"] for p in presences}
-                | {s["from"] for s in statuses})
+            users = await self._users(
+                {m.sender for m in messages if not (m.wire and "webim" in m.wire)}
+                | {p["from"] for p in presences} | {s["from"] for s in statuses})
         except Exception as e:
             if isinstance(e, defer.FirstError):  # a pipeline's: the command that failed
                 e = e.subFailure.value
@@ -210,21 +241,42 @@ class Packets(resource.Resource):
             return users[uid].name if uid in users else str(uid)
 
         try:
-            answer = {
-                "status": "ok",
-                "messages": [self.actions.message_json(m, users) for m in messages],
-                "presences": [{**p, "from": str(p["from"]), "nick": nick(p["from"])}
-                              for p in presences],
-                "statuses": [{**s, "from": str(s["from"]), "nick": nick(s["from"])}
-                             for s in statuses],
-            }
+            # Everything that waited goes out in this one answer.
+            answer = '{"status":"ok","messages":[%s],"presences":%s,"statuses":%s}' % (
+                ",".join([message_packet(m, users) for m in messages]),
+                encode([{**p, "from": str(p["from"]), "nick": nick(p["from"])}
+                        for p in presences]),
+                encode([{**s, "from": str(s["from"]), "nick": nick(s["from"])}
+                        for s in statuses]))
         except Exception:
             log.failure("webim poll answer of user {uid} failed", uid=ticket.user_id)
             self._give_back(request, ticket, packets, gone)
             return
-        reply(request, answer)
+        reply_encoded(request, answer)
         for m in messages:
             written(ticket, m)
+
+    async def _users(self, uids: set[int]) -> dict[int, User]:
+        """The users a poll answer names, from a short-lived cache of the names it looked
+        up (a busy tab's answers would each cost a store round trip); a rename shows in
+        answers within ``NAMES_TTL``."""
+        now = self.tickets.clock.seconds()
+        users, missing = {}, []
+        for uid in uids:
+            hit = self._names.get(uid)
+            if hit is not None and hit[0] > now:
+                users[uid] = hit[1]
+            else:
+                missing.append(uid)
+        if missing:
+            found = await self.actions.store.get_users(missing)
+            if len(self._names) > NAMES_MAX:
+                self._names.clear()
+            expires = now + NAMES_TTL
+            for uid, user in found.items():
+                self._names[uid] = (expires, user)
+            users.update(found)
+        return users
 
     @staticmethod
     def _give_back(request, ticket, packets, gone: list) -> None:

@@ -40,6 +40,8 @@ class Ticket:
         self.registry = registry
         self.user_id = user_id
         self.id = secrets.token_urlsafe(24)
+        # auth.credential_digest of what opened it: that credential again needs no lookup
+        self.opened_with: bytes | None = None
         self.messages: list[Message] = []
         self.presences: list[dict] = []
         self.statuses: list[dict] = []
@@ -48,6 +50,7 @@ class Ticket:
         self.waiter: Callable[[bool], None] | None = None  # the held poll's answer
         self._poll_timeout: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
+        self._flush: IDelayedCall | None = None  # the held poll's answer, due this turn
 
     # -- hub Session ---------------------------------------------------------------------
 
@@ -88,7 +91,14 @@ class Ticket:
             log.warn("webim ticket of user {uid} overflowed; unbinding it", uid=self.user_id)
             self.registry.unbind(self, grace=True)
             return
-        if self.waiter is not None:
+        if self.waiter is not None and self._flush is None:
+            # Answer on the next turn of the reactor, so that everything delivered in this
+            # one (a batch of store replies) goes out in one answer.
+            self._flush = self.registry.clock.callLater(0, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        if self.waiter is not None and self.pending:
             self.answer(stopped=False)
 
     def take(self) -> tuple[list[Message], list[dict], list[dict]]:
@@ -198,6 +208,13 @@ class Tickets:
                 messages.append(message)
         ticket._start_expiry()
         return ticket, messages
+
+    def forget_credential(self, user_id: int, digest: bytes | None) -> None:
+        """A credential was revoked: the user's tickets opened with it stop vouching for it
+        (requests that carry it are checked, and refused, again)."""
+        for ticket in self.by_id.values():
+            if ticket.user_id == user_id and ticket.opened_with == digest:
+                ticket.opened_with = None
 
     def set_blocked(self, user_id: int, rooms: frozenset[int]) -> None:
         """The rooms whose messages the user's tickets on this node do not get."""
