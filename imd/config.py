@@ -87,6 +87,10 @@ _OPTIONS = [
      "failed logins from one source address within --login-window before its logins are "
      "refused; 0 = no limit"),
     ("login-window", 300.0, float, "seconds over which failed logins are counted"),
+    ("remember-logins", 6 * 3600, int,
+     "seconds a node accepts a password it has just verified again without scrypt (a keyed "
+     "hash, kept in Redis under a key in the data directory, so reconnects after a restart "
+     "are fast); 0 = check every login with scrypt"),
     ("registrations", 20, int,
      "new accounts from one source address within --register-window; 0 = no limit"),
     ("register-window", 600.0, float, "seconds over which registrations are counted"),
@@ -137,6 +141,7 @@ class Config:
     login_failures: int = 10
     login_address_failures: int = 100
     login_window: float = 300.0
+    remember_logins: int = 6 * 3600
     registrations: int = 20
     register_window: float = 600.0
 
@@ -219,6 +224,6 @@ def _check(config: Config) -> None:
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     for name in ("max_connections_per_address", "login_failures", "login_address_failures",
-                 "registrations"):
+                 "registrations", "remember_logins"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")

@@ -28,6 +28,7 @@ from imd.friends import Friends
 from imd.groups import Groups
 from imd.guard import Guard
 from imd.hub import Hub
+from imd.passwords import LoginKey
 from imd.protocols.boss import http as boss_http
 from imd.protocols.boss import uploads as boss_uploads
 from imd.protocols.boss.connection import BossService
@@ -186,7 +187,8 @@ class ImdService(service.MultiService):
 
         accounts = Accounts(store, config.token_ttl, LoginThrottles(
             reactor, config.login_failures, config.login_address_failures, config.login_window,
-            config.registrations, config.register_window))
+            config.registrations, config.register_window),
+            LoginKey.load(self.data_dir), config.remember_logins)
         friends, groups = Friends(hub), Groups(store)
         minami = MinamiService(hub, accounts, friends, config)
         self.boss = BossService(hub, accounts, groups, config, reactor)
