@@ -9,7 +9,7 @@ import tracemalloc
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.testing import StringTransport
 
-from imd.protocols.wsstate import HANDSHAKE_ATTRS, forget_handshake, lean_protocol
+from imd.protocols.wsstate import HANDSHAKE_ATTRS, INITIAL, forget_handshake, lean_protocol
 
 HANDSHAKE = (b"GET /entry?account=a&password=b HTTP/1.1\r\nHost: 127.0.0.1\r\n"
              b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -54,6 +54,8 @@ def test_an_open_connection_keeps_no_options_or_handshake():
     kept = set(vars(p))
     assert not kept & set(Echo.CONFIG_ATTRS)
     assert not kept & set(HANDSHAKE_ATTRS)
+    assert not kept & set(INITIAL)
+    assert len(kept) < 30
     assert p.maxFramePayloadSize == 1000 and p.http_headers is None
     # It still talks WebSocket: a frame in, the reply out, options still applied.
     p.transport.clear()
