@@ -65,6 +65,17 @@ def test_an_open_connection_keeps_no_options_or_handshake():
     assert p.state != p.STATE_OPEN
 
 
+def test_a_client_offering_compression_gets_a_plain_connection():
+    # perMessageCompressionAccept is a function among the options: still called as one.
+    p = factory(lean=True).buildProtocol(None)
+    p.makeConnection(StringTransport())
+    p.dataReceived(HANDSHAKE.replace(
+        b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"))
+    assert p.state == p.STATE_OPEN
+    assert b"101 Switching Protocols" in p.transport.value()
+    assert b"permessage-deflate" not in p.transport.value()
+
+
 def test_a_lean_connection_takes_less_than_half_the_memory():
     sizes = {}
     for lean in (False, True):

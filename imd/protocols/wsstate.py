@@ -53,6 +53,9 @@ def lean_protocol(factory: WebSocketServerFactory,
     """Give ``factory`` a subclass of ``protocol`` holding the factory's current protocol
     options (call after ``setProtocolOptions``) and None for the handshake attributes."""
     attrs = {name: getattr(factory, name) for name in protocol.CONFIG_ATTRS}
+    for name, value in attrs.items():
+        if callable(value):  # e.g. perMessageCompressionAccept: not to be bound as a method
+            attrs[name] = staticmethod(value)
     attrs.update(dict.fromkeys(HANDSHAKE_ATTRS))
     attrs.update(INITIAL)
     factory.protocol = type(protocol.__name__, (protocol,), attrs)
