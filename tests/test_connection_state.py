@@ -32,7 +32,8 @@ def factory(lean: bool) -> WebSocketServerFactory:
     f = WebSocketServerFactory()
     f.protocol = Echo
     f.setProtocolOptions(maxFramePayloadSize=1000, maxMessagePayloadSize=1000,
-                         autoPingInterval=0, openHandshakeTimeout=10, failByDrop=False)
+                         autoPingInterval=0, openHandshakeTimeout=0, closeHandshakeTimeout=0,
+                         failByDrop=False)  # no timers left behind in the test process
     if lean:
         lean_protocol(f, Echo)
     else:
