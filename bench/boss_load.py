@@ -1036,7 +1036,7 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
 
     from imd.passwords import make_verifier, md5hex
     from imd.store.connection import connect_pool, parse_redis_url
-    from imd.store.redis import RedisStore
+    from imd.store.redis import AccountTaken, RedisStore
 
     factory = connect_pool(parse_redis_url(redis_url), poolsize=4)
     try:
@@ -1045,10 +1045,13 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
 
         async def one(i: int):
             account = f"bench-{run_id}-{i}"
-            user = await store.create_user(account, account, verifier)
+            try:
+                uid = (await store.create_user(account, account, verifier)).id
+            except AccountTaken:  # --run-id: the users of an earlier run
+                uid = await store.find_account(account)
             if protocol in ("minami", "xuanxuan"):
-                return user.id, account   # these log in with the password
-            return user.id, await store.issue_token(user.id, token_ttl)
+                return uid, account   # these log in with the password
+            return uid, await store.issue_token(uid, token_ttl)
 
         users: list = []
         chunk = 1000
@@ -1135,6 +1138,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fixed rate: per-process cap on messages in flight "
                         "(default connections*window)")
     p.add_argument("--seed", type=int, default=None, help="random seed for the recipients")
+    p.add_argument("--run-id", default=None,
+                   help="use the bench users of this earlier run (made if missing) instead of "
+                   "new ones: a second run after a restart of the daemon logs the same users "
+                   "in again, as in a reconnect storm")
     p.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.clients < 1:
@@ -1162,7 +1169,7 @@ def main(argv=None) -> int:
 
     raise_nofile()
     redis_url = normalise_redis_url(args.redis)
-    run_id = secrets.token_hex(3)
+    run_id = args.run_id or secrets.token_hex(3)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     k = args.clients
     result: dict = {"code": 1}

@@ -5,14 +5,23 @@ Every password or login-token check and every registration from a client passes 
 source address, and goes through the throttles (imd/throttle.py) before any hash is computed:
 a refused attempt raises ``Throttled``, which each adapter answers with its protocol's error.
 A disabled user (``imdctl disable``, the admin API) logs in with neither password nor token.
+
+Remembered logins (what makes a reconnect storm after a restart take seconds, not minutes):
+after scrypt accepts a password, the node stores in Redis, for ``remember_ttl`` seconds, a keyed
+hash of (user, md5hex, verifier) under its ``LoginKey`` (imd/passwords.py).  The same
+credentials within that time are accepted by comparing that hash, without scrypt.  The key is
+in the node's data directory, never in Redis, so what Redis holds stays as hard to attack as
+the scrypt verifiers.  A new password changes the verifier (so the hash no longer matches) and,
+like disabling the user, deletes the remembered logins; the throttles still run first.
 """
 
 from __future__ import annotations
 
+import hmac
 import re
 
 from imd.model import PROFILE_FIELDS, User
-from imd.passwords import check_verifier, make_verifier, md5hex
+from imd.passwords import LoginKey, check_verifier, make_verifier, md5hex
 from imd.store.redis import AccountTaken, RedisStore
 from imd.throttle import LoginThrottles
 
@@ -27,10 +36,13 @@ class AccountError(Exception):
 
 class Accounts:
     def __init__(self, store: RedisStore, token_ttl: int,
-                 throttles: LoginThrottles | None = None):
+                 throttles: LoginThrottles | None = None, login_key: LoginKey | None = None,
+                 remember_ttl: int = 0):
         self.store = store
         self.token_ttl = token_ttl
         self.throttles = throttles
+        self.login_key = login_key if remember_ttl > 0 else None
+        self.remember_ttl = remember_ttl
 
     async def create(self, account: str, password: str, name: str = "",
                      avatar: str = "", address: str = "", **profile: str) -> User:
@@ -69,10 +81,7 @@ class Accounts:
         key = f"user:{uid}" if uid is not None else f"account:{(account or '').lower()}"
         if self.throttles is not None:
             self.throttles.before_login(key, address)
-        fields = await self.store.user_fields(uid, "verifier", "disabled") if uid is not None \
-            else {}
-        if uid is not None and fields["disabled"] != "1" and \
-                await check_verifier(fields["verifier"], password_md5):
+        if uid is not None and await self._check(uid, password_md5 or ""):
             user = await self.store.get_user(uid)
             if user is not None:
                 if self.throttles is not None:
@@ -81,6 +90,23 @@ class Accounts:
         if self.throttles is not None:
             self.throttles.login_failed(key, address)
         return None
+
+    async def _check(self, uid: int, md5: str) -> bool:
+        """Whether md5hex(password) is the password of the (enabled) user: a remembered login
+        or scrypt."""
+        key = self.login_key
+        verifier, disabled, remembered = await self.store.login_fields(
+            uid, key.id if key is not None else "")
+        if disabled or not verifier:
+            return False
+        mac = key.mac(uid, md5, verifier) if key is not None else ""
+        if remembered and hmac.compare_digest(remembered, mac):
+            return True
+        if not await check_verifier(verifier, md5):
+            return False
+        if key is not None:
+            await self.store.remember_login(uid, key.id, mac, self.remember_ttl)
+        return True
 
     async def login(self, account: str, password: str,
                     address: str = "") -> tuple[User, str] | None:

@@ -133,6 +133,11 @@ class Config:
         "failed logins from one source address within --login-window before its logins are "
         "refused; 0 = no limit")
     login_window: float = option(300.0, SECONDS, "seconds over which failed logins are counted")
+    remember_logins: int = option(
+        6 * 3600, LIMIT,
+        "seconds a node accepts a password it has just verified again without scrypt (a keyed "
+        "hash, kept in Redis under a key in the data directory, so reconnects after a restart "
+        "are fast); 0 = check every login with scrypt")
     registrations: int = option(
         20, LIMIT, "new accounts from one source address within --register-window; 0 = no limit")
     register_window: float = option(

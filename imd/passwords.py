@@ -2,13 +2,19 @@
 
 Every protocol ends up with md5hex(password): plain-password logins hash it first, xuanxuan
 sends it already hashed.  The verifier format is ``scrypt$n$r$p$salt_hex$hash_hex``.
+
+``LoginKey`` lets a node recognise a login it has just verified without running scrypt again
+(see ``Accounts.authenticate``): a keyed hash of (user, md5hex, verifier) under a secret that
+lives only in the node's data directory, never in Redis beside the verifiers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+from pathlib import Path
 
 from twisted.internet import defer, threads
 
@@ -51,3 +57,34 @@ def check_verifier(verifier: str | None, md5: str) -> defer.Deferred:
     if not verifier:
         return defer.succeed(False)
     return threads.deferToThread(_check, verifier, md5)
+
+
+class LoginKey:
+    """A node's secret for remembering verified logins; ``id`` names it in the store."""
+
+    __slots__ = ("_key", "id")
+
+    def __init__(self, key: bytes):
+        self._key = key
+        self.id = hashlib.sha256(b"imd login key id\0" + key).hexdigest()[:16]
+
+    def mac(self, uid: int, md5: str, verifier: str) -> str:
+        """The keyed hash of a login: changes with the password and with the verifier (a
+        new salt), and reveals nothing without the key."""
+        message = f"{int(uid)}\0{md5.lower()}\0{verifier}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "LoginKey":
+        """The key in ``data_dir/login.key``, made (0600) on first use.  Start-up only."""
+        path = Path(data_dir) / "login.key"
+        try:
+            key = bytes.fromhex(path.read_text().strip())
+        except (OSError, ValueError):
+            key = b""
+        if len(key) < 32:
+            key = secrets.token_bytes(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(key.hex() + "\n")
+        return cls(key)

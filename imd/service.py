@@ -38,6 +38,7 @@ from imd.friends import Friends
 from imd.groups import Groups
 from imd.guard import Guard
 from imd.hub import Hub
+from imd.passwords import LoginKey
 from imd.protocols.boss.service import BossProtocolService
 from imd.protocols.minami.service import MinamiProtocolService
 from imd.protocols.webim.service import WebimProtocolService
@@ -178,7 +179,8 @@ class HubService(service.Service):
                  redis=daemon.redis_address.display)
         daemon.accounts = Accounts(store, config.token_ttl, LoginThrottles(
             reactor, config.login_failures, config.login_address_failures, config.login_window,
-            config.registrations, config.register_window))
+            config.registrations, config.register_window),
+            LoginKey.load(daemon.data_dir), config.remember_logins)
         daemon.friends, daemon.groups = Friends(hub), Groups(store)
 
     def stopService(self) -> defer.Deferred:

@@ -36,12 +36,16 @@ class Outbox:
     after what the transport already took, so a client that reads again gets that, then EOF.
     """
 
+    # One per connection, mostly idle: no __dict__, and the queue is made when first needed.
+    __slots__ = ("_emit", "_overflow", "limit", "_queue", "_backlog", "_paused", "closed",
+                 "_transport", "_registered")
+
     def __init__(self, transport, emit: Callable[[object], bool], limit: int,
                  overflow: Callable[[], None]):
         self._emit = emit
         self._overflow = overflow
         self.limit = limit
-        self._queue: deque[tuple[object, tuple[Message, ...], bool]] = deque()
+        self._queue: deque[tuple[object, tuple[Message, ...], bool]] | None = None
         self._backlog = 0  # items put with bounded=False, not counted against the limit
         self._paused = False
         self.closed = False
@@ -56,7 +60,12 @@ class Outbox:
             transport.registerProducer(self, True)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue else 0
+
+    def _append(self, item) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(item)
 
     def put(self, data, messages: Iterable[Message] = (), bounded: bool = True) -> None:
         """Write ``data`` (showing ``messages``) now, or queue it behind what waits.
@@ -66,30 +75,30 @@ class Outbox:
         item = (data, tuple(messages), bounded)
         if self.closed:
             if item[1]:
-                self._queue.append(item)  # kept for close(), so its messages are not lost
+                self._append(item)  # kept for close(), so its messages are not lost
             return
         if not self._paused and not self._queue:
             if self._emit(data):
                 return
             self._release()
-            self._queue.append(item)
+            self._append(item)
             return
-        if bounded and len(self._queue) - self._backlog >= self.limit:
+        if bounded and len(self) - self._backlog >= self.limit:
             log.warn("closing a client that does not read: {n} items waiting",
                      n=len(self._queue))
-            self._queue.append(item)
+            self._append(item)
             self._release()
             self._overflow()
             return
-        self._queue.append(item)
+        self._append(item)
         self._backlog += not bounded
 
     def close(self) -> list[Message]:
         """Stop writing; the messages of every item not written, in order (and, if called
         again, of whatever was put since)."""
         self._release()
-        left = [m for _, messages, _ in self._queue for m in messages]
-        self._queue.clear()
+        left = [m for _, messages, _ in self._queue or () for m in messages]
+        self._queue = None
         self._backlog = 0
         return left
 
@@ -107,6 +116,8 @@ class Outbox:
                 return
             self._queue.popleft()
             self._backlog -= not bounded
+        if not self._queue:
+            self._queue = None  # a burst's deque is not kept by an idle connection
 
     def stopProducing(self) -> None:
         self.closed = True

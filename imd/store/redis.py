@@ -5,6 +5,9 @@ Keys (all under the ``imd:`` prefix):
     nextid                    counter shared by users and groups (first id 10001)
     msgid                     message id counter
     u:<id>                    hash  account, name, avatar, verifier, created
+    vl:<id>                   hash  node key id -> a keyed hash of a login that node has just
+                              verified (imd/accounts.py), expires; dropped whenever the
+                              user's verifier or disabled flag is written
     acct:<account>            string -> user id; <account> is the name folded to ASCII lower
                               case (names that differ only in case are one account; the
                               user hash keeps the form it was created with).  Data from
@@ -546,9 +549,29 @@ class RedisStore:
         await _RENAME(self.redis, [], [self.p, int(uid), name])
 
     async def set_user_fields(self, uid: int, **fields: str) -> None:
-        """Per-user settings kept beside the profile (webim show, status, setting)."""
-        if fields:
-            await self.redis.hmset(f"{self.p}u:{int(uid)}", fields)
+        """Per-user settings kept beside the profile (webim show, status, setting).  A new
+        verifier or disabled flag also forgets the user's remembered logins."""
+        if not fields:
+            return
+        key = f"{self.p}u:{int(uid)}"
+        if "verifier" in fields or "disabled" in fields:
+            await self._pipeline([("HSET", key, *[x for kv in fields.items() for x in kv]),
+                                  ("DEL", f"{self.p}vl:{int(uid)}")])
+        else:
+            await self.redis.hmset(key, fields)
+
+    async def login_fields(self, uid: int, node_key: str) -> tuple[str, bool, str]:
+        """(verifier, disabled, the login this node key remembers for the user or "") in one
+        round trip."""
+        (verifier, disabled), remembered = await self._pipeline([
+            ("HMGET", f"{self.p}u:{int(uid)}", "verifier", "disabled"),
+            ("HGET", f"{self.p}vl:{int(uid)}", node_key)])
+        return verifier or "", disabled == "1", remembered or ""
+
+    async def remember_login(self, uid: int, node_key: str, mac: str, ttl: int) -> None:
+        """Keep ``mac`` (a keyed hash of a verified login) for ``ttl`` seconds."""
+        key = f"{self.p}vl:{int(uid)}"
+        await self._pipeline([("HSET", key, node_key, mac), ("EXPIRE", key, int(ttl))])
 
     async def user_fields(self, uid: int, *names: str) -> dict[str, str]:
         values = await self.redis.hmget(f"{self.p}u:{int(uid)}", list(names))

@@ -9,6 +9,7 @@ from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
 from imd.protocols.boss.proofs import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
+from imd.protocols.wsstate import forget_handshake, lean_protocol
 
 
 class BossWebSocket(WebSocketServerProtocol):
@@ -28,6 +29,7 @@ class BossWebSocket(WebSocketServerProtocol):
                                    self._abort,
                                    source_host(self.transport.getPeer()))
         self.conn.opened()
+        forget_handshake(self)
 
     def onMessage(self, payload: bytes, isBinary: bool):
         if isBinary:
@@ -72,10 +74,10 @@ class BossWebSocket(WebSocketServerProtocol):
 def entry_resource(service: BossService) -> WebSocketResource:
     config = service.config
     factory = WebSocketServerFactory()
-    factory.protocol = BossWebSocket
     factory.service = service
     factory.setProtocolOptions(
         maxFramePayloadSize=config.max_frame, maxMessagePayloadSize=config.max_frame,
         autoPingInterval=config.heartbeat, autoPingTimeout=config.heartbeat_timeout,
         openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=False)
+    lean_protocol(factory, BossWebSocket)
     return WebSocketResource(factory)

@@ -30,6 +30,7 @@ from imd.model import GROUP, OFFLINE, PRESENCE, TEXT, UNICAST, Event, Message
 from imd.passwords import md5hex
 from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
+from imd.protocols.wsstate import forget_handshake, lean_protocol
 from imd.throttle import Throttled
 from imd.unavailable import log_failure
 from imd.protocols.minami.codes import encode, reply
@@ -79,6 +80,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
         self.outbox = Outbox(self.transport, self._emit, service.config.max_pending,
                              self._overflowed)
         self._gate = ReadGate(self.transport)  # sends under way
+        forget_handshake(self)
         defer.ensureDeferred(self._login()).addErrback(self._login_failed)
 
     async def _login(self) -> None:
@@ -278,7 +280,6 @@ class MinamiWebSocket(WebSocketServerProtocol):
 def login_resource(service: MinamiService) -> WebSocketResource:
     config = service.config
     factory = WebSocketServerFactory()
-    factory.protocol = MinamiWebSocket
     factory.service = service
     hard_limit = max(config.max_frame, config.max_body)
     factory.setProtocolOptions(
@@ -286,4 +287,5 @@ def login_resource(service: MinamiService) -> WebSocketResource:
         utf8validateIncoming=False,
         autoPingInterval=config.heartbeat, autoPingTimeout=config.heartbeat_timeout,
         openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=False)
+    lean_protocol(factory, MinamiWebSocket)
     return WebSocketResource(factory)
