@@ -339,6 +339,9 @@ class ImdService(Ordered):
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
             log.warn, "SIGHUP ignored: imd reloads nothing; restart it to apply a new "
             "configuration or certificate"))
+        # A second SIGTERM or SIGINT (an impatient operator, a supervisor that repeats it)
+        # would make the reactor stop twice and log a traceback: once stopping, say so.
+        reactor.callWhenRunning(_stop_signals_once)
         d = super().startService()
         return d.addCallbacks(self.ready.callback, self._start_failed)
 
@@ -360,6 +363,26 @@ class ImdService(Ordered):
         d = super().stopService()
         d.addCallback(lambda _: log.info("imd stopped"))
         return d
+
+
+def _stop_signals_once() -> None:
+    """Wrap the reactor's SIGTERM and SIGINT handlers (installed by now) so that only the
+    first signal stops it; later ones are logged."""
+    seen: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        first = signal.getsignal(signum)
+        if not callable(first):
+            continue
+
+        def handler(number, frame, first=first) -> None:
+            if seen:
+                reactor.callFromThread(log.info, "already stopping ({signal})",
+                                       signal=signal.Signals(number).name)
+                return
+            seen.append(number)
+            first(number, frame)
+
+        signal.signal(signum, handler)
 
 
 def _exit_with_error() -> None:

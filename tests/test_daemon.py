@@ -39,6 +39,17 @@ def alive(pid: int) -> bool:
     return True
 
 
+def test_a_repeated_stop_signal_is_harmless(fresh_daemon):
+    """An operator who presses Ctrl-C twice, or a supervisor that repeats SIGTERM: one clean
+    stop, no traceback (the fixture checks the log)."""
+    d = fresh_daemon().start()
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(15) in CLEAN_EXIT
+    assert "imd stopped" in d.log()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_clean_stop_takes_redis_down_too(fresh_daemon, sig):
     d = fresh_daemon().start()
@@ -220,6 +231,8 @@ def test_data_directory_is_private(fresh_daemon, tmp_path):
     assert sorted(aof.iterdir())
     for path in aof.iterdir():
         assert path.stat().st_mode & 0o777 == 0o600, path
+    for name in ("uploads", "files", "login.key"):  # made by the daemon as it starts
+        assert (data / name).stat().st_mode & 0o777 in (0o700, 0o600), name
     assert d.stop() in CLEAN_EXIT
     fresh = tmp_path / "new" / "data"
     assert run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(fresh), "--admin", "none",

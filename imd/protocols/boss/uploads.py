@@ -35,7 +35,7 @@ class Uploads:
     def __init__(self, service: BossService, directory: Path):
         self.service = service
         self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         forms.clean(self.directory)
 
     async def _caller_ok(self, request: server.Request) -> bool:

@@ -32,7 +32,7 @@ class XuanxuanHttp:
     def __init__(self, service: XuanxuanService, directory: Path, socket_port):
         self.service = service
         self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         forms.clean(self.directory)
         self.socket_port = socket_port  # callable: the socket listener's port, or None
 
