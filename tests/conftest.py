@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 
 from imd.accounts import Accounts
 from imd.store.connection import connect_pool, parse_redis_url
+from imd.store.embedded import EmbeddedRedis
 from imd.store.redis import RedisStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,6 +189,19 @@ def _no_traceback_in_the_shared_daemon(request):
     yield
     new = d.log()[start:]
     assert "Traceback" not in new, new[max(0, new.index("Traceback") - 1500):][:5000]
+
+
+@pytest_twisted.async_yield_fixture
+async def store(tmp_path):
+    """A store in-process on an embedded server of its own (small history and queue caps,
+    so the store tests can reach them)."""
+    embedded = EmbeddedRedis(str(tmp_path / "data"))
+    await embedded.start()
+    factory = connect_pool(parse_redis_url(embedded.url), poolsize=1)
+    redis = await factory.deferred
+    yield RedisStore(redis, history_limit=5, queue_limit=3)
+    await factory.disconnect()
+    await embedded.stop()
 
 
 @pytest.fixture

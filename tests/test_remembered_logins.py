@@ -13,21 +13,7 @@ from twisted.internet import task
 import imd.accounts
 from imd.accounts import Accounts
 from imd.passwords import LoginKey, check_verifier, md5hex
-from imd.store.connection import connect_pool, parse_redis_url
-from imd.store.embedded import EmbeddedRedis
-from imd.store.redis import RedisStore
 from imd.throttle import LoginThrottles, Throttled
-
-
-@pytest_twisted.async_yield_fixture
-async def store(tmp_path):
-    embedded = EmbeddedRedis(str(tmp_path / "data"))
-    await embedded.start()
-    factory = connect_pool(parse_redis_url(embedded.url), poolsize=1)
-    redis = await factory.deferred
-    yield RedisStore(redis)
-    await factory.disconnect()
-    await embedded.stop()
 
 
 @pytest.fixture

@@ -10,20 +10,7 @@ from twisted.internet import defer, reactor, task
 from imd.hub import Hub, HubError
 from imd.model import GROUP, TEXT, UNICAST, Message
 from imd.passwords import check_verifier, make_verifier, md5hex
-from imd.store.connection import connect_pool, parse_redis_url
-from imd.store.embedded import EmbeddedRedis
 from imd.store.redis import AccountTaken, RedisStore
-
-
-@pytest_twisted.async_yield_fixture
-async def store(tmp_path):
-    embedded = EmbeddedRedis(str(tmp_path / "data"))
-    await embedded.start()
-    factory = connect_pool(parse_redis_url(embedded.url), poolsize=1)
-    redis = await factory.deferred
-    yield RedisStore(redis, history_limit=5, queue_limit=3)
-    await factory.disconnect()
-    await embedded.stop()
 
 
 class FakeSession:
