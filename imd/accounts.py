@@ -108,10 +108,15 @@ class Accounts:
             await self.store.remember_login(uid, key.id, mac, self.remember_ttl)
         return True
 
+    async def check_password(self, account: str, password: str,
+                             address: str = "") -> User | None:
+        """``authenticate`` with a plain password."""
+        return await self.authenticate(account, md5hex(password or ""), address)
+
     async def login(self, account: str, password: str,
                     address: str = "") -> tuple[User, str] | None:
         """Check a plain password; on success the user and a new token."""
-        user = await self.authenticate(account, md5hex(password or ""), address)
+        user = await self.check_password(account, password, address)
         if user is None:
             return None
         return user, await self.store.issue_token(user.id, self.token_ttl)

@@ -156,6 +156,16 @@ class ImdChannel(http.HTTPChannel):
             self.transport.abortConnection()
 
 
+# Query parameters that are credentials; an access log line shows them as "-".
+_SECRET_PARAMS = re.compile(
+    r"([?&](?:password|token|access_token|auth|ticket)=)[^&#\s\"]*", re.IGNORECASE)
+
+
+def redacting_log_formatter(timestamp: str, request: server.Request) -> str:
+    """The combined log format, without the credentials that clients put in URLs."""
+    return _SECRET_PARAMS.sub(r"\1-", http.combinedLogFormatter(timestamp, request))
+
+
 class ImdSite(server.Site):
     requestFactory = LimitedRequest
     protocol = ImdChannel
@@ -164,6 +174,7 @@ class ImdSite(server.Site):
                  upload_paths: tuple[bytes, ...] = (), request_timeout: float = 30.0,
                  upload_timeout: float = 600.0,
                  spool_dir: Path | None = None, public_hosts: str = "", **kw):
+        kw.setdefault("logFormatter", redacting_log_formatter)
         super().__init__(root, **kw)
         # Host names (or name:port) besides this listener's own address that may appear in
         # the URLs imd hands out (see public_base).

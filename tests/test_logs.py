@@ -87,8 +87,14 @@ async def test_access_log(fresh_daemon, tmp_path):
     d = fresh_daemon("--access-log", str(access)).start()
     assert (await get(d.web, "/")).status == 200
     assert (await get(d.web, "/no/such/page")).status == 404
+    await get(d.web, "/webim/im.php?webim_action=online&username=u&password=s3cret&callback=f")
+    await get(d.web, "/webim/history?id=1&ticket=t1ck&auth=1.2.mac&Token=tok&x=1")
     lines = access.read_text().splitlines()
-    assert len(lines) == 2, lines
+    assert len(lines) == 4, lines
+    # Credentials that clients put in URLs are not kept.
+    assert "webim_action=online&username=u&password=-&callback=f HTTP/1.1" in lines[2]
+    assert "history?id=1&ticket=-&auth=-&Token=-&x=1 HTTP/1.1" in lines[3]
+    assert not any(s in access.read_text() for s in ("s3cret", "t1ck", "mac", "tok&"))
     assert re.match(r'^"127\.0\.0\.1" - - \[[^]]+\] "GET / HTTP/1\.1" 200 \d+ "-" ', lines[0])
     assert '"GET /no/such/page HTTP/1.1" 404 ' in lines[1]
     assert "GET /" not in d.log()  # not in the daemon's log

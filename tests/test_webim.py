@@ -693,3 +693,122 @@ async def test_a_ticket_vouches_only_for_the_credential_it_was_opened_with(daemo
         if "ticket alone" in bodies:
             break
     assert bodies == ["with its token", "other token", "ticket alone"]
+
+
+HOST_PAGE = "http://host.example:8080"  # the host site's page, another origin than imd's
+
+
+async def as_host_page(daemon, action: str, cookie: str | None = None,
+                       page: str | None = HOST_PAGE + "/space.php?do=home",
+                       dest: str | None = "script", **params):
+    """What webim.uchome.js on a host page of another origin sends: a JSONP GET (a script
+    element), with no ticket for the actions below; the browser adds imd's cookies, the
+    ``Referer`` (the page's origin, under the default referrer policy) and Fetch Metadata."""
+    headers = {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"}
+    if cookie:
+        headers["Cookie"] = cookie
+    if page:
+        headers["Referer"] = page
+    if dest:
+        headers["Sec-Fetch-Dest"] = dest
+    query = urlencode({"webim_action": action, **params, "callback": "jsonp1"})
+    return await http("GET", f"http://127.0.0.1:{daemon.web}/webim/im.php?{query}",
+                      headers=headers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_host_pages_key_covers_what_the_client_sends_without_a_ticket(daemon):
+    """webim.uchome.js sends no ticket with history, clear_history, download_history,
+    setting, buddies, notifications: online (the one URL the host adds its credential to)
+    sets a page key, good for that user from that page's origin while a tab it opened
+    lives, and only for requests the client itself makes (script, XHR, the download
+    iframe), never for an image or a link."""
+    a, b = await tab(daemon), await tab(daemon)
+    await befriend(daemon, a, b)
+    assert await b.call("message", to=str(a.uid), body="before") == "ok"
+    store = await daemon.store()
+
+    r = await as_host_page(daemon, "online", token=a.token)
+    online = parse(r)
+    assert online["success"] is True
+    set_cookie = r.header("set-cookie")
+    assert set_cookie.startswith("imd_webim_page=") and "HttpOnly" in set_cookie
+    assert "SameSite=Lax" in set_cookie and "Secure" not in set_cookie  # http: same site
+    key = set_cookie.split(";")[0]
+
+    history = parse(await as_host_page(daemon, "history", key, id=str(b.uid)))
+    assert [h["body"] for h in history] == ["before"]
+    assert parse(await as_host_page(daemon, "buddies", key, ids=str(b.uid)))[0]["id"] == \
+        str(b.uid)
+    assert parse(await as_host_page(daemon, "notifications", key)) == []
+    assert parse(await as_host_page(daemon, "setting", key, data='{"play_sound":false}')) \
+        == "ok"
+    assert (await store.user_fields(a.uid, "webim_setting"))["webim_setting"] == \
+        '{"play_sound":false}'
+    download = await as_host_page(daemon, "download_history", key, dest="iframe",
+                                  id=str(b.uid), type="unicast")
+    assert download.status == 200 and b"before" in download.body
+    # XHR from the host page (Origin, Sec-Fetch-Dest: empty) too
+    xhr = await http("POST", f"http://127.0.0.1:{daemon.web}/webim/history",
+                     urlencode({"id": str(b.uid)}).encode(),
+                     {"Cookie": key, "Origin": HOST_PAGE, "Sec-Fetch-Dest": "empty",
+                      "Content-Type": "application/x-www-form-urlencoded"})
+    assert [h["body"] for h in parse(xhr)] == ["before"]
+
+    # Not for another page, a page that hides its referrer, an image or a link, a browser
+    # without Fetch Metadata, nor for another user's ticket actions.
+    for how in ({"page": "http://evil.example/x.html"}, {"page": "http://host.example/"},
+                {"page": None}, {"dest": "image"}, {"dest": "document"}, {"dest": None},
+                {"dest": "iframe"}):
+        reply = parse(await as_host_page(daemon, "clear_history", key, **how,
+                                         ids=str(b.uid)))
+        assert reply == {"success": False, "error_msg": "Not Authorized"}, how
+        reply = parse(await as_host_page(daemon, "history", key, **how, id=str(b.uid)))
+        assert reply == {"success": False, "error_msg": "Not Authorized"}, how
+    assert parse(await as_host_page(daemon, "online", key))["success"] is False
+    assert parse(await as_host_page(daemon, "message", key, to=str(b.uid), body="x"))[
+        "success"] is False
+    assert parse(await as_host_page(daemon, "history", "imd_webim_page=" + "A" * 32,
+                                    id=str(b.uid)))["success"] is False
+    assert parse(await as_host_page(daemon, "clear_history", key, ids=str(b.uid))) == "ok"
+    assert parse(await as_host_page(daemon, "history", key, id=str(b.uid))) == []
+
+    # A second tab of the page keeps the key; it lives while one of its tabs does.
+    r = await as_host_page(daemon, "online", key, token=a.token)
+    assert parse(r)["success"] is True and r.header("set-cookie") is None
+    second = parse(r)["connection"]["ticket"]
+    assert parse(await as_host_page(daemon, "offline", key, ticket=online["connection"][
+        "ticket"])) == "ok"
+    assert parse(await as_host_page(daemon, "notifications", key)) == []
+    assert parse(await as_host_page(daemon, "offline", key, ticket=second)) == "ok"
+    assert parse(await as_host_page(daemon, "notifications", key))["success"] is False
+
+    # The key of one user is never another's: b's online in the same browser gets a new one.
+    r = await as_host_page(daemon, "online", token=a.token)
+    key = r.header("set-cookie").split(";")[0]
+    r = await as_host_page(daemon, "online", key, token=b.token)
+    other = r.header("set-cookie").split(";")[0]
+    assert other != key
+    assert parse(await as_host_page(daemon, "setting", other, data='{"b":1}')) == "ok"
+    assert (await store.user_fields(b.uid, "webim_setting"))["webim_setting"] == '{"b":1}'
+    # and a key from another page origin is not reused either
+    r = await as_host_page(daemon, "online", key, page="http://other.example/", token=a.token)
+    assert r.header("set-cookie").split(";")[0] != key
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_clients_own_login_form(daemon):
+    """With is_login off the client shows its own form and sends online with username and
+    password (the original checked them against the host site's accounts)."""
+    account = unique("form")
+    uid, _ = await daemon.user(account, password="pw", name="Form")
+    reply = parse(await as_host_page(daemon, "online", username=account, password="pw",
+                                     question="", answer="", show="available"))
+    assert reply["success"] is True and reply["user"]["id"] == str(uid)
+    ticket = reply["connection"]["ticket"]
+    assert parse(await as_host_page(daemon, "presence", ticket=ticket, show="away")) == "ok"
+    for wrong in ({"username": account, "password": "nope"},
+                  {"username": "nobody-" + account, "password": "pw"},
+                  {"username": "", "password": ""}):
+        assert parse(await as_host_page(daemon, "online", **wrong)) == {
+            "success": False, "error_msg": "Not Authorized"}, wrong

@@ -95,3 +95,95 @@ async def test_html_names_show_as_text_and_run_nothing(daemon, browser):
         assert await page.js("window.pwned === undefined")
     eve.close()
     bob.close()
+
+
+# A host page of another origin, as a host site embeds the shipped client: the client's
+# requests are JSONP script elements; only `online` carries the host's credential.
+HOST_PAGE = """<!doctype html><meta charset="utf-8"><title>host</title><script>
+const ACTIONS = "http://127.0.0.1:%(web)d/webim/im.php?webim_action=";
+let serial = 0;
+function jsonp(url, params) {
+  return new Promise((resolve, reject) => {
+    const name = "jsonp" + (++serial);
+    window[name] = resolve;
+    const script = document.createElement("script");
+    script.src = url + (url.includes("?") ? "&" : "?") +
+      new URLSearchParams({...params, callback: name});
+    script.onerror = reject;
+    document.head.appendChild(script);
+  });
+}
+const action = (name, params) => jsonp(ACTIONS + name, params || {});
+async function poll(server, ticket) {
+  for (;;) {
+    try { if ((await jsonp(server, {ticket})).status === "stopped") return; }
+    catch (e) { return; }
+  }
+}
+async function online(params) {
+  const reply = await action("online", params);
+  if (reply.success) poll(reply.connection.server, reply.connection.ticket);
+  return reply;
+}
+</script>"""
+
+
+def serve_page(html: str):
+    """A web server of its own (another origin than the daemon's) serving ``html``."""
+    from twisted.internet import reactor
+    from twisted.web import resource, server
+
+    class Page(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return html.encode()
+
+    return reactor.listenTCP(0, server.Site(Page()), interface="127.0.0.1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_page_of_another_origin_adds_its_credential_to_online_only(daemon,
+                                                                                  browser):
+    """In a real browser: online (with the host's credential) sets the page key; history
+    and setting, which the client sends without the ticket, then work from that page, and
+    not from a page of another origin in the same browser."""
+    alice_account = unique("alice")
+    alice_id, alice_token = await daemon.user(alice_account, password="pw", name="Alice")
+    bob_id, bob_token = await daemon.user(unique("bob"), password="pw", name="Bob")
+    store = await daemon.store()
+    await store.befriend(alice_id, bob_id, "Bob", "Alice")
+    host = serve_page(HOST_PAGE % {"web": daemon.web})
+    other = serve_page(HOST_PAGE % {"web": daemon.web})
+    try:
+        page = await browser.page(f"http://127.0.0.1:{host.getHost().port}/page.html")
+        await page.wait_for("typeof online === 'function'")
+        reply = await page.js(f"online({{token: {alice_token!r}}}).then(r => r.success)")
+        assert reply is True
+        await page.js(f"online({{token: {bob_token!r}}})")  # only to send Alice a message
+        sent = await page.js(
+            "online({token: %r}).then(r => action('message', {ticket: r.connection.ticket,"
+            " to: '%d', body: 'hi <b>Alice</b>'}))" % (bob_token, alice_id))
+        assert sent == "ok"
+        # Bob's online set the page key to Bob's; Alice's tab logs in again, as on a reload.
+        assert await page.js(f"online({{token: {alice_token!r}}}).then(r => r.success)")
+        history = await page.js(f"action('history', {{id: '{bob_id}', type: 'unicast'}})")
+        assert [h["body"] for h in history] == ["hi <b>Alice</b>"], history
+        assert await page.js("action('setting', {data: '{\"play_sound\":false}'})") == "ok"
+        assert (await store.user_fields(alice_id, "webim_setting"))["webim_setting"] == \
+            '{"play_sound":false}'
+
+        # Another origin, same browser (and the same cookies): nothing.
+        await page.call("Page.navigate",
+                        url=f"http://127.0.0.1:{other.getHost().port}/page.html")
+        await page.wait_for("typeof action === 'function' && location.port == "
+                            f"'{other.getHost().port}'")
+        refused = await page.js(f"action('history', {{id: '{bob_id}'}})")
+        assert refused == {"success": False, "error_msg": "Not Authorized"}
+        refused = await page.js("action('setting', {data: '{}'})")
+        assert refused == {"success": False, "error_msg": "Not Authorized"}
+        page.close()
+    finally:
+        await host.stopListening()
+        await other.stopListening()

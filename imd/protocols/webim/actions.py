@@ -21,8 +21,8 @@ from imd.groups import GroupError, Groups
 from imd.hub import Hub, HubError
 from imd.model import (GROUP, SHOWS, TEXT, UNICAST, Event, Group, Message, User,
                        group_conversation, one2one_gid)
-from imd.protocols.webim.auth import (caller, clear_cookie, credential_digest, foreign_script,
-                                     same_origin_post, set_cookie)
+from imd.protocols.webim.auth import (Credential, caller, clear_cookie, credential_digest,
+                                     foreign_script, same_origin_post, set_cookie)
 from imd.protocols.webim.tickets import Ticket, Tickets
 from imd.guard import source_host
 from imd.throttle import Throttled
@@ -132,9 +132,13 @@ class WebimActions:
             if name in self.needs_ticket:
                 return await handler(request, ticket.user_id, ticket)
             return await handler(request, ticket.user_id)
-        credential = await caller(request, self.accounts, self.secret)
+        credential = self.by_page_key(name, request)
+        if credential is None:
+            credential = await caller(request, self.accounts, self.secret)
         if credential is None and (arg(request, "auth") or arg(request, "token")):
             raise ActionError("Not Authorized")  # a bad explicit credential; a stale cookie
+        if credential is None and name == "online" and arg(request, "username") is not None:
+            credential = await self.password_login(request)
         ticket = None if name == "online" else self.tickets.get(arg(request, "ticket"))
         if ticket is not None:
             if credential is not None and credential.uid != ticket.user_id:
@@ -158,6 +162,28 @@ class WebimActions:
         if name == "online":
             return await handler(request, uid, credential_digest(request, self.secret))
         return await handler(request, uid)
+
+    def by_page_key(self, name: str, request: server.Request) -> Credential | None:
+        """The user whose host page made this request, by the page key ``online`` set
+        (``pages``), when the request carries no other credential.  It is what authorizes
+        the actions the shipped client sends without the ticket."""
+        if name in ("online", "logout") or arg(request, "auth") or arg(request, "token"):
+            return None
+        uid = self.tickets.pages.user_for(request, download=name == "download_history")
+        return None if uid is None else Credential(uid, ambient=False)
+
+    async def password_login(self, request: server.Request) -> Credential:
+        """``online`` from the client's own login form (``username``, ``password``), as the
+        original plugin checked it against the host site's accounts."""
+        try:
+            user = await self.accounts.check_password(
+                arg(request, "username") or "", arg(request, "password") or "",
+                source_host(request.getClientAddress()))
+        except Throttled as e:
+            raise ActionError(str(e)) from None
+        if user is None:
+            raise ActionError("Not Authorized")
+        return Credential(user.id, ambient=False)
 
     def by_ticket(self, name: str, request: server.Request) -> Ticket | None:
         """The tab's ticket when it authorizes action ``name`` without a store lookup: the
@@ -284,7 +310,7 @@ class WebimActions:
             setting = {}  # stored before the reader checked settings
         blocked = blocked_rooms(fields) | setting_blocked(setting)
         self.tickets.set_blocked(uid, blocked)
-        ticket, unseen = await self.tickets.open(uid)
+        ticket, unseen = await self.tickets.open(uid, self.tickets.pages.claim(request, uid))
         ticket.opened_with = opened_with
         # A blocked room's messages are not news; they are in its history.
         unseen = [m for m in unseen if not (m.ctype == GROUP and m.to in blocked)]

@@ -14,6 +14,9 @@ cookie is ambient: the browser attaches it whatever page made the request.  A re
 carries nothing but the cookie may read, but may change state only as a POST whose ``Origin``
 is this daemon's own (``same_origin_post``), and gets no JSONP reply when the browser says
 another site's page made it (``foreign_script``: any page that includes JSONP can read it).
+The client's own login form sends ``online`` with ``username`` and ``password`` (checked in
+``actions.WebimActions.password_login``), and the actions the shipped client sends without a
+ticket are authorized by the page key ``online`` set (``pages``).
 The tab's ticket (issued by ``online``) is the other credential; the actions check it against
 the caller (see ``actions.WebimActions.run``).  A ticket remembers a digest of the credential
 it was opened with (``credential_digest``), so a request that carries the ticket and that same

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from imd.hub import Hub
 from imd.metrics import CONNECTIONS
 from imd.model import GROUP, OFFLINE, ONLINE, PRESENCE, SHOW, Event, Message
+from imd.protocols.webim.pages import Pages
 from imd.unavailable import log_failure
 
 log = Logger()
@@ -42,6 +43,7 @@ class Ticket:
         self.id = secrets.token_urlsafe(24)
         # auth.credential_digest of what opened it: that credential again needs no lookup
         self.opened_with: bytes | None = None
+        self.page: bytes | None = None  # the page key it keeps alive (see pages.py)
         self.messages: list[Message] = []
         self.presences: list[dict] = []
         self.statuses: list[dict] = []
@@ -177,6 +179,7 @@ class Tickets:
         self.bound_count: dict[int, int] = {}  # user id -> bound tickets on this node
         self.unbound: dict[int, list[Ticket]] = {}
         self.blocked: dict[int, frozenset[int]] = {}  # user id -> rooms blocked in webim
+        self.pages = Pages()
 
     def get(self, ticket_id: str | None, user_id: int | None = None) -> Ticket | None:
         """A bound ticket; with ``user_id``, only if it belongs to that user."""
@@ -187,10 +190,14 @@ class Tickets:
             return None
         return ticket
 
-    async def open(self, user_id: int) -> tuple[Ticket, list[Message]]:
-        """A new ticket and the messages the user has not seen yet (the offline queue, and
-        what an unbound ticket of the same user still held)."""
+    async def open(self, user_id: int,
+                   page: bytes | None = None) -> tuple[Ticket, list[Message]]:
+        """A new ticket (keeping ``page``, a page key, alive) and the messages the user has
+        not seen yet (the offline queue, and what an unbound ticket of the same user still
+        held)."""
         ticket = Ticket(self, user_id)
+        ticket.page = page
+        self.pages.add(page, ticket.id)
         CONNECTIONS.labels(Ticket.protocol).inc()
         self.by_id[ticket.id] = ticket
         self.bound_count[user_id] = self.bound_count.get(user_id, 0) + 1
@@ -256,6 +263,7 @@ class Tickets:
 
     async def _logout(self, ticket: Ticket, requeue: bool = False) -> None:
         ticket.closed = True
+        self.pages.release(ticket.page, ticket.id)
         if not self._has_live_ticket(ticket.user_id) and ticket.user_id not in self.unbound:
             self.blocked.pop(ticket.user_id, None)
         if requeue and ticket.messages and not self._has_live_ticket(ticket.user_id):
@@ -281,6 +289,7 @@ class Tickets:
             ticket.answer(stopped=True)
             held.setdefault(ticket.user_id, {}).update((m.id, m) for m in ticket.messages)
             ticket.messages = []
+        self.pages.clear()
         for uid, messages in held.items():
             if messages:
                 self._finish(self.hub.store.requeue(uid, [messages[i] for i in sorted(messages)]))
