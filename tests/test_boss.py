@@ -500,3 +500,66 @@ def test_source_host_folds_ipv4_mapped_addresses():
     assert source_host(IPv4Address("TCP", "192.0.2.7", 1)) == "192.0.2.7"
     assert source_host(IPv6Address("TCP", "2001:db8::1", 1)) == "2001:db8::1"
     assert source_host(UNIXAddress(None)) == ""
+
+
+def as_the_app_reads(signal: str) -> tuple[list[str], dict]:
+    """The Android app's parse of a receive signal: Java's split("_") (trailing empty
+    fields dropped); it keeps a message only when there are more than six fields and the
+    seventh is base64 of its sender card."""
+    fields = signal.split("_")
+    while fields and fields[-1] == "":
+        fields.pop()
+    assert len(fields) > 6, signal
+    return fields, json.loads(base64.b64decode(fields[6], validate=True))
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_from_other_protocols_carry_the_card_the_app_reads(daemon):
+    """A webim, minami or xuanxuan sender leaves no 66boss extension: the 66boss side
+    writes the card the app would have sent (names and pictures), online, offline and in
+    records; a 66boss client's own extension is passed on untouched."""
+    from tests.test_webim import Webim
+
+    b, tb, cb = await logged_in(daemon)
+    wid, wtoken = await daemon.user(unique("web"), name="网页 Wendy")
+    store = await daemon.store()
+    await store.set_user_fields(wid, avatar="http://pics.example/w.png")
+    w = Webim(daemon, wid, wtoken)
+    await w.online()
+    since = int(time.time()) - 1
+    assert await w.call("message", to=str(b), body="hello") == "ok"
+    fields, card = as_the_app_reads(await cb.next())
+    assert fields[:4] == ["text", str(wid), "hello", "unicast"]
+    wendy = {"sender": "网页 Wendy", "senderID": str(wid),
+             "senderAvartar": "http://pics.example/w.png"}
+    assert card == {**wendy, "conversation": "网页 Wendy",
+                    "conversationAvartar": "http://pics.example/w.png"}
+
+    gid = await make_group(daemon, b, tb, [wid])
+    await store.edit_group(int(gid), name="Team 群", snap="http://pics.example/g.png")
+    assert await w.call("message", type="multicast", to=str(gid), body="to all") == "ok"
+    fields, card = as_the_app_reads(await cb.next())
+    assert fields[:5] == ["text", str(wid), "to all", "group", str(gid)]
+    assert card == {**wendy, "conversation": "Team 群",
+                    "conversationAvartar": "http://pics.example/g.png"}
+
+    # offline: delivered at the next login, with the card
+    cb.send(f"logout_{b}")
+    while await cb.next() is not CLOSED:
+        pass
+    assert await w.call("message", to=str(b), body="while away") == "ok"
+    cb = await ws_connect(daemon.web)
+    cb.send(f"login_{b}_{await store.issue_token(b, 60)}")
+    assert await cb.next() == "ok"
+    fields, card = as_the_app_reads(await cb.next())
+    assert fields[2] == "while away" and card["sender"] == "网页 Wendy"
+
+    cb.send(f"records_{wid}_{since}")
+    assert await cb.next() == f"records_{wid}_{since}_2"
+    for body in ("hello", "while away"):
+        fields, card = as_the_app_reads(await cb.next())
+        assert fields[2] == body and card["senderID"] == str(wid)
+
+    a, _, ca = await logged_in(daemon)
+    ca.send(f"text_{b}_mine_unicast_eyJvd24iOiAxfQ==")
+    assert (await cb.next()).endswith("_eyJvd24iOiAxfQ==")

@@ -25,6 +25,7 @@ from imd.hub import Hub, HubError, Logout, written
 from imd.metrics import CONNECTIONS
 from imd.model import Message
 from imd.protocols.boss import signals
+from imd.protocols.boss.cards import Cards, extension, needs_card
 from imd.protocols.boss.proofs import Proofs
 from imd.protocols.boss.signals import SignalError
 from imd.throttle import Throttled
@@ -47,6 +48,7 @@ class BossService:
         self.clock = clock
         self.connections: set[BossConnection] = set()
         self.proofs = Proofs(clock, config.boss_address_window, config.boss_auth == "address")
+        self.cards = Cards(hub.store, clock)
 
     def start(self) -> None:
         if self.config.boss_auth == "address":
@@ -94,6 +96,8 @@ class BossConnection:
         self._waiting: list[str] | None = None  # signals that arrived during a login
         self._gone = False
         self._leave: Logout | None = None
+        # Messages waiting for the sender's card (cards.py), in order, with their bound.
+        self._held: list[tuple[Message, bool]] | None = None
 
     def write(self, text: str) -> None:
         self.outbox.put(text)
@@ -147,8 +151,47 @@ class BossConnection:
         # could not say whom it was sent to.
         if message.sender != self.user_id:
             # During the login (no _leave yet) this is the offline queue: not bounded.
-            self.outbox.put(signals.render(message), (message,), self._leave is not None)
+            bounded = self._leave is not None
+            text = None if self._held is not None else self._text(message)
+            if text is None:
+                self._hold(message, bounded)
+                return
+            self.outbox.put(text, (message,), bounded)
             written(self, message)
+
+    def _text(self, message: Message, fallback: bool = False) -> str | None:
+        """The receive signal; None when it needs a card (cards.py) not loaded yet, unless
+        ``fallback`` (then the ids stand for the missing names)."""
+        if not needs_card(message) or (message.wire and "boss" in message.wire):
+            return signals.render(message)
+        ext = self.service.cards.render_extension(message)
+        if ext is not None:
+            return signals.render(message, ext)
+        if not fallback:
+            return None
+        ext = extension(message, (str(message.sender), ""), (str(message.to), ""))
+        return signals.render(message, ext, cache=False)
+
+    def _hold(self, message: Message, bounded: bool) -> None:
+        """Keep a message (and every later one, for their order) until the cards it needs
+        are loaded."""
+        if self._held is None:
+            self._held = []
+            d = defer.ensureDeferred(self.service.cards.fetch([message]))
+            d.addErrback(lambda f: log_failure(log, "loading 66boss sender cards failed", f))
+            d.addBoth(self._release_held)
+        self._held.append((message, bounded))
+
+    def _release_held(self, _) -> None:
+        held, self._held = self._held or [], None
+        for message, bounded in held:
+            self.outbox.put(self._text(message, fallback=True), (message,), bounded)
+            written(self, message)
+
+    def _unsent(self) -> list[Message]:
+        """At the end of the session: what was not written, in order."""
+        held, self._held = self._held or [], None
+        return self.outbox.close() + [m for m, _ in held]
 
     def notice(self, event) -> None:
         pass  # 66boss has no friends, presence or kick signals
@@ -208,7 +251,7 @@ class BossConnection:
         logout = await self.service.hub.login(self)
         if self._gone:  # closed while the login was under way
             self.service.proofs.unbound(self.host)
-            await logout(self.outbox.close())
+            await logout(self._unsent())
         else:
             self._leave = logout
 
@@ -245,7 +288,7 @@ class BossConnection:
         logout, self._leave = self._leave, None
         if logout is not None:
             self.service.proofs.unbound(self.host)
-            logout(self.outbox.close()).addErrback(
+            logout(self._unsent()).addErrback(
                 lambda f: log_failure(log, "logout failed", f))
             self.user_id = None
 
@@ -283,6 +326,7 @@ class BossConnection:
         since = signals.parse_id("records", since_text or "0")
         messages = await self.service.hub.history(self.user_id, peer, since * 1000)
         lines = [f"records_{peer}_{since}_{len(messages)}"]
-        lines += [signals.render(m) for m in messages]
+        await self.service.cards.fetch([m for m in messages if needs_card(m)])
+        lines += [self._text(m, fallback=True) for m in messages]
         for line in lines:
             self.write(line)

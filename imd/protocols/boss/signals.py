@@ -55,16 +55,19 @@ def parse_send(signal: str) -> Send:
                 body="_".join(parts[2:-2]), ctype=ctype, extension=parts[-1])
 
 
-def render(message: Message) -> str:
-    """The receive signal of a message, encoded once and cached on the message."""
+def render(message: Message, extension: str | None = None, cache: bool = True) -> str:
+    """The receive signal of a message, encoded once and cached on the message (with
+    ``extension`` in place of the message's own, when given; see cards.py)."""
     if message.wire is None:
         message.wire = {}
     text = message.wire.get("boss")
     if text is None:
         fromgroup = message.to if message.ctype == GROUP else message.sender
+        ext = message.extension if extension is None else extension
         text = (f"{KIND_OUT.get(message.kind, 'text')}_{message.sender}_{message.body}_"
-                f"{message.ctype}_{fromgroup}_{message.ts // 1000}_{message.extension}")
-        message.wire["boss"] = text
+                f"{message.ctype}_{fromgroup}_{message.ts // 1000}_{ext}")
+        if cache:
+            message.wire["boss"] = text
     return text
 
 
