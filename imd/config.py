@@ -138,6 +138,12 @@ class Config:
         "seconds a node accepts a password it has just verified again without scrypt (a keyed "
         "hash, kept in Redis under a key in the data directory, so reconnects after a restart "
         "are fast); 0 = check every login with scrypt")
+    login_key: str = option(
+        "", TEXT,
+        "file holding this node's key for --remember-logins (made, 0600, on first start); "
+        "empty = login.key in --data-dir.  Keep it out of the data directory's backups: with "
+        "the key and the Redis data, the passwords of recently remembered logins can be "
+        "tested fast")
     registrations: int = option(
         20, LIMIT, "new accounts from one source address within --register-window; 0 = no limit")
     register_window: float = option(

@@ -75,9 +75,10 @@ class LoginKey:
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     @classmethod
-    def load(cls, data_dir: str | Path) -> "LoginKey":
-        """The key in ``data_dir/login.key``, made (0600) on first use.  Start-up only."""
-        path = Path(data_dir) / "login.key"
+    def load(cls, path: str | Path) -> "LoginKey":
+        """The key in the file ``path``, made (0600) when it is missing or holds no key.
+        Start-up only (raises OSError when the file cannot be written)."""
+        path = Path(path)
         try:
             key = bytes.fromhex(path.read_text().strip())
         except (OSError, ValueError):

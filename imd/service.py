@@ -180,7 +180,7 @@ class HubService(service.Service):
         daemon.accounts = Accounts(store, config.token_ttl, LoginThrottles(
             reactor, config.login_failures, config.login_address_failures, config.login_window,
             config.registrations, config.register_window),
-            LoginKey.load(daemon.data_dir), config.remember_logins)
+            daemon.login_key, config.remember_logins)
         daemon.friends, daemon.groups = Friends(hub), Groups(store)
 
     def stopService(self) -> defer.Deferred:
@@ -323,6 +323,12 @@ class ImdService(Ordered):
             fail(str(e))
         except OSError as e:
             fail(f"cannot use data directory {self.data_dir}: {e.strerror}")
+        key_path = self.config.login_key or str(Path(self.config.data_dir) / "login.key")
+        try:
+            self.login_key = LoginKey.load(key_path)
+        except OSError as e:
+            fail(f"cannot use the login key file {key_path} ({e.strerror}): fix its directory "
+                 "or permissions, or choose another --login-key")
         if self.config.access_log:
             try:
                 open(self.config.access_log, "a").close()

@@ -16,6 +16,10 @@ from imd.passwords import LoginKey, check_verifier, md5hex
 from imd.throttle import LoginThrottles, Throttled
 
 
+def load_key(directory, name: str = "login.key") -> LoginKey:
+    return LoginKey.load(directory / name)
+
+
 @pytest.fixture
 def scrypt_calls(monkeypatch):
     """How many times the accounts ran the scrypt check."""
@@ -31,7 +35,7 @@ def scrypt_calls(monkeypatch):
 
 @pytest_twisted.ensureDeferred
 async def test_a_second_login_skips_scrypt_even_after_a_restart(store, scrypt_calls, tmp_path):
-    key = LoginKey.load(tmp_path)
+    key = load_key(tmp_path)
     accounts = Accounts(store, 3600, login_key=key, remember_ttl=600)
     user = await accounts.create("alice", "pw")
     assert (await accounts.authenticate("alice", md5hex("pw"))).id == user.id
@@ -43,11 +47,11 @@ async def test_a_second_login_skips_scrypt_even_after_a_restart(store, scrypt_ca
     assert await accounts.authenticate("alice", md5hex("nope")) is None
     assert len(scrypt_calls) == 2
     # A restarted node reads the same key from its data directory: still remembered.
-    restarted = Accounts(store, 3600, login_key=LoginKey.load(tmp_path), remember_ttl=600)
+    restarted = Accounts(store, 3600, login_key=load_key(tmp_path), remember_ttl=600)
     assert (await restarted.authenticate("alice", md5hex("pw"))).id == user.id
     assert len(scrypt_calls) == 2
     # Another node (another key) checks with scrypt once, then remembers too.
-    other = Accounts(store, 3600, login_key=LoginKey.load(tmp_path / "data"), remember_ttl=600)
+    other = Accounts(store, 3600, login_key=load_key(tmp_path, "other.key"), remember_ttl=600)
     assert (await other.authenticate("alice", md5hex("pw"))).id == user.id
     assert (await other.authenticate("alice", md5hex("pw"))).id == user.id
     assert len(scrypt_calls) == 3
@@ -65,7 +69,7 @@ async def test_a_second_login_skips_scrypt_even_after_a_restart(store, scrypt_ca
 
 @pytest_twisted.ensureDeferred
 async def test_a_new_password_or_disabling_forgets_the_login(store, scrypt_calls, tmp_path):
-    accounts = Accounts(store, 3600, login_key=LoginKey.load(tmp_path), remember_ttl=600)
+    accounts = Accounts(store, 3600, login_key=load_key(tmp_path), remember_ttl=600)
     user = await accounts.create("bob", "old")
     assert await accounts.authenticate("bob", md5hex("old")) is not None
     await accounts.set_password(user.id, "new")
@@ -98,7 +102,7 @@ async def test_a_new_password_or_disabling_forgets_the_login(store, scrypt_calls
 async def test_the_throttle_runs_before_a_remembered_login(store, scrypt_calls, tmp_path):
     clock = task.Clock()
     throttles = LoginThrottles(clock, 3, 100, 60, 0, 60)
-    accounts = Accounts(store, 3600, throttles, LoginKey.load(tmp_path), 600)
+    accounts = Accounts(store, 3600, throttles, load_key(tmp_path), 600)
     await accounts.create("carol", "pw")
     assert await accounts.authenticate("carol", md5hex("pw"), "1.2.3.4") is not None
     for _ in range(3):
@@ -111,11 +115,33 @@ async def test_the_throttle_runs_before_a_remembered_login(store, scrypt_calls, 
 
 
 def test_the_login_key_is_private_and_kept(tmp_path):
-    key = LoginKey.load(tmp_path)
+    key = load_key(tmp_path)
     path = tmp_path / "login.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert LoginKey.load(tmp_path).id == key.id
-    assert key.mac(1, "ab", "v") == LoginKey.load(tmp_path).mac(1, "AB", "v")
+    assert load_key(tmp_path).id == key.id
+    assert key.mac(1, "ab", "v") == load_key(tmp_path).mac(1, "AB", "v")
     assert key.mac(1, "ab", "v") != key.mac(2, "ab", "v") != key.mac(1, "ab", "w")
     path.write_text("junk")
-    assert LoginKey.load(tmp_path).id != key.id
+    assert load_key(tmp_path).id != key.id
+
+
+def test_the_login_key_can_live_outside_the_data_directory(fresh_daemon, tmp_path):
+    """--login-key puts the key where backups of the data directory do not take it; a
+    path that cannot be written stops the start with one line."""
+    from tests.test_daemon import TWISTD, run
+
+    key_dir = tmp_path / "secrets"
+    key_dir.mkdir()
+    d = fresh_daemon("--login-key", str(key_dir / "imd.key")).start()
+    assert stat.S_IMODE((key_dir / "imd.key").stat().st_mode) == 0o600
+    assert not (d.data_dir / "login.key").exists()
+    assert (fresh_daemon().start().data_dir / "login.key").exists()  # the default
+
+    result = run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(tmp_path / "data"),
+                  "--login-key", str(tmp_path / "no" / "such" / "dir" / "imd.key"),
+                  "--web", "tcp:0", "--boss-line", "none", "--xuanxuan", "none",
+                  "--admin", "none"])
+    assert result.returncode == 1
+    errors = [line for line in (result.stdout + result.stderr).splitlines()
+              if "imd: error:" in line]
+    assert len(errors) == 1 and "cannot use the login key file" in errors[0], result
