@@ -75,7 +75,8 @@ class GuardedConnection(ProtocolWrapper):
 
     @wrappedProtocol.setter
     def wrappedProtocol(self, protocol) -> None:
-        taken_over = self._inner is not None
+        # (ProtocolWrapper.connectionLost sets None, to break the cycle: not a takeover.)
+        taken_over = self._inner is not None and protocol is not None
         self._inner = protocol
         if taken_over and self.connected:
             self._arm()

@@ -110,6 +110,12 @@ def test_guard_login_deadline_repeats_and_the_cap_counts_per_host():
     first.wrappedProtocol.user_id = None  # logged out, still connected
     clock.advance(10)
     assert transports[0].disconnecting
+    # A connection that has gone leaves no timer behind (ProtocolWrapper.connectionLost
+    # drops the wrapped protocol; that is not a takeover that restarts the deadline).
+    third = factory.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1))
+    third.makeConnection(StringTransport())
+    third.connectionLost(None)
+    assert clock.getDelayedCalls() == [], clock.getDelayedCalls()
 
 
 # -- timeouts and the connection cap, over the wire -----------------------------------------
