@@ -113,6 +113,15 @@ class Config:
     ticket_timeout: float = option(8.0, SECONDS, "seconds a webim ticket lives without a poll")
     offline_grace: float = option(
         8.0, SECONDS, "seconds after its last ticket before a webim user counts as offline")
+    webim_static: str = option(
+        "", TEXT,
+        "directory holding the shipped webim client's static/ folder, served at /webim/static/ "
+        "(the plugin's glue takes the emoticon, sound and theme URLs from _IMC.path); "
+        "empty = none")
+    webim_page_ttl: float = option(
+        3600.0, SECONDS,
+        "seconds a webim page key (the cookie online sets for the actions the client sends "
+        "without its ticket) stays good after the last tab it opened has gone")
     login_timeout: float = option(
         30.0, SECONDS,
         "seconds a connection (xuanxuan socket, 66boss line, WebSocket) may stay open without "

@@ -336,7 +336,16 @@ async def test_status_presence_history_clear_setting_download(daemon):
     assert await a.call("setting", data='{"play_sound": false}') == "ok"
     assert (await a.online())["setting"] == {"play_sound": False}
     assert (await a.call("setting", data="not json"))["success"] is False
+    # The client takes its settings from the host page's _IMC.setting, not from online:
+    # the host reads them (with its token or auth), a setting request with nothing to set.
+    r = await get(daemon.web, "/webim/im.php", webim_action="setting", token=a.token)
+    assert parse(r) == {"play_sound": False}
     assert await a.call("notifications") == []
+    # The client asks for notifications on every page load, logged in or not.
+    assert parse(await get(daemon.web, "/webim/notifications", callback="cb")) == []
+    # Buddies carry the host site's user id too, which the client's chat links look up.
+    (info,) = await a.call("buddies", ids=str(b.uid))
+    assert info["id"] == info["uid"] == str(b.uid)
 
 
 @pytest_twisted.ensureDeferred
@@ -636,7 +645,7 @@ async def test_logout_revokes_the_cookie_token(daemon):
     assert parse(r) == "ok" and "Max-Age=0" in r.header("set-cookie")
     # the old cookie value (kept by an attacker or a stale tab) no longer works
     assert (await browser_call(daemon, "online", cookie))["success"] is False
-    assert (await browser_call(daemon, "notifications", cookie, method="GET"))[
+    assert (await browser_call(daemon, "buddies", cookie, method="GET", ids="1"))[
         "success"] is False
     assert (await browser_call(daemon, "history", cookie, ticket=ticket, id="1"))[
         "success"] is False
@@ -717,12 +726,14 @@ async def as_host_page(daemon, action: str, cookie: str | None = None,
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_host_pages_key_covers_what_the_client_sends_without_a_ticket(daemon):
+async def test_the_host_pages_key_covers_what_the_client_sends_without_a_ticket(
+        fresh_daemon):
     """webim.uchome.js sends no ticket with history, clear_history, download_history,
     setting, buddies, notifications: online (the one URL the host adds its credential to)
     sets a page key, good for that user from that page's origin while a tab it opened
     lives, and only for requests the client itself makes (script, XHR, the download
     iframe), never for an image or a link."""
+    daemon = fresh_daemon("--webim-secret", "s3cret", "--webim-page-ttl", "2").start()
     a, b = await tab(daemon), await tab(daemon)
     await befriend(daemon, a, b)
     assert await b.call("message", to=str(a.uid), body="before") == "ok"
@@ -765,23 +776,40 @@ async def test_the_host_pages_key_covers_what_the_client_sends_without_a_ticket(
         assert reply == {"success": False, "error_msg": "Not Authorized"}, how
         reply = parse(await as_host_page(daemon, "history", key, **how, id=str(b.uid)))
         assert reply == {"success": False, "error_msg": "Not Authorized"}, how
-    assert parse(await as_host_page(daemon, "online", key))["success"] is False
-    assert parse(await as_host_page(daemon, "message", key, to=str(b.uid), body="x"))[
+    assert parse(await as_host_page(daemon, "online", key, page="http://evil.example/"))[
         "success"] is False
+    assert parse(await as_host_page(daemon, "message", key, to=str(b.uid), body="x"))[
+        "success"] is False  # the ticket's actions need the ticket
     assert parse(await as_host_page(daemon, "history", "imd_webim_page=" + "A" * 32,
                                     id=str(b.uid)))["success"] is False
     assert parse(await as_host_page(daemon, "clear_history", key, ids=str(b.uid))) == "ok"
     assert parse(await as_host_page(daemon, "history", key, id=str(b.uid))) == []
 
-    # A second tab of the page keeps the key; it lives while one of its tabs does.
+    # A second tab of the page keeps the key; it outlives its tabs (--webim-page-ttl).
     r = await as_host_page(daemon, "online", key, token=a.token)
     assert parse(r)["success"] is True and r.header("set-cookie") is None
     second = parse(r)["connection"]["ticket"]
-    assert parse(await as_host_page(daemon, "offline", key, ticket=online["connection"][
-        "ticket"])) == "ok"
-    assert parse(await as_host_page(daemon, "notifications", key)) == []
-    assert parse(await as_host_page(daemon, "offline", key, ticket=second)) == "ok"
-    assert parse(await as_host_page(daemon, "notifications", key))["success"] is False
+    for ticket in (online["connection"]["ticket"], second):
+        assert parse(await as_host_page(daemon, "offline", key, ticket=ticket)) == "ok"
+    assert parse(await as_host_page(daemon, "setting", key)) == {"play_sound": False}
+
+    # online again from the same page, with the URL the client was given: the key stands
+    # in for an auth that has expired since, for its own user only.
+    expired = sign("s3cret", a.uid, int(time.time()) - 60)
+    again = parse(await as_host_page(daemon, "online", key, auth=expired))
+    assert again["success"] is True and again["user"]["id"] == str(a.uid)
+    for auth in (sign("s3cret", b.uid, int(time.time()) - 60), None):
+        refused = parse(await as_host_page(daemon, "online", auth=auth or expired))
+        assert refused["success"] is False  # another user's; no key
+    assert parse(await as_host_page(daemon, "online", key,
+                                    auth=sign("s3cret", b.uid, int(time.time()) - 60)))[
+        "success"] is False
+    # logout ends the user's page keys
+    assert parse(await as_host_page(daemon, "logout", key, ticket=again["connection"][
+        "ticket"], token=a.token)) == "ok"
+    assert parse(await as_host_page(daemon, "history", key, id=str(b.uid)))[
+        "success"] is False
+    a.token = await store.issue_token(a.uid, 600)
 
     # The key of one user is never another's: b's online in the same browser gets a new one.
     r = await as_host_page(daemon, "online", token=a.token)
@@ -794,6 +822,19 @@ async def test_the_host_pages_key_covers_what_the_client_sends_without_a_ticket(
     # and a key from another page origin is not reused either
     r = await as_host_page(daemon, "online", key, page="http://other.example/", token=a.token)
     assert r.header("set-cookie").split(";")[0] != key
+
+    # A key ends --webim-page-ttl after its last tab.
+    assert parse(await as_host_page(daemon, "offline", other,
+                                    ticket=parse(r)["connection"]["ticket"])) == "ok"
+    r = await as_host_page(daemon, "online", token=a.token)
+    key = r.header("set-cookie").split(";")[0]
+    assert parse(await as_host_page(daemon, "offline", key,
+                                    ticket=parse(r)["connection"]["ticket"])) == "ok"
+    assert parse(await as_host_page(daemon, "setting", key)) == {"play_sound": False}
+    await task.deferLater(reactor, 2.5, lambda: None)
+    assert parse(await as_host_page(daemon, "setting", key)) == {
+        "success": False, "error_msg": "Not Authorized"}
+    await daemon.close_store()
 
 
 @pytest_twisted.ensureDeferred
@@ -812,3 +853,30 @@ async def test_the_clients_own_login_form(daemon):
                   {"username": "", "password": ""}):
         assert parse(await as_host_page(daemon, "online", **wrong)) == {
             "success": False, "error_msg": "Not Authorized"}, wrong
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_shipped_clients_own_files_are_served_from_webim_static(fresh_daemon,
+                                                                          tmp_path):
+    """The plugin's glue loads the client's script, themes, emoticons and sounds from
+    _IMC.path + "static/...", i.e. from imd: --webim-static serves that folder."""
+    folder = tmp_path / "client" / "static"
+    (folder / "images" / "emot" / "default").mkdir(parents=True)
+    (folder / "images" / "emot" / "default" / "smile.png").write_bytes(b"\x89PNG smile")
+    (folder / "webim.uchome.min.js").write_text("var webim = {};")
+    (tmp_path / "secret.txt").write_text("not served")
+    d = fresh_daemon("--webim-static", str(folder)).start()
+    r = await get(d.web, "/webim/static/images/emot/default/smile.png")
+    assert r.status == 200 and r.body == b"\x89PNG smile"
+    assert r.header("content-type") == "image/png"
+    assert r.header("x-content-type-options") == "nosniff"
+    r = await get(d.web, "/webim/static/webim.uchome.min.js")
+    assert r.status == 200 and "javascript" in r.header("content-type")
+    assert (await get(d.web, "/webim/static/images/")).status == 403  # no listings
+    for path in ("/webim/static/../secret.txt", "/webim/static/%2e%2e/secret.txt",
+                 "/webim/static/nosuch.png"):
+        r = await http("GET", f"http://127.0.0.1:{d.web}{path}")
+        assert r.status == 404 and b"not served" not in r.body, path
+    # without the option there is nothing there
+    plain = fresh_daemon().start()
+    assert (await get(plain.web, "/webim/static/webim.uchome.min.js")).status == 404

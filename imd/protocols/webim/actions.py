@@ -34,6 +34,9 @@ MAX_IDS = 200
 CHANGES_STATE = frozenset({"online", "offline", "refresh", "message", "presence", "status",
                            "join", "leave", "clear_history", "setting", "logout"})
 SETTING_MAX = 8192  # bytes of one user's webim settings (JSON)
+# Parameters of a ``setting`` request that are not settings.
+SETTING_NOT_FIELDS = frozenset({b"callback", b"ticket", b"token", b"auth", b"webim_action",
+                                b"_"})
 
 
 class ActionError(Exception):
@@ -137,6 +140,8 @@ class WebimActions:
             credential = await caller(request, self.accounts, self.secret)
         if credential is None and (arg(request, "auth") or arg(request, "token")):
             raise ActionError("Not Authorized")  # a bad explicit credential; a stale cookie
+        if credential is None and name == "notifications":
+            return []  # the client asks on every page load, logged in or not: nothing
         if credential is None and name == "online" and arg(request, "username") is not None:
             credential = await self.password_login(request)
         ticket = None if name == "online" else self.tickets.get(arg(request, "ticket"))
@@ -166,11 +171,24 @@ class WebimActions:
     def by_page_key(self, name: str, request: server.Request) -> Credential | None:
         """The user whose host page made this request, by the page key ``online`` set
         (``pages``), when the request carries no other credential.  It is what authorizes
-        the actions the shipped client sends without the ticket."""
-        if name in ("online", "logout") or arg(request, "auth") or arg(request, "token"):
+        the actions the shipped client sends without the ticket, and its ``online`` again
+        with an ``auth`` of the same user that may have expired."""
+        if name == "logout" or arg(request, "token"):
             return None
+        signed = arg(request, "auth")
+        if name == "online":
+            if arg(request, "username") is not None:
+                return None  # the login form: its password decides
+        elif signed:
+            return None  # checked as it is
         uid = self.tickets.pages.user_for(request, download=name == "download_history")
-        return None if uid is None else Credential(uid, ambient=False)
+        if uid is None:
+            return None
+        # online again from the same page (the client reuses its URL, whose auth may have
+        # expired since): the key stands for its own user only.
+        if signed and signed.split(".", 1)[0] != str(uid):
+            return None
+        return Credential(uid, ambient=False)
 
     async def password_login(self, request: server.Request) -> Credential:
         """``online`` from the client's own login form (``username``, ``password``), as the
@@ -205,7 +223,8 @@ class WebimActions:
         return await self.store.get_users(set(uids))
 
     def _user_json(self, user: User, fields: dict) -> dict:
-        return {"id": str(user.id), "nick": user.name, "name": user.account,
+        # "uid": the host site's user id, which the client's chat links look up.
+        return {"id": str(user.id), "uid": str(user.id), "nick": user.name, "name": user.account,
                 "pic_url": user.avatar, "default_pic_url": "", "url": "",
                 "show": fields.get("show") or "available",
                 "status": fields.get("status", ""), "status_time": ""}
@@ -295,6 +314,7 @@ class WebimActions:
         ticket = self.tickets.get(arg(request, "ticket"), uid)
         if ticket is not None:
             self.tickets.unbind(ticket, grace=False)
+        self.tickets.pages.forget_user(uid)
         clear_cookie(request)
         return "ok"
 
@@ -483,13 +503,21 @@ class WebimActions:
         return result
 
     async def setting(self, request, uid: int):
+        """Store the client's settings (``data``: its whole settings object, JSON); with no
+        parameter at all, answer the stored ones (for the host page's ``_IMC.setting``: the
+        client takes its settings from there, not from ``online``)."""
         data = arg(request, "data")
+        if data is None and not set(request.args) - SETTING_NOT_FIELDS:
+            stored = (await self.store.user_fields(uid, "webim_setting"))["webim_setting"]
+            try:
+                return jsonin.read(stored or "{}", limit=SETTING_MAX)
+            except jsonin.BadJSON:
+                return {}
         if data is None:
             # The seed's draft sent the settings as separate parameters.
             data = json.dumps({k.decode(): v[0].decode("utf-8", "replace")
                                for k, v in request.args.items()
-                               if k not in (b"callback", b"ticket", b"token", b"auth",
-                                            b"webim_action", b"_")})
+                               if k not in SETTING_NOT_FIELDS})
         try:
             jsonin.read(data, limit=SETTING_MAX)
         except jsonin.BadJSON as e:

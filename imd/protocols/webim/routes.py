@@ -23,6 +23,7 @@ from urllib.parse import quote
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server, static
+from twisted.web.pages import forbidden, notFound
 
 from imd.hub import written
 from imd.model import Message, User
@@ -159,12 +160,27 @@ class ActionResource(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class ClientFiles(static.File):
+    """The shipped client's own files (its ``static/`` folder, put in ``--webim-static`` by
+    the operator): the plugin's glue builds its emoticon, sound and theme URLs from
+    ``_IMC.path``, which points here.  No directory listings."""
+
+    def directoryListing(self):
+        return forbidden()
+
+    def render(self, request):
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return super().render(request)
+
+
 class Actions(resource.Resource):
-    def __init__(self, actions: WebimActions, packets: resource.Resource):
+    def __init__(self, actions: WebimActions, packets: resource.Resource,
+                 client_files: str = ""):
         super().__init__()
         self.actions = actions
         self.packets = packets
         self.demo = static.File(str(WWW / "demo.html"), defaultType="text/html")
+        self.client_files = ClientFiles(client_files) if client_files else notFound()
 
     def getChild(self, name, request):
         if name == b"im.php":
@@ -173,6 +189,8 @@ class Actions(resource.Resource):
             return self.packets
         if name == b"demo.html":
             return self.demo
+        if name == b"static":
+            return self.client_files
         return ActionResource(self.actions, name.decode("latin-1"))
 
 
@@ -286,7 +304,8 @@ class Packets(resource.Resource):
             reply(request, {"status": "ok", "messages": [], "presences": [], "statuses": []})
 
 
-def mount(root: resource.Resource, actions: WebimActions, tickets: Tickets) -> None:
+def mount(root: resource.Resource, actions: WebimActions, tickets: Tickets,
+          client_files: str = "") -> None:
     packets = Packets(actions, tickets)
     root.putChild(b"packets", packets)
-    root.putChild(b"webim", Actions(actions, packets))
+    root.putChild(b"webim", Actions(actions, packets, client_files))

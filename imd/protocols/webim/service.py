@@ -20,13 +20,13 @@ class WebimProtocolService(ProtocolService):
         daemon = self.daemon
         config = daemon.config
         self.tickets = Tickets(daemon.hub, reactor, config.poll_timeout, config.ticket_timeout,
-                               config.offline_grace, config.max_queue)
+                               config.offline_grace, config.max_queue, config.webim_page_ttl)
         self.actions = WebimActions(daemon.hub, daemon.accounts, daemon.friends, daemon.groups,
                                     self.tickets, config.webim_secret, config.public_url,
                                     config.token_ttl)
 
     def mount(self, root: resource.Resource) -> None:
-        routes.mount(root, self.actions, self.tickets)
+        routes.mount(root, self.actions, self.tickets, self.daemon.config.webim_static)
 
     def open_connections(self) -> int:
         return len(self.tickets.by_id)  # bound tickets: one per open browser tab

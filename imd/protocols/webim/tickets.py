@@ -168,7 +168,7 @@ class Ticket:
 class Tickets:
     def __init__(self, hub: Hub, clock: IReactorTime, poll_timeout: float = 28.0,
                  ticket_timeout: float = 8.0, offline_grace: float = 8.0,
-                 max_packets: int = 1000):
+                 max_packets: int = 1000, page_ttl: float = 3600.0):
         self.hub = hub
         self.clock = clock
         self.poll_timeout = poll_timeout
@@ -179,7 +179,7 @@ class Tickets:
         self.bound_count: dict[int, int] = {}  # user id -> bound tickets on this node
         self.unbound: dict[int, list[Ticket]] = {}
         self.blocked: dict[int, frozenset[int]] = {}  # user id -> rooms blocked in webim
-        self.pages = Pages()
+        self.pages = Pages(clock, page_ttl)
 
     def get(self, ticket_id: str | None, user_id: int | None = None) -> Ticket | None:
         """A bound ticket; with ``user_id``, only if it belongs to that user."""
