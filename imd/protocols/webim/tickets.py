@@ -56,7 +56,7 @@ class Ticket:
         self._held_at = 0.0  # when the held poll arrived
         self._expiry: IDelayedCall | None = None
         self._idle_since: float | None = None  # since when no poll is held (None: one is)
-        self._flush: IDelayedCall | None = None  # the held poll's answer, due this turn
+        self._flush_due = False  # the held poll's answer is due at the end of this turn
 
     # -- hub Session ---------------------------------------------------------------------
 
@@ -97,13 +97,14 @@ class Ticket:
             log.warn("webim ticket of user {uid} overflowed; unbinding it", uid=self.user_id)
             self.registry.unbind(self, grace=True)
             return
-        if self.waiter is not None and self._flush is None:
+        if self.waiter is not None and not self._flush_due:
             # Answer on the next turn of the reactor, so that everything delivered in this
             # one (a batch of store replies) goes out in one answer.
-            self._flush = self.registry.clock.callLater(0, self._flush_now)
+            self._flush_due = True
+            self.registry.flush_soon(self)
 
     def _flush_now(self) -> None:
-        self._flush = None
+        self._flush_due = False
         if self.waiter is not None and self.pending:
             self.answer(stopped=False)
 
@@ -207,6 +208,24 @@ class Tickets:
         self.bound_count: dict[int, int] = {}  # user id -> bound tickets on this node
         self.unbound: dict[int, list[Ticket]] = {}
         self.blocked: dict[int, frozenset[int]] = {}  # user id -> rooms blocked in webim
+        self._to_flush: list[Ticket] = []
+        self._flush_call: IDelayedCall | None = None
+
+    def flush_soon(self, ticket: Ticket) -> None:
+        """Answer ``ticket``'s held poll on the next turn of the reactor (one timer for
+        every ticket that got packets in this turn, not one per ticket)."""
+        self._to_flush.append(ticket)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        tickets, self._to_flush = self._to_flush, []
+        for ticket in tickets:
+            try:
+                ticket._flush_now()
+            except Exception:
+                log.failure("webim poll answer of user {uid} failed", uid=ticket.user_id)
 
     def get(self, ticket_id: str | None, user_id: int | None = None) -> Ticket | None:
         """A bound ticket; with ``user_id``, only if it belongs to that user."""
