@@ -131,7 +131,7 @@ def worker_main(config_path: str) -> None:
     from autobahn.websocket.types import ConnectingRequest
     from collections import deque
 
-    from twisted.internet import defer, protocol, reactor, stdio, task
+    from twisted.internet import defer, endpoints, protocol, reactor, stdio, task
     from twisted.protocols.basic import LineOnlyReceiver, LineReceiver
     from twisted.web.client import Agent, HTTPConnectionPool, readBody
     from twisted.web.http_headers import Headers
@@ -371,6 +371,120 @@ def worker_main(config_path: str) -> None:
 
     FORM = Headers({b"content-type": [b"application/x-www-form-urlencoded"]})
 
+    class HttpConn(protocol.Protocol):
+        """One keep-alive HTTP/1.1 connection of the raw webim client (``--webim-client
+        raw``): one request at a time, the whole request in one write, TCP_NODELAY as
+        browsers set it; the answer is read by its Content-Length (or chunked, or until
+        the connection closes)."""
+        pool: "HttpPool"
+        d = None
+
+        def connectionMade(self):
+            self.transport.setTcpNoDelay(True)
+            self.buf = b""
+
+        def request(self, data: bytes) -> defer.Deferred:
+            self.d = defer.Deferred()
+            self.buf = b""
+            self.head = None
+            self.transport.write(data)
+            return self.d
+
+        def dataReceived(self, data):
+            self.buf += data
+            if self.head is None:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                lines = self.buf[:end].split(b"\r\n")
+                self.buf = self.buf[end + 4:]
+                self.code = int(lines[0].split(b" ", 2)[1])
+                self.length, self.chunked, self.close = None, False, False
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    name = name.strip().lower()
+                    if name == b"content-length":
+                        self.length = int(value)
+                    elif name == b"transfer-encoding":
+                        self.chunked = b"chunked" in value.lower()
+                    elif name == b"connection":
+                        self.close = b"close" in value.lower()
+                self.head = lines
+            if self.chunked:
+                body = self._dechunk()
+                if body is None:
+                    return
+            elif self.length is not None:
+                if len(self.buf) < self.length:
+                    return
+                body = self.buf[:self.length]
+            else:
+                return  # read until the connection closes
+            self._done(body)
+
+        def _dechunk(self):
+            out, pos, buf = [], 0, self.buf
+            while True:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    return None
+                size = int(buf[pos:eol].split(b";")[0], 16)
+                if size == 0:
+                    if buf.find(b"\r\n", eol + 2) < 0:
+                        return None
+                    return b"".join(out)
+                if len(buf) < eol + 2 + size + 2:
+                    return None
+                out.append(buf[eol + 2:eol + 2 + size])
+                pos = eol + 2 + size + 2
+
+        def _done(self, body):
+            d, self.d = self.d, None
+            self.head, self.buf = None, b""
+            if self.close:
+                self.transport.loseConnection()
+            else:
+                self.pool.idle.append(self)
+            d.callback((self.code, body))
+
+        def connectionLost(self, reason):
+            if self in self.pool.idle:
+                self.pool.idle.remove(self)
+            if self.d is not None:
+                d, self.d = self.d, None
+                if self.head is not None and not self.chunked and self.length is None:
+                    d.callback((self.code, self.buf))
+                else:
+                    d.errback(reason)
+
+    class HttpPool(protocol.ClientFactory):
+        """Idle keep-alive connections to the daemon, reused last in, first out."""
+        protocol = HttpConn
+
+        def __init__(self, base: bytes):
+            hostport = base.split(b"://", 1)[1].split(b"/", 1)[0]
+            host, _, port = hostport.rpartition(b":")
+            self.host, self.port = host.decode(), int(port or 80)
+            self.hosthdr = hostport
+            self.idle: list = []
+
+        def buildProtocol(self, addr):
+            p = HttpConn()
+            p.pool = self
+            return p
+
+        def request(self, method: bytes, path: bytes, body: bytes | None):
+            if body is None:
+                data = b"%s %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (method, path, self.hosthdr)
+            else:
+                data = (b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/"
+                        b"x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+                        % (method, path, self.hosthdr, len(body), body))
+            if self.idle:
+                return self.idle.pop().request(data)
+            ep = endpoints.TCP4ClientEndpoint(reactor, self.host, self.port, timeout=30)
+            return ep.connect(self).addCallback(lambda conn: conn.request(data))
+
     class WebimTab:
         """A webim browser tab: ``POST /webim/online`` (token=) gives the ticket, then exactly
         one long-poll ``GET /packets?ticket=`` in flight at any time (re-polled as soon as one
@@ -521,6 +635,7 @@ def worker_main(config_path: str) -> None:
                 self.pool.maxPersistentPerHost = users * (1 + cfg["tab_posts"]) + 16
                 self.pool.cachedConnectionTimeout = 600
                 self.agent = Agent(reactor, pool=self.pool, connectTimeout=30)
+                self.raw = HttpPool(self.base) if cfg["webim_client"] == "raw" else None
                 self.open_one = self._open_tab
             else:
                 self.factory = Factory(cfg["url"].rstrip("/")
@@ -577,6 +692,8 @@ def worker_main(config_path: str) -> None:
 
         def http(self, method: bytes, url: bytes, body: bytes | None = None):
             """Deferred (status, body) of one request through the persistent pool."""
+            if self.raw is not None:
+                return self.raw.request(method, url[len(self.base):] or b"/", body)
             d = self.agent.request(method, url, FORM if body is not None else None,
                                    BytesProducer(body) if body is not None else None)
             d.addCallback(lambda resp: readBody(resp).addCallback(
@@ -1095,6 +1212,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tab-posts", type=int, default=2,
                    help="webim: POST /webim/message requests in flight per tab (more wait in "
                         "the tab's queue); each tab also holds its long-poll connection")
+    p.add_argument("--webim-client", choices=("raw", "agent"), default="raw",
+                   help="webim: the HTTP client of the load processes: raw (keep-alive "
+                        "HTTP/1.1 on plain Twisted protocols, TCP_NODELAY, the default; about "
+                        "a third of Agent's CPU per message) or agent (twisted.web.client.Agent "
+                        "with a persistent pool, as measured before 2026-11-24)")
     p.add_argument("--redis", default="unix://./imd-data/redis.sock",
                    help="URL of the daemon's Redis; used only to create bench users, tokens "
                         "and (minami) friendships")
@@ -1266,7 +1388,7 @@ def main(argv=None) -> int:
                    "connect_concurrency": args.connect_concurrency,
                    "protocol": args.protocol, "password": "bench-" + run_id,
                    "friends": args.friends, "index": i, "xuanxuan": args.xuanxuan,
-                   "tab_posts": args.tab_posts}
+                   "tab_posts": args.tab_posts, "webim_client": args.webim_client}
             path = os.path.join(tmpdir, f"client{i}.json")
             with open(path, "w") as f:
                 json.dump(cfg, f)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python import failure
 from twisted.web import http, resource, server
 
 from imd.throttle import Throttled
@@ -57,8 +58,8 @@ class LimitedRequest(server.Request):
         # not been told yet; without it, fall back to the largest limit.
         path = getattr(self.channel, "_path", None)
         site = self.channel.site
-        self._limit = site.body_limit(path)
         self._upload = None if path is None else site.is_upload(path)
+        self._limit = site.body_limit(path, self._upload)
         if length is not None and length > self._limit:
             self._refuse()
             return
@@ -71,11 +72,25 @@ class LimitedRequest(server.Request):
             self.content = tempfile.TemporaryFile(dir=site.spool_dir)
 
     def process(self):
-        upload = self._upload if self._upload is not None else self.channel.site.is_upload(
-            self.uri)
+        site = self.channel.site
+        upload = self._upload if self._upload is not None else site.is_upload(self.uri)
         if self.method == b"POST" and not upload:
             self._parse_form()
-        super().process()
+        leaf = site.exact.get(self.path)
+        if leaf is None:
+            super().process()
+            return
+        # A hot path (see Root.put_exact): what server.Request.process does, without the
+        # walk down the resource tree, the Server header and a date formatted per request.
+        self.site = site
+        self.setHeader(b"date", http_date(site.reactor.seconds()))
+        self.sitepath = []
+        self.prepath = self.path[1:].split(b"/")
+        self.postpath = []
+        try:
+            self.render(leaf)
+        except BaseException:
+            self.processingFailed(failure.Failure())
 
     def _parse_form(self) -> None:
         """What twisted.web would have put in ``args`` for a form body (not an upload's)."""
@@ -112,6 +127,20 @@ class ImdChannel(http.HTTPChannel):
     live for good)."""
 
     _deadline = None
+    _host = None
+    _peer = None
+
+    # Every Request asks for both; they do not change during a connection, and each answer
+    # costs a system call and an address object.
+    def getHost(self):
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def isSecure(self) -> bool:
         # Behind imd.guard's wrapper, which does not pass ISSLTransport on.
@@ -185,18 +214,26 @@ class ImdSite(server.Site):
         self.request_timeout = request_timeout
         self.upload_timeout = upload_timeout
         self.upload_paths = upload_paths
+        self._upload_re = re.compile(b"|".join(re.escape(p) for p in upload_paths)) \
+            if upload_paths else None
+        # Leaves served at an exact path without a walk down the tree (Root.put_exact).
+        self.exact: dict[bytes, resource.Resource] = getattr(root, "exact", {})
         self.spool_dir = spool_dir  # where big request bodies are spooled (None: the system's)
         self.noisy = False
 
     def is_upload(self, path: bytes | None) -> bool:
         """Uploads are recognised by a marker in the path or query."""
-        return path is not None and any(p in path for p in self.upload_paths)
+        return path is not None and self._upload_re is not None and bool(
+            self._upload_re.search(path))
 
-    def body_limit(self, path: bytes | None) -> int:
-        """Uploads may be larger than other request bodies."""
+    def body_limit(self, path: bytes | None, upload: bool | None = None) -> int:
+        """Uploads may be larger than other request bodies (``upload``: ``is_upload(path)``,
+        when the caller knows it)."""
         if path is None:
             return max(self.max_body, self.max_upload)
-        return self.max_upload if self.is_upload(path) else self.max_body
+        if upload is None:
+            upload = self.is_upload(path)
+        return self.max_upload if upload else self.max_body
 
     def log(self, request):
         # An access log only when --access-log names a file (combined log format); never to
@@ -205,10 +242,35 @@ class ImdSite(server.Site):
             super().log(request)
 
 
-def build_root() -> resource.Resource:
-    root = resource.Resource()
+class Root(resource.Resource):
+    """The web port's root.  Besides the usual tree, it keeps leaves for exact paths (a
+    protocol's hot paths), which the site serves without walking the tree (``ImdSite``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.exact: dict[bytes, resource.Resource] = {}
+
+    def put_exact(self, path: bytes, leaf: resource.Resource) -> None:
+        """Serve ``leaf`` (``isLeaf``) for requests whose path is exactly ``path`` (any
+        query); other paths below it still go down the tree."""
+        self.exact[path] = leaf
+
+
+def build_root() -> Root:
+    root = Root()
     root.putChild(b"", _Index())
     return root
+
+
+_date_cache: list = [None, b""]  # (whole second, its HTTP date)
+
+
+def http_date(now: float) -> bytes:
+    """The ``Date`` header's value for ``now``, formatted once per second."""
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache[0], _date_cache[1] = second, http.datetimeToString(second)
+    return _date_cache[1]
 
 
 class _Index(resource.Resource):

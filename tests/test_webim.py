@@ -880,3 +880,38 @@ async def test_the_shipped_clients_own_files_are_served_from_webim_static(fresh_
     # without the option there is nothing there
     plain = fresh_daemon().start()
     assert (await get(plain.web, "/webim/static/webim.uchome.min.js")).status == 404
+
+
+def test_ticket_timers_count_from_the_latest_poll():
+    """The ticket's timers are armed once and re-armed lazily (no callLater per poll): a
+    poll held just after another one is still held its whole ``poll_timeout``, and a ticket
+    expires ``ticket_timeout`` after its last answer, not after its first."""
+    from twisted.internet.task import Clock
+
+    from imd.model import TEXT, UNICAST, Message
+    from imd.protocols.webim.tickets import Ticket, Tickets
+
+    clock = Clock()
+    tickets = Tickets(hub=None, clock=clock, poll_timeout=28, ticket_timeout=8,
+                      offline_grace=8)
+    ticket = Ticket(tickets, 1)
+    tickets.by_id[ticket.id] = ticket
+    tickets.bound_count[1] = 1
+    ticket._start_expiry()
+    answers: list[bool] = []
+    clock.advance(5)
+    ticket.hold(answers.append)  # first poll at t=5
+    clock.advance(20)
+    ticket.deliver(Message(2, 1, UNICAST, TEXT, "hi", id=1))
+    clock.advance(0)
+    assert answers == [False] and ticket.take()[0]  # answered by the message at t=25
+    clock.advance(1)
+    ticket.hold(answers.append)  # second poll at t=26: held until t=54
+    clock.advance(27.9)
+    assert answers == [False]
+    clock.advance(0.2)
+    assert answers == [False, False]  # the poll timeout at t=54
+    clock.advance(7.9)
+    assert ticket.bound  # no poll since t=54: bound until t=62
+    clock.advance(0.2)
+    assert not ticket.bound

@@ -30,7 +30,7 @@ from imd.model import Message, User
 from imd.protocols.webim.actions import ActionError, Download, WebimActions
 from imd.protocols.webim.tickets import Tickets
 from imd.unavailable import Unavailable
-from imd.web import arg
+from imd.web import Root, arg
 
 log = Logger()
 CALLBACK_RE = re.compile(r"[A-Za-z_$][\w$]{0,63}(?:\.[A-Za-z_$][\w$]{0,63}){0,7}", re.ASCII)
@@ -67,11 +67,16 @@ def html_names(obj):
     return out
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def encode(obj) -> str:
     """``obj`` as the client gets it: JSON, with names HTML-escaped (``html_names``)."""
     if obj == "ok":
         return '"ok"'
-    return json.dumps(html_names(obj), ensure_ascii=False, separators=(",", ":"))
+    if obj == []:
+        return "[]"
+    return _dumps(html_names(obj))
 
 
 def message_packet(m: Message, users: dict[int, User]) -> str:
@@ -181,17 +186,19 @@ class Actions(resource.Resource):
         self.packets = packets
         self.demo = static.File(str(WWW / "demo.html"), defaultType="text/html")
         self.client_files = ClientFiles(client_files) if client_files else notFound()
+        # One resource per action, made once; "im.php" takes the action from webim_action.
+        self.named = {b"im.php": ActionResource(actions, None),
+                      **{name.encode(): ActionResource(actions, name)
+                         for name in actions.actions}}
 
     def getChild(self, name, request):
-        if name == b"im.php":
-            return ActionResource(self.actions, None)
         if name == b"packets":
             return self.packets
         if name == b"demo.html":
             return self.demo
         if name == b"static":
             return self.client_files
-        return ActionResource(self.actions, name.decode("latin-1"))
+        return self.named.get(name) or ActionResource(self.actions, name.decode("latin-1"))
 
 
 class Packets(resource.Resource):
@@ -223,7 +230,7 @@ class Packets(resource.Resource):
                 if not gone:
                     reply(request, {"status": "stopped"})
                 return
-            defer.ensureDeferred(self._write(request, ticket, ticket.take(), gone))
+            self._send(request, ticket, ticket.take(), gone)
 
         def lost(_):
             gone.append(True)
@@ -234,15 +241,34 @@ class Packets(resource.Resource):
         ticket.hold(answer)
         return server.NOT_DONE_YET
 
-    async def _write(self, request, ticket, packets, gone: list) -> None:
-        """Answer a poll with the packets taken for it.  Whatever goes wrong before the
-        answer is written (the browser left, the store failed, a bug), the packets go back
-        to the ticket and the poll is answered if its browser is still there."""
+    def _send(self, request, ticket, packets, gone: list) -> None:
+        """Answer a poll with the packets taken for it: at once when every name it needs
+        is in the cache (a busy tab's usual case), else once the store has given them."""
         messages, presences, statuses = packets
         try:
-            users = await self._users(
-                {m.sender for m in messages if not (m.wire and "webim" in m.wire)}
-                | {p["from"] for p in presences} | {s["from"] for s in statuses})
+            uids = {m.sender for m in messages if not (m.wire and "webim" in m.wire)}
+            for p in presences:
+                uids.add(p["from"])
+            for s in statuses:
+                uids.add(s["from"])
+            users, missing = self._cached(uids)
+        except Exception:
+            log.failure("webim poll answer of user {uid} failed", uid=ticket.user_id)
+            self._give_back(request, ticket, packets, gone)
+            return
+        if missing:
+            defer.ensureDeferred(self._write(request, ticket, packets, gone, users, missing))
+        else:
+            self._answer(request, ticket, packets, gone, users)
+
+    async def _write(self, request, ticket, packets, gone: list, users: dict[int, User],
+                     missing: list[int]) -> None:
+        """``_send`` once the names that were not cached have been read.  Whatever goes
+        wrong before the answer is written (the browser left, the store failed, a bug),
+        the packets go back to the ticket and the poll is answered if its browser is
+        still there."""
+        try:
+            users.update(await self._lookup(missing))
         except Exception as e:
             if isinstance(e, defer.FirstError):  # a pipeline's: the command that failed
                 e = e.subFailure.value
@@ -250,6 +276,10 @@ class Packets(resource.Resource):
                      uid=ticket.user_id, error=f"{type(e).__name__}: {e}")
             self._give_back(request, ticket, packets, gone)
             return
+        self._answer(request, ticket, packets, gone, users)
+
+    def _answer(self, request, ticket, packets, gone: list, users: dict[int, User]) -> None:
+        messages, presences, statuses = packets
         if gone:
             # The browser left before the answer: keep the packets for its next poll.
             ticket.give_back(packets)
@@ -274,27 +304,31 @@ class Packets(resource.Resource):
         for m in messages:
             written(ticket, m)
 
-    async def _users(self, uids: set[int]) -> dict[int, User]:
+    def _cached(self, uids: set[int]) -> tuple[dict[int, User], list[int]]:
         """The users a poll answer names, from a short-lived cache of the names it looked
-        up (a busy tab's answers would each cost a store round trip); a rename shows in
-        answers within ``NAMES_TTL``."""
-        now = self.tickets.clock.seconds()
+        up (a busy tab's answers would each cost a store round trip; a rename shows in
+        answers within ``NAMES_TTL``), and the ids that are not in it."""
         users, missing = {}, []
+        if not uids:
+            return users, missing
+        now = self.tickets.clock.seconds()
         for uid in uids:
             hit = self._names.get(uid)
             if hit is not None and hit[0] > now:
                 users[uid] = hit[1]
             else:
                 missing.append(uid)
-        if missing:
-            found = await self.actions.store.get_users(missing)
-            if len(self._names) > NAMES_MAX:
-                self._names.clear()
-            expires = now + NAMES_TTL
-            for uid, user in found.items():
-                self._names[uid] = (expires, user)
-            users.update(found)
-        return users
+        return users, missing
+
+    async def _lookup(self, uids: list[int]) -> dict[int, User]:
+        """Users from the store, remembered for ``NAMES_TTL``."""
+        found = await self.actions.store.get_users(uids)
+        if len(self._names) > NAMES_MAX:
+            self._names.clear()
+        expires = self.tickets.clock.seconds() + NAMES_TTL
+        for uid, user in found.items():
+            self._names[uid] = (expires, user)
+        return found
 
     @staticmethod
     def _give_back(request, ticket, packets, gone: list) -> None:
@@ -307,5 +341,11 @@ class Packets(resource.Resource):
 def mount(root: resource.Resource, actions: WebimActions, tickets: Tickets,
           client_files: str = "") -> None:
     packets = Packets(actions, tickets)
+    webim = Actions(actions, packets, client_files)
     root.putChild(b"packets", packets)
-    root.putChild(b"webim", Actions(actions, packets, client_files))
+    root.putChild(b"webim", webim)
+    if isinstance(root, Root):  # the hot paths, without a walk down the tree
+        root.put_exact(b"/packets", packets)
+        root.put_exact(b"/webim/packets", packets)
+        for name, leaf in webim.named.items():
+            root.put_exact(b"/webim/" + name, leaf)

@@ -50,9 +50,15 @@ class Ticket:
         self.bound = True
         self.closed = False  # logged out of the hub: nothing more reaches it
         self.waiter: Callable[[bool], None] | None = None  # the held poll's answer
+        # Both timers are lazy: a busy tab polls many times a second, and a callLater and a
+        # cancel per poll cost more than the rest of its bookkeeping.  Each is armed at most
+        # once and, when it fires early (its poll was answered, the tab polled again), re-armed
+        # for what is left of the current deadline.
         self._poll_timeout: IDelayedCall | None = None
+        self._held_at = 0.0  # when the held poll arrived
         self._expiry: IDelayedCall | None = None
-        self._flush: IDelayedCall | None = None  # the held poll's answer, due this turn
+        self._idle_since: float | None = None  # since when no poll is held (None: one is)
+        self._flush_due = False  # the held poll's answer is due at the end of this turn
 
     # -- hub Session ---------------------------------------------------------------------
 
@@ -93,13 +99,14 @@ class Ticket:
             log.warn("webim ticket of user {uid} overflowed; unbinding it", uid=self.user_id)
             self.registry.unbind(self, grace=True)
             return
-        if self.waiter is not None and self._flush is None:
+        if self.waiter is not None and not self._flush_due:
             # Answer on the next turn of the reactor, so that everything delivered in this
             # one (a batch of store replies) goes out in one answer.
-            self._flush = self.registry.clock.callLater(0, self._flush_now)
+            self._flush_due = True
+            self.registry.flush_soon(self)
 
     def _flush_now(self) -> None:
-        self._flush = None
+        self._flush_due = False
         if self.waiter is not None and self.pending:
             self.answer(stopped=False)
 
@@ -127,19 +134,29 @@ class Ticket:
         """Hold a poll; ``waiter(stopped)`` answers it exactly once."""
         if self.waiter is not None:
             self.answer(stopped=True)  # superseded by this newer poll
-        self._cancel_expiry()
+        self._idle_since = None  # a held poll: the ticket does not expire meanwhile
         self.waiter = waiter
         if self.pending:
             self.answer(stopped=False)
+            return
+        clock = self.registry.clock
+        self._held_at = clock.seconds()
+        if self._poll_timeout is None:
+            self._poll_timeout = clock.callLater(self.registry.poll_timeout, self._poll_due)
+
+    def _poll_due(self) -> None:
+        """The poll timer: answers the held poll once it has been held ``poll_timeout``."""
+        self._poll_timeout = None
+        if self.waiter is None:
+            return
+        left = self._held_at + self.registry.poll_timeout - self.registry.clock.seconds()
+        if left > 0:
+            self._poll_timeout = self.registry.clock.callLater(left, self._poll_due)
         else:
-            self._poll_timeout = self.registry.clock.callLater(
-                self.registry.poll_timeout, self.answer, False)
+            self.answer(stopped=False)
 
     def answer(self, stopped: bool) -> None:
         waiter, self.waiter = self.waiter, None
-        if self._poll_timeout is not None and self._poll_timeout.active():
-            self._poll_timeout.cancel()
-        self._poll_timeout = None
         if self.bound:
             self._start_expiry()
         if waiter is not None:
@@ -149,20 +166,34 @@ class Ticket:
         """The client closed a held poll."""
         if self.waiter is waiter:
             self.waiter = None
-            if self._poll_timeout is not None and self._poll_timeout.active():
-                self._poll_timeout.cancel()
             if self.bound:
                 self._start_expiry()
 
     def _start_expiry(self) -> None:
-        self._cancel_expiry()
-        self._expiry = self.registry.clock.callLater(
-            self.registry.ticket_timeout, self.registry.unbind, self, True)
+        """No poll is held from now on: the ticket is unbound ``ticket_timeout`` from now
+        unless a poll comes."""
+        clock = self.registry.clock
+        self._idle_since = clock.seconds()
+        if self._expiry is None:
+            self._expiry = clock.callLater(self.registry.ticket_timeout, self._expiry_due)
 
-    def _cancel_expiry(self) -> None:
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
+    def _expiry_due(self) -> None:
         self._expiry = None
+        if not self.bound or self._idle_since is None:
+            return  # unbound already, or a poll is held (its answer starts the count again)
+        left = self._idle_since + self.registry.ticket_timeout - self.registry.clock.seconds()
+        if left > 0:
+            self._expiry = self.registry.clock.callLater(left, self._expiry_due)
+        else:
+            self.registry.unbind(self, True)
+
+    def _cancel_timers(self) -> None:
+        """The ticket is unbound: neither timer has anything left to do."""
+        for call in (self._expiry, self._poll_timeout):
+            if call is not None and call.active():
+                call.cancel()
+        self._expiry = self._poll_timeout = None
+        self._idle_since = None
 
 
 class Tickets:
@@ -180,6 +211,24 @@ class Tickets:
         self.unbound: dict[int, list[Ticket]] = {}
         self.blocked: dict[int, frozenset[int]] = {}  # user id -> rooms blocked in webim
         self.pages = Pages(clock, page_ttl)
+        self._to_flush: list[Ticket] = []
+        self._flush_call: IDelayedCall | None = None
+
+    def flush_soon(self, ticket: Ticket) -> None:
+        """Answer ``ticket``'s held poll on the next turn of the reactor (one timer for
+        every ticket that got packets in this turn, not one per ticket)."""
+        self._to_flush.append(ticket)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        tickets, self._to_flush = self._to_flush, []
+        for ticket in tickets:
+            try:
+                ticket._flush_now()
+            except Exception:
+                log.failure("webim poll answer of user {uid} failed", uid=ticket.user_id)
 
     def get(self, ticket_id: str | None, user_id: int | None = None) -> Ticket | None:
         """A bound ticket; with ``user_id``, only if it belongs to that user."""
@@ -238,8 +287,8 @@ class Tickets:
         if not ticket.bound:
             return
         ticket.bound = False
-        ticket._cancel_expiry()
         ticket.answer(stopped=True)
+        ticket._cancel_timers()
         self.by_id.pop(ticket.id, None)
         left = self.bound_count.get(ticket.user_id, 1) - 1
         if left:
@@ -287,6 +336,7 @@ class Tickets:
         for ticket in [*self.by_id.values(), *unbound]:
             ticket.bound = False
             ticket.answer(stopped=True)
+            ticket._cancel_timers()
             held.setdefault(ticket.user_id, {}).update((m.id, m) for m in ticket.messages)
             ticket.messages = []
         self.pages.clear()
