@@ -115,9 +115,9 @@ class Config:
         8.0, SECONDS, "seconds after its last ticket before a webim user counts as offline")
     webim_static: str = option(
         "", TEXT,
-        "directory holding the shipped webim client's static/ folder, served at /webim/static/ "
-        "(the plugin's glue takes the emoticon, sound and theme URLs from _IMC.path); "
-        "empty = none")
+        "the shipped webim client's static/ folder (that directory itself), served at "
+        "/webim/static/ (the plugin's glue takes the emoticon, sound and theme URLs from "
+        "_IMC.path); empty = none")
     webim_page_ttl: float = option(
         3600.0, SECONDS,
         "seconds a webim page key (the cookie online sets for the actions the client sends "

@@ -330,6 +330,9 @@ class ImdService(Ordered):
         except OSError as e:
             fail(f"cannot use the login key file {key_path} ({e.strerror}): fix its directory "
                  "or permissions, or choose another --login-key")
+        if self.config.webim_static and not Path(self.config.webim_static).is_dir():
+            fail(f"--webim-static {self.config.webim_static} is not a directory (give the "
+                 "webim client's static/ folder itself)")
         if self.config.access_log:
             try:
                 open(self.config.access_log, "a").close()

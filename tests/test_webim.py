@@ -228,8 +228,11 @@ async def test_long_poll_life_cycle(daemon):
     other = await tab(daemon)  # the first sender's ticket has expired by now (no polls)
     assert await other.call("message", to=str(w.uid), body="to the newer poll") == "ok"
     assert [m["body"] for m in (await second)["messages"]] == ["to the newer poll"]
-    # unknown ticket
+    # unknown ticket: "stopped", as 410 (the shipped client then counts failed polls
+    # instead of polling a dead ticket for ever)
     assert await w.poll("nonsense") == {"status": "stopped"}
+    r = await get(daemon.web, "/packets", ticket="nonsense", callback="cb")
+    assert r.status == 410 and parse(r) == {"status": "stopped"}
     # offline unbinds the ticket
     assert await w.call("offline") == "ok"
     assert await w.poll() == {"status": "stopped"}
@@ -239,9 +242,9 @@ async def test_long_poll_life_cycle(daemon):
 async def test_ticket_expires_without_polls_and_messages_are_kept(daemon):
     w = await tab(daemon)
     sender = await tab(daemon)
-    await task.deferLater(reactor, 2.5, lambda: None)  # > --ticket-timeout 2
+    # > --ticket-timeout 2 + --offline-grace 1: unbound, then logged out
+    await task.deferLater(reactor, 3.5, lambda: None)
     assert await w.poll() == {"status": "stopped"}
-    await task.deferLater(reactor, 1.5, lambda: None)  # > --offline-grace 1: logged out
     sender = await another_tab(sender)
     assert await sender.call("message", to=str(w.uid), body="while away") == "ok"
     reply = await w.online()
@@ -255,7 +258,6 @@ async def test_refresh_within_grace_causes_no_offline_flicker(daemon):
     b = await tab(daemon)
     await befriend(daemon, a, b)
     assert await a.call("refresh") == "ok"
-    assert await a.poll() == {"status": "stopped"}
     assert await b.call("message", to=str(a.uid), body="during refresh") == "ok"
     reply = await a.online()  # the new page, within the grace
     assert [m["body"] for m in reply["new_messages"]] == ["during refresh"]
@@ -273,6 +275,30 @@ async def test_refresh_within_grace_causes_no_offline_flicker(daemon):
     await a.online()
     (p,) = await b.poll_until("presences", lambda p: p["type"] == "online")
     assert p["from"] == str(a.uid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_that_did_not_leave_goes_on_with_its_ticket(daemon):
+    """The client sends refresh from beforeunload, which also fires when the page stays
+    (a download link): its next poll within the grace binds the ticket again, with what
+    arrived meanwhile, and no one saw it go offline."""
+    a, b = await tab(daemon), await tab(daemon)
+    await befriend(daemon, a, b)
+    held = a.poll_deferred()
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert await a.call("refresh") == "ok"
+    assert await held == {"status": "stopped"}  # the held poll ends, with a 200
+    assert await b.call("message", to=str(a.uid), body="meanwhile") == "ok"
+    (m,) = await a.poll_until("messages", lambda m: True)  # the same ticket, polled again
+    assert m["body"] == "meanwhile"
+    assert await a.call("message", to=str(b.uid), body="still here") == "ok"
+    await task.deferLater(reactor, 1.5, lambda: None)  # past what the grace was
+    assert await b.call("message", to=str(a.uid), body="later") == "ok"
+    (m,) = await a.poll_until("messages", lambda m: True)
+    assert m["body"] == "later"
+    packets = await b.poll()
+    assert [m["body"] for m in packets["messages"]] == ["still here"]
+    assert [p for p in packets["presences"] if p["type"] == "offline"] == []
 
 
 @pytest_twisted.ensureDeferred
@@ -880,6 +906,12 @@ async def test_the_shipped_clients_own_files_are_served_from_webim_static(fresh_
     # without the option there is nothing there
     plain = fresh_daemon().start()
     assert (await get(plain.web, "/webim/static/webim.uchome.min.js")).status == 404
+    # a folder that is not there stops the start with one line
+    from tests.test_daemon import TWISTD, run
+    result = run([*TWISTD, "-n", "--pidfile=", "imd", "--data-dir", str(tmp_path / "data"),
+                  "--webim-static", str(tmp_path / "client" / "nostatic"), "--web", "tcp:0",
+                  "--boss-line", "none", "--xuanxuan", "none", "--admin", "none"])
+    assert result.returncode == 1 and "--webim-static" in result.stderr + result.stdout
 
 
 def test_ticket_timers_count_from_the_latest_poll():

@@ -44,6 +44,7 @@ class Ticket:
         # auth.credential_digest of what opened it: that credential again needs no lookup
         self.opened_with: bytes | None = None
         self.page: bytes | None = None  # the page key it keeps alive (see pages.py)
+        self.grace: IDelayedCall | None = None  # the end of its offline grace, once unbound
         self.messages: list[Message] = []
         self.presences: list[dict] = []
         self.statuses: list[dict] = []
@@ -209,6 +210,7 @@ class Tickets:
         self.by_id: dict[str, Ticket] = {}
         self.bound_count: dict[int, int] = {}  # user id -> bound tickets on this node
         self.unbound: dict[int, list[Ticket]] = {}
+        self.resting: dict[str, Ticket] = {}  # the unbound ones by id, while in the grace
         self.blocked: dict[int, frozenset[int]] = {}  # user id -> rooms blocked in webim
         self.pages = Pages(clock, page_ttl)
         self._to_flush: list[Ticket] = []
@@ -231,13 +233,35 @@ class Tickets:
                 log.failure("webim poll answer of user {uid} failed", uid=ticket.user_id)
 
     def get(self, ticket_id: str | None, user_id: int | None = None) -> Ticket | None:
-        """A bound ticket; with ``user_id``, only if it belongs to that user."""
+        """A bound ticket; with ``user_id``, only if it belongs to that user.  A ticket
+        unbound by ``refresh`` or a missed poll that is used again within the offline grace
+        is bound again: its page did not leave after all (the client sends ``refresh`` from
+        ``beforeunload``, which also fires for a download link)."""
         ticket = self.by_id.get(ticket_id or "")
-        if ticket is None or not ticket.bound:
+        if ticket is None:
+            ticket = self.resting.get(ticket_id or "")
+            if ticket is None or (user_id is not None and ticket.user_id != user_id):
+                return None
+            self._rebind(ticket)
+        if not ticket.bound:
             return None
         if user_id is not None and ticket.user_id != user_id:
             return None
         return ticket
+
+    def _rebind(self, ticket: Ticket) -> None:
+        del self.resting[ticket.id]
+        waiting = self.unbound.get(ticket.user_id, [])
+        waiting.remove(ticket)
+        if not waiting:
+            self.unbound.pop(ticket.user_id, None)
+        if ticket.grace is not None and ticket.grace.active():
+            ticket.grace.cancel()
+        ticket.grace = None
+        ticket.bound = True
+        self.by_id[ticket.id] = ticket
+        self.bound_count[ticket.user_id] = self.bound_count.get(ticket.user_id, 0) + 1
+        ticket._start_expiry()
 
     async def open(self, user_id: int,
                    page: bytes | None = None) -> tuple[Ticket, list[Message]]:
@@ -254,6 +278,7 @@ class Tickets:
         unseen = ticket.messages
         ticket.messages = []
         for old in self.unbound.pop(user_id, []):
+            self.resting.pop(old.id, None)
             unseen = old.messages + unseen
             old.messages = []
             await self._logout(old)
@@ -297,11 +322,14 @@ class Tickets:
             self.bound_count.pop(ticket.user_id, None)
         if grace:
             self.unbound.setdefault(ticket.user_id, []).append(ticket)
-            self.clock.callLater(self.offline_grace, self._grace_over, ticket)
+            self.resting[ticket.id] = ticket
+            ticket.grace = self.clock.callLater(self.offline_grace, self._grace_over, ticket)
         else:
             self._finish(self._logout(ticket, requeue=True))
 
     def _grace_over(self, ticket: Ticket) -> None:
+        ticket.grace = None
+        self.resting.pop(ticket.id, None)
         waiting = self.unbound.get(ticket.user_id, [])
         if ticket not in waiting:
             return  # a new ticket took it over
@@ -340,6 +368,7 @@ class Tickets:
             held.setdefault(ticket.user_id, {}).update((m.id, m) for m in ticket.messages)
             ticket.messages = []
         self.pages.clear()
+        self.resting.clear()
         for uid, messages in held.items():
             if messages:
                 self._finish(self.hub.store.requeue(uid, [messages[i] for i in sorted(messages)]))
