@@ -119,8 +119,12 @@ class XuanxuanService:
     def _contacted(self, rows: list, batch: list) -> None:
         for (chat, uid, d), (meta, flags) in zip(batch, rows):
             chat.meta, chat.mine = meta, flags
-            defer.ensureDeferred(self.chats.infos([chat], uid)).addCallback(
-                lambda infos: infos[0]).chainDeferred(d)
+            info = self.chats.info_now(chat)
+            if info is not None:  # a chat made by its first message: no accounts to look up
+                d.callback(info)
+            else:
+                defer.ensureDeferred(self.chats.infos([chat], uid)).addCallback(
+                    lambda infos: infos[0]).chainDeferred(d)
 
     @staticmethod
     def _not_contacted(failure, batch: list) -> None:
@@ -543,17 +547,17 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if self._collect is not None:
             self._collect.append(message)
             return
-        if message.conversation in self.shown and not self._waiting and self._out.called:
+        conversation = message.conversation
+        if conversation in self.shown and not self._waiting and self._out.called:
             self._write_message(message, [])  # nothing queued ahead of it: write it now
             return
         self._rendering.append(message)
         contact = None
-        if message.conversation not in self.shown and \
-                message.conversation not in self._contacting:
+        if conversation not in self.shown and conversation not in self._contacting:
             # First contact: fetch the chat now, beside the pushes queued ahead of it (the
             # later messages of the chat find it shown by the time they are written).
             contact = self.service.contact(message, self.user_id)
-            self._contacting.add(message.conversation)
+            self._contacting.add(conversation)
         self._later(lambda _: self._push_message(message, contact))
 
     def _later(self, push) -> None:
@@ -625,16 +629,16 @@ class XuanxuanProtocol(LineOnlyReceiver):
             m.wire = {}
         cached = m.wire.get("xuanxuan")
         if cached is None or cached[0] != cgid:
-            cached = m.wire["xuanxuan"] = (cgid, self._message_bytes(m, None))
+            cached = m.wire["xuanxuan"] = (cgid, self._message_bytes(m, None, cgid))
         return cached[1]
 
-    def _message_bytes(self, m: Message, viewer: int | None) -> bytes:
+    def _message_bytes(self, m: Message, viewer: int | None, cgid: str = "") -> bytes:
         """``encode(self._message_json(m))`` as ``viewer`` (None: anyone but the sender)
-        is shown it, without building the dict."""
+        is shown it (``cgid``: its chat's gid, if known), without building the dict."""
         kind = CONTENT_OUT.get(m.kind)
         return (MESSAGE_JSON % (
             m.id, encode_string(message_gid(m, viewer)),
-            encode_string(self.shown[m.conversation]), m.sender, m.ts // 1000,
+            encode_string(cgid or self.shown[m.conversation]), m.sender, m.ts // 1000,
             kind or "text", encode_string(m.body if kind else f"[{m.kind}] {m.body}"))
         ).encode("utf-8")
 
