@@ -13,6 +13,7 @@ import json
 import secrets
 import uuid
 from collections import deque
+from typing import Callable
 
 from twisted.internet import defer, protocol
 from twisted.internet.protocol import connectionDone
@@ -256,13 +257,16 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._answers: deque[list] = deque()
         self._drained: defer.Deferred | None = None
         self._ack_heads: dict[tuple[str, str], bytes] = {}
-        self._out = defer.succeed(None)
+        # Pushes (messages, notices) that wait, in order: each a callable that writes and
+        # returns None, or a Deferred to wait for before the next one runs.  _hold: the
+        # reasons they wait (the login array not sent yet; a push waiting for its Deferred).
+        self._pushes: deque[Callable[[], defer.Deferred | None]] = deque()
+        self._hold = 0
         self._collect: list[Message] | None = None
         # The chats this client has been shown (conversation -> the chat's gid): a message
         # on any other chat is preceded by the chat (a 1.0 client drops it otherwise).
         self.shown: dict[str, str] = {}
         self._rendering: list[Message] = []  # delivered, not yet written (login, first contact)
-        self._waiting = 0  # pushes queued on _out and not yet done
         self._slow = 0  # requests queued on _chain for _handle and not yet done
         self._contacting: set[str] = set()  # conversations whose first contact is under way
         self._targets: dict[str, tuple[str, int, str, str, str]] = {}  # see _target
@@ -470,7 +474,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # are pushed, so that the client knows the chats they refer to.
         self._collect = []
         # Pushes (live messages, chat and presence notices) wait for the login array.
-        self._out = gate = defer.Deferred()
+        self._hold += 1
         try:
             logout = await service.hub.login(self)
             if self._gone:  # closed while the login was under way
@@ -481,7 +485,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
             await self._send_lists(user.id, queued)
         finally:
-            gate.callback(None)
+            self._resume()
 
     async def _send_lists(self, uid: int, queued: list[Message]) -> None:
         """The login array: every user, my chats (with the chats of queued messages from
@@ -548,7 +552,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._collect.append(message)
             return
         conversation = message.conversation
-        if conversation in self.shown and not self._waiting and self._out.called:
+        if conversation in self.shown and not self._pushes and not self._hold:
             self._write_message(message, [])  # nothing queued ahead of it: write it now
             return
         self._rendering.append(message)
@@ -558,17 +562,32 @@ class XuanxuanProtocol(LineOnlyReceiver):
             # later messages of the chat find it shown by the time they are written).
             contact = self.service.contact(message, self.user_id)
             self._contacting.add(conversation)
-        self._later(lambda _: self._push_message(message, contact))
+        self._later(lambda: self._push_message(message, contact))
 
-    def _later(self, push) -> None:
-        """Run ``push`` on _out: after the login array and the pushes queued before."""
-        self._waiting += 1
-        self._out.addCallback(push)
-        self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
-        self._out.addBoth(self._pushed)
+    def _later(self, push: Callable[[], defer.Deferred | None]) -> None:
+        """Run ``push`` after the login array and the pushes queued before."""
+        self._pushes.append(push)
+        if len(self._pushes) == 1 and not self._hold:
+            self._run_pushes()
 
-    def _pushed(self, _) -> None:
-        self._waiting -= 1
+    def _run_pushes(self) -> None:
+        pushes = self._pushes
+        while pushes and not self._hold:
+            try:
+                waiting = pushes.popleft()()
+            except Exception:
+                log.failure("xuanxuan push failed")
+                continue
+            if waiting is None:
+                continue
+            waiting.addErrback(lambda f: log.failure("xuanxuan push failed", f))
+            if not waiting.called:  # the next push waits for this one
+                self._hold += 1
+                waiting.addBoth(self._resume)
+
+    def _resume(self, _=None) -> None:
+        self._hold -= 1
+        self._run_pushes()
 
     def _push_message(self, message: Message,
                       contact: defer.Deferred | None = None) -> defer.Deferred | None:
@@ -667,7 +686,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         elif event.kind == "xuanxuan" or (event.kind == PRESENCE and
                                           data["change"] in PRESENCE_PUSH):
             # After the login array, in order with the messages waiting to be written.
-            self._later(lambda _: self._push_notice(event))
+            self._later(lambda: self._push_notice(event))
 
     def _push_notice(self, event: Event) -> None:
         data = event.data
