@@ -253,7 +253,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self.sid: str | None = None
         self._chain = defer.succeed(None)
         # Messages handed to the hub at once (_post_now), in request order: [request, the
-        # encoded reply once stored (b"": none)]; _drained fires when they are all answered.
+        # encoded reply once stored (b"": none), the chat's gid as shown]; _drained fires
+        # when they are all answered.
         self._answers: deque[list] = deque()
         self._drained: defer.Deferred | None = None
         self._ack_heads: dict[tuple[str, str], bytes] = {}
@@ -295,15 +296,15 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._gate.begin()
         posted = None if self._slow else self._post_now(request)
         if posted is not None:  # stored in this turn's post script; answered in turn
-            answer = [request, None]
+            stored, cgid = posted
+            answer = [request, None, cgid]
             self._answers.append(answer)
-            posted.addCallbacks(self._stored, self._not_stored, callbackArgs=(answer,),
-                                errbackArgs=(answer,))
+            stored.addCallback(self._stored, answer).addErrback(self._not_stored, answer)
             return
         self._slow += 1
         if self._answers and self._drained is None:  # after the messages under way
-            self._drained = defer.Deferred()
-            self._chain.addCallback(lambda _: self._drained)
+            drained = self._drained = defer.Deferred()
+            self._chain.addCallback(lambda _: drained)
         self._chain.addCallback(lambda _: defer.ensureDeferred(self._handle(request)))
         self._chain.addBoth(self._slow_done)
         self._chain.addErrback(self._failed, request)
@@ -313,11 +314,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._slow -= 1
         return result
 
-    def _post_now(self, request: dict) -> defer.Deferred | None:
+    def _post_now(self, request: dict) -> tuple[defer.Deferred, str] | None:
         """The hot path: a ``message`` request of one message to a chat this session has
         posted to before, with no other request under way, is handed to the hub at once
         (so that a connection's messages share a post script call) and answered in order
-        once stored; None for every other request (handled in order by _handle)."""
+        once stored: (Deferred[Message], the chat's gid as shown); None for every other
+        request (handled in order by _handle)."""
         if self._slow or self.user_id is None or self._gone or \
                 str(request.get("method") or "").lower() != "message" or \
                 str(request.get("module") or "").lower() != "chat":
@@ -334,7 +336,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
                 target = self._one2one_target(cgid)
         except (Refused, ChatError):
             return None  # _handle gives the error in turn
-        return self._post(target, kind, messages[0]["content"], extension)
+        return (self._post(target, kind, messages[0]["content"], extension),
+                self.shown[target[2]])
 
     def _stored(self, m: Message, answer: list) -> None:
         request = answer[0]
@@ -344,7 +347,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
                 '{"module":%s,"method":%s,"result":"success","message":"","sid":%s,"data":['
                 % (encode_string(request["module"]), encode_string(request["method"]),
                    encode_string(self.sid or ""))).encode("utf-8")
-        answer[1] = b"".join((head, self._message_bytes(m, self.user_id), b"]}\n"))
+        answer[1] = b"".join((head, self._message_bytes(m, self.user_id, answer[2]),
+                              b"]}\n"))
         self._answer()
 
     def _not_stored(self, failure, answer: list) -> None:
