@@ -105,10 +105,16 @@ class Chats:
             flags = {c.gid: c.mine for c in chats}
         else:
             flags = await self.store.chat_flags(uid)
-        people = {int(x) for c in chats for x in (_creator(c), (c.meta or {}).get("editedBy"))
-                  if str(x or "").isdigit()}
+        people = _people(chats)
         accounts = {u: user.account for u, user in (await self.store.get_users(people)).items()}
         return [self.info(c, flags, accounts) for c in chats]
+
+    def info_now(self, chat: Chat) -> dict | None:
+        """``infos([chat], uid)[0]`` without a round trip, for a chat fetched with the
+        caller's flags (``mine``) that names no creator or editor; else None."""
+        if chat.mine is None or _people([chat]):
+            return None
+        return self.info(chat, {chat.gid: chat.mine}, {})
 
     @staticmethod
     def info(chat: Chat, flags: dict[str, dict], accounts: dict[int, str]) -> dict:
@@ -318,6 +324,12 @@ def _creator(chat: Chat) -> str:
     if creator is None and chat.group is not None:
         creator = chat.group.creator
     return str(creator or "")
+
+
+def _people(chats: list[Chat]) -> set[int]:
+    """The users a list of chats names as creator or editor."""
+    return {int(x) for c in chats for x in (_creator(c), (c.meta or {}).get("editedBy"))
+            if str(x or "").isdigit()}
 
 
 def _one2one_id(gid: str) -> int:

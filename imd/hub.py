@@ -69,12 +69,27 @@ class Session(Protocol):
         user); the adapter logs out as when the client leaves."""
 
 
+# Per protocol, the labelled children of MESSAGES_IN, MESSAGES_OUT and DELIVERY_LATENCY:
+# ``labels()`` costs more than the count itself, and these are counted for every message.
+_COUNTERS: dict[str, tuple] = {}
+
+
+def _counters(protocol: str) -> tuple:
+    counters = _COUNTERS.get(protocol)
+    if counters is None:
+        counters = _COUNTERS[protocol] = (MESSAGES_IN.labels(protocol),
+                                          MESSAGES_OUT.labels(protocol),
+                                          DELIVERY_LATENCY.labels(protocol))
+    return counters
+
+
 def written(session: Session, message: Message) -> None:
     """An adapter wrote ``message`` to its client: count it and, when this node accepted
     it, observe its delivery latency."""
-    MESSAGES_OUT.labels(session.protocol).inc()
+    _, out, latency = _counters(session.protocol)
+    out.inc()
     if message.accepted:
-        DELIVERY_LATENCY.labels(session.protocol).observe(time.monotonic() - message.accepted)
+        latency.observe(time.monotonic() - message.accepted)
 
 
 Logout = Callable[..., defer.Deferred]  # logout(unsent: Iterable[Message] = ()), from login
@@ -376,7 +391,7 @@ class Hub:
             return defer.fail(HubError(f"unknown message kind {kind!r}"))
         if len(body) > self.max_body:
             return defer.fail(HubError("message too long"))
-        MESSAGES_IN.labels(getattr(origin, "protocol", "other")).inc()
+        _counters(getattr(origin, "protocol", "other"))[0].inc()
         message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
                           body=body, extension=extension, style=style,
                           accepted=time.monotonic())

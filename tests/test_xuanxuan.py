@@ -685,3 +685,42 @@ async def test_pipelined_messages_are_checked_stored_and_answered_in_order(daemo
         ["first"]
     mine = {c["gid"]: c for c in (await b.call("getList"))["data"]}
     assert mine[pair]["lastActiveTime"] >= replies[-1]["data"][0]["date"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_replies_keep_request_order_across_stored_and_other_requests(daemon):
+    """Messages answered once stored and other requests sent in one write are answered in
+    the order they were sent; an ack shows the message as history does, whatever its
+    text holds; the recipient gets the chat before the first message on it."""
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    pair = "&".join(sorted((str(uid_a), str(uid_b))))
+    texts = ['say "hi"\\', "line\nbreak\t", "中文 😀 \u2028", "</script>", "plain"]
+    requests = []
+    for i, content in enumerate(texts):
+        requests.append({"module": "chat", "method": "message",
+                         "params": [{"gid": f"o{i}", "cgid": pair, "content": content}]})
+        if i in (1, 3):
+            requests.append({"module": "chat", "method": "ping", "params": []})
+    requests.insert(2, {"module": "chat", "method": "message",
+                        "params": [{"cgid": str(uid_b + 10 ** 9) + "&" + str(uid_a),
+                                    "content": "nobody"}]})
+    a.client.send("\n".join(json.dumps(r, ensure_ascii=False) for r in requests))
+    replies = []
+    while len(replies) < len(requests):
+        line = await a.next()
+        if isinstance(line, dict):
+            replies.append(line)
+    assert [r["method"] for r in replies] == [r["method"] for r in requests]
+    assert [r["result"] for r in replies] == [
+        "fail" if "nobody" in json.dumps(r) else "success" for r in requests]
+    acks = [r["data"][0] for r in replies if r["method"] == "message" and r["data"]
+            and isinstance(r["data"], list)]
+    assert [m["content"] for m in acks] == texts
+    assert [m["gid"] for m in acks] == [f"o{i}" for i in range(len(texts))]
+    history = (await a.call("history", [pair, 10, 1]))["data"]
+    assert history == acks
+    pushed = await b.pushes_until("message")
+    first = [p["method"] for p in pushed if p["method"] in ("create", "message")]
+    assert first[0] == "create"
+    assert next(p for p in pushed if p["method"] == "create")["data"]["gid"] == pair

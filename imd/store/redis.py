@@ -453,14 +453,18 @@ table.insert(gone, 1, more)
 return gone
 """)
 
-# ARGV: prefix, one-to-one chat gid, its two users, the user who is shown it.  Lists the
-# chat as both users' and returns {that user's flags JSON or '', the chat's settings...}.
+# ARGV: prefix, then per chat: one-to-one chat gid, its two users, the user who is shown
+# it.  Lists each chat as both users' and returns, per chat, that user's flags JSON (or '')
+# and the chat's settings (HGETALL).
 _CONTACT = Script("""
-local p, gid = ARGV[1], ARGV[2]
-redis.call('SADD', p..'xo:'..ARGV[3], gid)
-redis.call('SADD', p..'xo:'..ARGV[4], gid)
-local out = redis.call('HGETALL', p..'xc:'..gid)
-table.insert(out, 1, redis.call('HGET', p..'xu:'..ARGV[5], gid) or '')
+local p, out = ARGV[1], {}
+for i = 2, #ARGV, 4 do
+  local gid = ARGV[i]
+  redis.call('SADD', p..'xo:'..ARGV[i + 1], gid)
+  redis.call('SADD', p..'xo:'..ARGV[i + 2], gid)
+  out[#out + 1] = redis.call('HGET', p..'xu:'..ARGV[i + 3], gid) or ''
+  out[#out + 1] = redis.call('HGETALL', p..'xc:'..gid)
+end
 return out
 """)
 
@@ -762,9 +766,17 @@ class RedisStore:
                               viewer: int) -> tuple[dict[str, str], dict]:
         """Lists a one-to-one chat as both users' and returns its settings and
         ``viewer``'s flags for it (one round trip)."""
-        flags, *meta = await _CONTACT(self.redis, [], [self.p, gid, int(a), int(b),
-                                                       int(viewer)])
-        return _pairs(meta), json.loads(flags) if flags else {}
+        return (await self.one2one_contacts([(gid, a, b, viewer)]))[0]
+
+    def one2one_contacts(self, contacts: list[tuple[str, int, int, int]]) -> defer.Deferred:
+        """``one2one_contact`` of each (gid, a, b, viewer), in one round trip:
+        Deferred[list[(settings, flags)]]."""
+        args: list[Any] = [self.p]
+        for gid, a, b, viewer in contacts:
+            args += [gid, int(a), int(b), int(viewer)]
+        return _CONTACT(self.redis, [], args).addCallback(lambda out: [
+            (_pairs(meta), json.loads(flags) if flags else {})
+            for flags, meta in zip(out[::2], out[1::2])])
 
     async def add_file(self, gid: str, title: str, size: int, added_by: int,
                        name: str) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
+from collections import deque
+from typing import Callable
 
 from twisted.internet import defer, protocol
 from twisted.internet.protocol import connectionDone
@@ -51,9 +53,18 @@ PER_USER = ("star", "hide", "mute")  # chat fields that differ per user
 # so that its sender is shown that gid again (the client matches its own copy by gid).
 OWN_GID = "xx:"
 GIDS = uuid.UUID("5c0b8bb4-3f0e-4d1c-9a57-9f1d0c3e6b21")  # namespace of the gids shown
+# _message_json's dict as encode() writes it: id, gid, cgid, user, date, contentType, content
+MESSAGE_JSON = ('{"id":%d,"gid":%s,"cgid":%s,"user":%d,"date":%d,"type":"normal",'
+                '"contentType":"%s","content":%s}')
+encode_string = json.encoder.encode_basestring  # a str as json.dumps(ensure_ascii=False) does
 
 
-def message_gid(m: Message, viewer: int) -> str:
+def encode(obj) -> bytes:
+    """One JSON text as every line of this protocol is written (UTF-8, no spaces)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def message_gid(m: Message, viewer: int | None) -> str:
     """The gid ``viewer`` is shown for a message: the client's own gid to its sender; to
     everyone else one no other message has (the client updates, not adds, on a repeated gid:
     a repeat from the same sender with the same client gid is an update, as the 1.0 server
@@ -86,6 +97,47 @@ class XuanxuanService:
         self.chats = chats
         self.config = config
         self.connections: set["XuanxuanProtocol"] = set()
+        self._contacts: list[tuple[Chat, int, defer.Deferred]] = []  # see contact()
+
+    def contact(self, message: Message, uid: int) -> defer.Deferred:
+        """Deferred[dict | None]: the chat object of a message's chat as ``uid`` is shown
+        it, the chat listed as theirs from now on (None: the group is gone).  The
+        one-to-one chats asked for during one reactor turn share one round trip."""
+        if message.ctype == GROUP:
+            return defer.ensureDeferred(self._group_contact(message, uid))
+        d = defer.Deferred()
+        self._contacts.append((self.chats.one2one(message.conversation, uid), uid, d))
+        if len(self._contacts) == 1:
+            self.hub.clock.callLater(0, self._contact_all)
+        return d
+
+    def _contact_all(self) -> None:
+        batch, self._contacts = self._contacts, []
+        self.store.one2one_contacts([(chat.gid, *chat.members, uid) for chat, uid, _ in batch]
+                                    ).addCallbacks(self._contacted, self._not_contacted,
+                                                   callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _contacted(self, rows: list, batch: list) -> None:
+        for (chat, uid, d), (meta, flags) in zip(batch, rows):
+            chat.meta, chat.mine = meta, flags
+            info = self.chats.info_now(chat)
+            if info is not None:  # a chat made by its first message: no accounts to look up
+                d.callback(info)
+            else:
+                defer.ensureDeferred(self.chats.infos([chat], uid)).addCallback(
+                    lambda infos: infos[0]).chainDeferred(d)
+
+    @staticmethod
+    def _not_contacted(failure, batch: list) -> None:
+        for _, _, d in batch:
+            d.errback(failure)
+
+    async def _group_contact(self, message: Message, uid: int) -> dict | None:
+        try:
+            chat = await self.chats.of_message(message, uid)
+        except ChatError:
+            return None
+        return (await self.chats.infos([chat], uid))[0]
 
     async def own_json(self, user: User, online: bool) -> dict:
         """The user's own record (private fields included)."""
@@ -193,16 +245,29 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self.MAX_LENGTH = self.service.config.max_frame
         tune_socket(self.transport, self.service.config.heartbeat
                     + self.service.config.heartbeat_timeout)
+        try:  # a reply must not wait for the client's delayed ACK of the one before (Nagle)
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP
         self.nonce = secrets.token_hex(8)
         self.sid: str | None = None
         self._chain = defer.succeed(None)
-        self._out = defer.succeed(None)
+        # Messages handed to the hub at once (_post_now), in request order: [request, the
+        # encoded reply once stored (b"": none), the chat's gid as shown]; _drained fires
+        # when they are all answered.
+        self._answers: deque[list] = deque()
+        self._drained: defer.Deferred | None = None
+        self._ack_heads: dict[tuple[str, str], bytes] = {}
+        # Pushes (messages, notices) that wait, in order: each a callable that writes and
+        # returns None, or a Deferred to wait for before the next one runs.  _hold: the
+        # reasons they wait (the login array not sent yet; a push waiting for its Deferred).
+        self._pushes: deque[Callable[[], defer.Deferred | None]] = deque()
+        self._hold = 0
         self._collect: list[Message] | None = None
         # The chats this client has been shown (conversation -> the chat's gid): a message
         # on any other chat is preceded by the chat (a 1.0 client drops it otherwise).
         self.shown: dict[str, str] = {}
         self._rendering: list[Message] = []  # delivered, not yet written (login, first contact)
-        self._waiting = 0  # pushes queued on _out and not yet done
         self._slow = 0  # requests queued on _chain for _handle and not yet done
         self._contacting: set[str] = set()  # conversations whose first contact is under way
         self._targets: dict[str, tuple[str, int, str, str, str]] = {}  # see _target
@@ -229,15 +294,19 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._reply({}, "fail", "request must be one JSON object")
             return
         self._gate.begin()
-        posted = self._post_now(request)
+        posted = None if self._slow else self._post_now(request)
         if posted is not None:  # stored in this turn's post script; answered in turn
-            self._chain.addCallback(lambda _: posted)
-            self._chain.addCallbacks(self._posted, self._refused, callbackArgs=(request,),
-                                     errbackArgs=(request,))
-        else:
-            self._slow += 1
-            self._chain.addCallback(lambda _: defer.ensureDeferred(self._handle(request)))
-            self._chain.addBoth(self._slow_done)
+            stored, cgid = posted
+            answer = [request, None, cgid]
+            self._answers.append(answer)
+            stored.addCallback(self._stored, answer).addErrback(self._not_stored, answer)
+            return
+        self._slow += 1
+        if self._answers and self._drained is None:  # after the messages under way
+            drained = self._drained = defer.Deferred()
+            self._chain.addCallback(lambda _: drained)
+        self._chain.addCallback(lambda _: defer.ensureDeferred(self._handle(request)))
+        self._chain.addBoth(self._slow_done)
         self._chain.addErrback(self._failed, request)
         self._chain.addBoth(self._gate.end)
 
@@ -245,11 +314,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._slow -= 1
         return result
 
-    def _post_now(self, request: dict) -> defer.Deferred | None:
+    def _post_now(self, request: dict) -> tuple[defer.Deferred, str] | None:
         """The hot path: a ``message`` request of one message to a chat this session has
         posted to before, with no other request under way, is handed to the hub at once
         (so that a connection's messages share a post script call) and answered in order
-        once stored; None for every other request (handled in order by _handle)."""
+        once stored: (Deferred[Message], the chat's gid as shown); None for every other
+        request (handled in order by _handle)."""
         if self._slow or self.user_id is None or self._gone or \
                 str(request.get("method") or "").lower() != "message" or \
                 str(request.get("module") or "").lower() != "chat":
@@ -266,34 +336,64 @@ class XuanxuanProtocol(LineOnlyReceiver):
                 target = self._one2one_target(cgid)
         except (Refused, ChatError):
             return None  # _handle gives the error in turn
-        return self._post(target, kind, messages[0]["content"], extension)
+        return (self._post(target, kind, messages[0]["content"], extension),
+                self.shown[target[2]])
 
-    def _posted(self, m: Message, request: dict) -> None:
-        self._reply(request, "success", data=[self._message_json(m)])
+    def _stored(self, m: Message, answer: list) -> None:
+        request = answer[0]
+        head = self._ack_heads.get((request["module"], request["method"]))
+        if head is None:
+            head = self._ack_heads[request["module"], request["method"]] = (
+                '{"module":%s,"method":%s,"result":"success","message":"","sid":%s,"data":['
+                % (encode_string(request["module"]), encode_string(request["method"]),
+                   encode_string(self.sid or ""))).encode("utf-8")
+        answer[1] = b"".join((head, self._message_bytes(m, self.user_id, answer[2]),
+                              b"]}\n"))
+        self._answer()
 
-    def _refused(self, failure, request: dict) -> None:
-        failure.trap(HubError)
-        self._reply(request, "fail", str(failure.value))
+    def _not_stored(self, failure, answer: list) -> None:
+        answer[1] = b""
+        if failure.check(HubError):
+            self._reply(answer[0], "fail", str(failure.value), answer=answer)
+        elif not self._gone:
+            log_failure(log, "xuanxuan message failed", failure)
+            self._reply(answer[0], "fail", "server error", answer=answer)
+        self._answer()
+
+    def _answer(self) -> None:
+        """Write the replies of the messages under way that are ready, in request order."""
+        answers = self._answers
+        while answers and answers[0][1] is not None:
+            data = answers.popleft()[1]
+            if data:
+                self.outbox.put(data)
+            self._gate.end()
+        if not answers and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
 
     def lineLengthExceeded(self, line):
         self._reply({}, "fail", "request too long")
         self.transport.loseConnection()
 
     def _write(self, obj, messages=(), bounded: bool = True) -> None:
-        self.outbox.put(json.dumps(obj, ensure_ascii=False,
-                                   separators=(",", ":")).encode("utf-8") + b"\n", messages,
-                        bounded)
+        self.outbox.put(encode(obj) + b"\n", messages, bounded)
 
     def _emit(self, data: bytes) -> bool:
         self.transport.write(data)
         return True
 
-    def _reply(self, request: dict, result: str, message: str = "", data=None, **extra):
+    def _reply(self, request: dict, result: str, message: str = "", data=None,
+               answer: list | None = None, **extra):
+        """Answer ``request`` now, or with ``answer``: when its turn comes (_answer)."""
         obj = {"module": request.get("module", ""), "method": request.get("method", ""),
                "result": result, "message": message, "sid": self.sid or ""}
         obj["data"] = message if data is None and result == "fail" else data
         obj.update(extra)
-        self._write(obj)
+        if answer is None:
+            self._write(obj)
+        else:
+            answer[1] = encode(obj) + b"\n"
 
     def _packet(self, module: str, method: str, data) -> dict:
         self._push_serial += 1
@@ -378,7 +478,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # are pushed, so that the client knows the chats they refer to.
         self._collect = []
         # Pushes (live messages, chat and presence notices) wait for the login array.
-        self._out = gate = defer.Deferred()
+        self._hold += 1
         try:
             logout = await service.hub.login(self)
             if self._gone:  # closed while the login was under way
@@ -389,7 +489,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
             await self._send_lists(user.id, queued)
         finally:
-            gate.callback(None)
+            self._resume()
 
     async def _send_lists(self, uid: int, queued: list[Message]) -> None:
         """The login array: every user, my chats (with the chats of queued messages from
@@ -455,53 +555,77 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if self._collect is not None:
             self._collect.append(message)
             return
-        if message.conversation in self.shown and not self._waiting and self._out.called:
+        conversation = message.conversation
+        if conversation in self.shown and not self._pushes and not self._hold:
             self._write_message(message, [])  # nothing queued ahead of it: write it now
             return
         self._rendering.append(message)
         contact = None
-        if message.conversation not in self.shown and \
-                message.conversation not in self._contacting:
+        if conversation not in self.shown and conversation not in self._contacting:
             # First contact: fetch the chat now, beside the pushes queued ahead of it (the
             # later messages of the chat find it shown by the time they are written).
-            contact = defer.ensureDeferred(self._contact(message))
-            self._contacting.add(message.conversation)
-        self._later(lambda _: defer.ensureDeferred(self._push_message(message, contact)))
+            contact = self.service.contact(message, self.user_id)
+            self._contacting.add(conversation)
+        self._later(lambda: self._push_message(message, contact))
 
-    def _later(self, push) -> None:
-        """Run ``push`` on _out: after the login array and the pushes queued before."""
-        self._waiting += 1
-        self._out.addCallback(push)
-        self._out.addErrback(lambda f: log.failure("xuanxuan push failed", f))
-        self._out.addBoth(self._pushed)
+    def _later(self, push: Callable[[], defer.Deferred | None]) -> None:
+        """Run ``push`` after the login array and the pushes queued before."""
+        self._pushes.append(push)
+        if len(self._pushes) == 1 and not self._hold:
+            self._run_pushes()
 
-    def _pushed(self, _) -> None:
-        self._waiting -= 1
+    def _run_pushes(self) -> None:
+        pushes = self._pushes
+        while pushes and not self._hold:
+            try:
+                waiting = pushes.popleft()()
+            except Exception:
+                log.failure("xuanxuan push failed")
+                continue
+            if waiting is None:
+                continue
+            waiting.addErrback(lambda f: log.failure("xuanxuan push failed", f))
+            if not waiting.called:  # the next push waits for this one
+                self._hold += 1
+                waiting.addBoth(self._resume)
 
-    async def _contact(self, message: Message) -> dict | None:
-        """The chat object of a message's chat for this client (None: the group is
-        gone)."""
-        try:
-            chat = await self.service.chats.of_message(message, self.user_id)
-        except ChatError:
-            return None
-        return (await self.service.chats.infos([chat], self.user_id))[0]
+    def _resume(self, _=None) -> None:
+        self._hold -= 1
+        self._run_pushes()
 
-    async def _push_message(self, message: Message,
-                            contact: defer.Deferred | None = None) -> None:
-        packets = []
+    def _push_message(self, message: Message,
+                      contact: defer.Deferred | None = None) -> defer.Deferred | None:
         if message.conversation not in self.shown:  # first contact: the chat comes first
-            info = await (contact or defer.ensureDeferred(self._contact(message)))
-            self._contacting.discard(message.conversation)
-            if info is not None:
-                self._saw(info)
-                packets.append(self._packet("chat", "create", info))
-        elif contact is not None:
+            if contact is None:
+                contact = self.service.contact(message, self.user_id)
+            return contact.addCallback(self._first_contact, message)
+        if contact is not None:
             contact.addErrback(lambda f: None)  # shown meanwhile (a getList)
             self._contacting.discard(message.conversation)
-        if message not in self._rendering:  # the session ended and requeued it
-            return
-        self._rendering.remove(message)
+        self._push_rendered(message, [])
+        return None
+
+    def _first_contact(self, info: dict | None, message: Message) -> None:
+        self._contacting.discard(message.conversation)
+        packets = []
+        if info is not None:
+            self._saw(info)
+            packets.append(self._packet("chat", "create", info))
+        self._push_rendered(message, packets)
+
+    def _push_rendered(self, message: Message, packets: list[dict]) -> None:
+        """Write a message that waited in _rendering (after ``packets``), unless the
+        session ended and requeued it."""
+        rendering = self._rendering
+        if rendering and rendering[0] is message:  # pushes run in delivery order
+            del rendering[0]
+        else:
+            for i, m in enumerate(rendering):
+                if m is message:
+                    del rendering[i]
+                    break
+            else:
+                return  # the session ended and requeued it
         if message.conversation in self.shown:  # else: no longer a member
             self._write_message(message, packets)
 
@@ -513,9 +637,9 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self.push(*packets, messages=(message,))
         else:
             self._push_serial += 1
-            head = json.dumps(packets, ensure_ascii=False, separators=(",", ":"))[1:-1]
+            head = encode(packets)[1:-1]
             self.outbox.put(b"".join((
-                b"[", head.encode("utf-8"), b"," if head else b"",
+                b"[", head, b"," if head else b"",
                 b'{"id":%d,"module":"chat","method":"message","data":[' % self._push_serial,
                 self._shared_json(message), b"]}]\n")), (message,))
         written(self, message)
@@ -528,10 +652,18 @@ class XuanxuanProtocol(LineOnlyReceiver):
             m.wire = {}
         cached = m.wire.get("xuanxuan")
         if cached is None or cached[0] != cgid:
-            cached = m.wire["xuanxuan"] = (cgid, json.dumps(
-                self._message_json(m), ensure_ascii=False,
-                separators=(",", ":")).encode("utf-8"))
+            cached = m.wire["xuanxuan"] = (cgid, self._message_bytes(m, None, cgid))
         return cached[1]
+
+    def _message_bytes(self, m: Message, viewer: int | None, cgid: str = "") -> bytes:
+        """``encode(self._message_json(m))`` as ``viewer`` (None: anyone but the sender)
+        is shown it (``cgid``: its chat's gid, if known), without building the dict."""
+        kind = CONTENT_OUT.get(m.kind)
+        return (MESSAGE_JSON % (
+            m.id, encode_string(message_gid(m, viewer)),
+            encode_string(cgid or self.shown[m.conversation]), m.sender, m.ts // 1000,
+            kind or "text", encode_string(m.body if kind else f"[{m.kind}] {m.body}"))
+        ).encode("utf-8")
 
     def _unsent(self) -> list[Message]:
         """Every message delivered to this session and not written, in order."""
@@ -558,7 +690,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         elif event.kind == "xuanxuan" or (event.kind == PRESENCE and
                                           data["change"] in PRESENCE_PUSH):
             # After the login array, in order with the messages waiting to be written.
-            self._later(lambda _: self._push_notice(event))
+            self._later(lambda: self._push_notice(event))
 
     def _push_notice(self, event: Event) -> None:
         data = event.data
