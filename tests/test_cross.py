@@ -117,10 +117,12 @@ class Boss(Party):
         if ext == "x":
             return
         card = json.loads(base64.b64decode(ext, validate=True))
-        name = NAMES[frm]
-        assert card == {"sender": name, "senderID": str(frm), "senderAvartar": "",
-                        "conversation": GROUP_NAME if group else name,
-                        "conversationAvartar": ""}, card
+        assert card["senderID"] == str(frm), card
+        name = NAMES.get(frm)  # (parties made elsewhere have names of their own)
+        if name is not None:
+            assert card == {"sender": name, "senderID": str(frm), "senderAvartar": "",
+                            "conversation": GROUP_NAME if group else name,
+                            "conversationAvartar": ""}, card
 
 
 class BossLine(Boss):
