@@ -64,6 +64,14 @@ def encode(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def presence_user_json(event: Event, viewer: int | None, admin: bool) -> dict:
+    """The user record of a presence event as ``viewer`` sees it."""
+    data = event.data
+    return XuanxuanService._user_json(User(**data["profile"]),
+                                      {"show": data["show"], "admin": ""},
+                                      data["change"] != OFFLINE, viewer, admin)
+
+
 def message_gid(m: Message, viewer: int | None) -> str:
     """The gid ``viewer`` is shown for a message: the client's own gid to its sender; to
     everyone else one no other message has (the client updates, not adds, on a repeated gid:
@@ -98,6 +106,17 @@ class XuanxuanService:
         self.config = config
         self.connections: set["XuanxuanProtocol"] = set()
         self._contacts: list[tuple[Chat, int, defer.Deferred]] = []  # see contact()
+        self._presence: tuple[Event | None, bytes] = (None, b"")  # see public_presence()
+
+    def public_presence(self, event: Event) -> bytes:
+        """The user JSON of a presence event as a watcher who is neither its user nor an
+        administrator sees it, encoded once: the hub hands the same event to every watcher
+        here (kept for the last event; pushes that waited for a login array miss it)."""
+        last, encoded = self._presence
+        if last is not event:
+            encoded = encode(presence_user_json(event, None, False))
+            self._presence = (event, encoded)
+        return encoded
 
     def contact(self, message: Message, uid: int) -> defer.Deferred:
         """Deferred[dict | None]: the chat object of a message's chat as ``uid`` is shown
@@ -700,12 +719,16 @@ class XuanxuanProtocol(LineOnlyReceiver):
             if isinstance(chat, dict) and "members" in chat and "gid" in chat:
                 self._saw(chat)
             self.push(self._packet("chat", data["method"], pushed))
-        else:
-            user = User(**data["profile"])
+        elif self.admin or data["user"] == self.user_id:
             self.push(self._packet("chat", PRESENCE_PUSH[data["change"]],
-                                   XuanxuanService._user_json(
-                                       user, {"show": data["show"], "admin": ""},
-                                       data["change"] != OFFLINE, self.user_id, self.admin)))
+                                   presence_user_json(event, self.user_id, self.admin)))
+        else:
+            # What every other watcher is shown, encoded once per event (a change is pushed
+            # to every xuanxuan session: point 6).
+            self._push_serial += 1
+            self.outbox.put(b'[{"id":%d,"module":"chat","method":"%s","data":%s}]\n' % (
+                self._push_serial, PRESENCE_PUSH[data["change"]].encode(),
+                self.service.public_presence(event)))
 
     def _overflowed(self) -> None:
         """The client stopped reading: end the session now (what was not written goes back
