@@ -724,3 +724,50 @@ async def test_replies_keep_request_order_across_stored_and_other_requests(daemo
     first = [p["method"] for p in pushed if p["method"] in ("create", "message")]
     assert first[0] == "create"
     assert next(p for p in pushed if p["method"] == "create")["data"]["gid"] == pair
+
+
+def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
+    """A reconnect storm reads and encodes the user list once for the logins waiting on
+    it, but a login never gets a list read before it registered (a change in between
+    would be neither in its list nor pushed to it)."""
+    from twisted.internet import defer
+
+    from imd.model import User
+    from imd.protocols.xuanxuan.directory import Directories
+    from imd.protocols.xuanxuan.socket import XuanxuanService, encode
+
+    fetches: list[defer.Deferred] = []
+
+    def fetch():
+        fetches.append(defer.Deferred())
+        return fetches[-1]
+
+    directories = Directories(fetch, XuanxuanService._user_json, encode)
+    users = [User(1, "ann", "Ann", mail="ann@example.org"),
+             User(2, "bob", "Bob", mail="bob@example.org")]
+    fields = {1: {"show": "available", "admin": ""}, 2: {"show": "away", "admin": ""}}
+
+    first = directories.get(directories.mark())
+    since = directories.mark()
+    second = directories.get(since)  # registered after that fetch started: one of its own
+    assert len(fetches) == 2
+    joins = [directories.get(since) for _ in range(2)]  # registered before the 2nd started
+    assert len(fetches) == 2
+    later = directories.get(directories.mark())
+    assert len(fetches) == 3
+    got = []
+    for d in (first, second, *joins, later):
+        d.addCallback(got.append)
+    fetches[1].callback((users, fields, {1}))
+    assert len(got) == 3 and got[0] is got[1] is got[2]  # one fetch, encoded once
+    listed = json.loads(directories.encoded(got[0], 1, False))
+    assert [(u["id"], u["status"], u["email"]) for u in listed] == [
+        (1, "online", "ann@example.org"), (2, "offline", "")]  # own e-mail only
+    admin = json.loads(directories.encoded(got[0], 9, True))
+    assert [u["email"] for u in admin] == ["ann@example.org", "bob@example.org"]
+    fetches[0].errback(RuntimeError("store down"))
+    failed = []
+    first.addErrback(failed.append)
+    assert failed and len(got) == 3
+    fetches[2].callback((users, fields, set()))
+    assert len(got) == 4

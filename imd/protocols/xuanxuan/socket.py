@@ -31,6 +31,7 @@ from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, 
                        one2one_gid, seen_by)
 from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
+from imd.protocols.xuanxuan.directory import Directories
 from imd.throttle import Throttled
 from imd.unavailable import log_failure
 
@@ -107,6 +108,8 @@ class XuanxuanService:
         self.connections: set["XuanxuanProtocol"] = set()
         self._contacts: list[tuple[Chat, int, defer.Deferred]] = []  # see contact()
         self._presence: tuple[Event | None, bytes] = (None, b"")  # see public_presence()
+        self.directories = Directories(lambda: defer.ensureDeferred(self._read_directory()),
+                                       self._user_json, encode)
 
     def public_presence(self, event: Event) -> bytes:
         """The user JSON of a presence event as a watcher who is neither its user nor an
@@ -175,12 +178,16 @@ class XuanxuanService:
                 "mobile": "", "site": "", "phone": ""}
 
     async def all_users_json(self, viewer: int, admin: bool) -> list[dict]:
-        """Every user, as userGetlist shows them to ``viewer`` (three round trips)."""
+        """Every user, as userGetlist shows them to ``viewer``."""
+        directory = await self.directories.get(self.directories.mark())
+        return self.directories.entries(directory, viewer, admin)
+
+    async def _read_directory(self) -> tuple[list[User], dict, set[int]]:
+        """Every user, their show and admin fields, who is online (three round trips)."""
         users = await self.store.list_users()
         online = await self.hub.online_among(u.id for u in users)
         fields = await self.store.users_fields([u.id for u in users], "show", "admin")
-        return [self._user_json(u, fields[u.id], u.id in online, viewer, admin)
-                for u in users]
+        return users, fields, online
 
 def param(params, index: int, name: str, default=None):
     """A positional (list) or named (dict) parameter."""
@@ -504,17 +511,18 @@ class XuanxuanProtocol(LineOnlyReceiver):
                 await logout(self._unsent())
                 return
             self._logout = logout
+            listed_since = service.directories.mark()  # registered: pushed what changes
             queued, self._collect = self._collect, None
             self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
-            await self._send_lists(user.id, queued)
+            await self._send_lists(user.id, queued, listed_since)
         finally:
             self._resume()
 
-    async def _send_lists(self, uid: int, queued: list[Message]) -> None:
+    async def _send_lists(self, uid: int, queued: list[Message], listed_since: int) -> None:
         """The login array: every user, my chats (with the chats of queued messages from
         chats I was never shown), the queued messages."""
         service = self.service
-        users = await service.all_users_json(uid, self.admin)
+        directory = await service.directories.get(listed_since)
         mine = await service.chats.of_user(uid)
         keys = {c.conversation for c in mine}
         for m in queued:  # e.g. the first message from another protocol's user
@@ -529,9 +537,10 @@ class XuanxuanProtocol(LineOnlyReceiver):
             return
         del self._rendering[:len(queued)]
         queued = [m for m in queued if m.conversation in self.shown]
-        packets = [self._packet("chat", "userGetlist", users)]
-        if chats:
-            packets.append(self._packet("chat", "getList", chats))
+        self._push_serial += 1
+        users = b'{"id":%d,"module":"chat","method":"userGetlist","data":%s}' % (
+            self._push_serial, service.directories.encoded(directory, uid, self.admin))
+        packets = [self._packet("chat", "getList", chats)] if chats else []
         # The backlog in pushes of LOGIN_CHUNK messages (the first in the login array), so
         # that no line grows with the backlog.
         chunks = [queued[i:i + LOGIN_CHUNK] for i in range(0, len(queued), LOGIN_CHUNK)] or [[]]
@@ -539,7 +548,13 @@ class XuanxuanProtocol(LineOnlyReceiver):
             if chunk:
                 packets.append(self._packet("chat", "message",
                                             [self._message_json(m) for m in chunk]))
-            self.push(*packets, messages=chunk, bounded=False)
+            if users:
+                rest = encode(packets)[1:-1]
+                self.outbox.put(b"".join((b"[", users, b"," if rest else b"", rest, b"]\n")),
+                                chunk, False)
+                users = b""
+            else:
+                self.push(*packets, messages=chunk, bounded=False)
             packets = []
         for m in queued:
             written(self, m)

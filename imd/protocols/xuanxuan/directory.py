@@ -1,0 +1,93 @@
+"""The user list (``userGetlist``) that every xuanxuan login is sent, fetched once for every
+login waiting for it.
+
+A xuanxuan login is sent every user, so a reconnect storm of N users used to read and encode
+N users N times.  Logins now share one fetch: a login that registered with the hub (and so is
+pushed every presence change from then on) joins a fetch that started after it registered, or
+starts one; what the fetch reads is then at least as new as the login, so no change falls
+between the list and the pushes that follow it.  Each user's entry is encoded once per fetch
+as everyone but that user and the administrators see it; the viewer's own entry (with its
+private fields) and an administrator's whole list are made for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from imd.model import User
+
+
+@dataclass
+class Directory:
+    users: list[User]
+    fields: dict[int, dict[str, str]]  # "show", "admin"
+    online: set[int]
+    public: list[bytes]  # each user's entry, encoded, as other non-administrators see it
+
+
+class Directories:
+    """Shared fetches of the user list.  ``render(user, fields, online, viewer, admin)``
+    makes one entry; ``encode`` one JSON text."""
+
+    def __init__(self, fetch: Callable[[], defer.Deferred],
+                 render: Callable[..., dict], encode: Callable[[object], bytes]):
+        self.fetch = fetch  # Deferred[(users, fields, online)]
+        self.render = render
+        self.encode = encode
+        self.registrations = 0
+        self._pending: list[defer.Deferred] | None = None  # logins waiting on the fetch
+        self._started_at = 0  # registrations counted when the fetch under way started
+
+    def mark(self) -> int:
+        """A point in time (call it once a login has registered with the hub): a fetch
+        started after it is new enough for that login."""
+        self.registrations += 1
+        return self.registrations
+
+    def get(self, since: int) -> defer.Deferred:
+        """Deferred[Directory], read after the mark ``since``."""
+        d = defer.Deferred()
+        if self._pending is not None and self._started_at >= since:
+            self._pending.append(d)
+            return d
+        # A fetch of its own, which later logins join (one under way is older than this
+        # login: it finishes for those waiting on it).
+        waiting = [d]
+        self._pending, self._started_at = waiting, self.registrations
+        self.fetch().addCallback(lambda found: self._directory(*found)).addBoth(
+            self._done, waiting)
+        return d
+
+    def _done(self, outcome, waiting: list[defer.Deferred]) -> None:
+        if self._pending is waiting:
+            self._pending = None
+        for d in waiting:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+    def _directory(self, users, fields, online) -> Directory:
+        public = [self.encode(self.render(u, fields[u.id], u.id in online, None, False))
+                  for u in users]
+        return Directory(users, fields, online, public)
+
+    def entries(self, directory: Directory, viewer: int, admin: bool) -> list[dict]:
+        return [self.render(u, directory.fields[u.id], u.id in directory.online, viewer,
+                            admin) for u in directory.users]
+
+    def encoded(self, directory: Directory, viewer: int, admin: bool) -> bytes:
+        """The list as ``viewer`` is shown it, one JSON array."""
+        if admin:
+            return self.encode(self.entries(directory, viewer, admin))
+        parts = directory.public[:]
+        for i, user in enumerate(directory.users):
+            if user.id == viewer:
+                parts[i] = self.encode(self.render(
+                    user, directory.fields[user.id], user.id in directory.online, viewer,
+                    False))
+        return b"[" + b",".join(parts) + b"]"
