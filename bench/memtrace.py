@@ -9,7 +9,8 @@
     kill -USR1 <pid>   # snaps/snap-2.pickle
     python bench/memtrace.py diff snaps/snap-1.pickle snaps/snap-2.pickle --per N
 
-    kill -USR2 <pid>   # gc.collect() and glibc's malloc_trim(0); logs VmRSS before and after
+    kill -USR2 <pid>   # gc.collect() and glibc's malloc_trim(0); logs VmRSS before and
+                       # after, and the small-object allocator's arenas (sys._debugmallocstats)
 
 SIGUSR2 tells apart what the daemon holds from what malloc kept after a burst (freed memory
 that stays in RSS): compare the RSS after a trim, before and after the connections opened.
@@ -63,8 +64,9 @@ def run(args: argparse.Namespace) -> None:
         gc.collect()
         before = rss_kb()
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-        print(f"memtrace: malloc_trim: VmRSS {before} kB -> {rss_kb()} kB", file=sys.stderr,
-              flush=True)
+        print(f"memtrace: malloc_trim: VmRSS {before} kB -> {rss_kb()} kB; pymalloc:",
+              file=sys.stderr, flush=True)
+        sys._debugmallocstats()  # arenas: freed small objects keep a partly used one alive
 
     def later(work):
         def handler(*_):
@@ -94,7 +96,7 @@ def diff(args: argparse.Namespace) -> None:
     if key == "traceback" and args.imd:  # merge by the innermost frames in imd's own code
         merged: dict = {}
         for s in stats:
-            ours = [f for f in s.traceback if f"{os.sep}imd{os.sep}" in f.filename][:2]
+            ours = [f for f in s.traceback if f"{os.sep}imd{os.sep}" in f.filename][-2:][::-1]
             where = tuple(ours) or tuple(s.traceback)[-1:]
             size, n = merged.get(where, (0, 0))
             merged[where] = (size + s.size_diff, n + s.count_diff)
