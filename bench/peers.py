@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = set(args.systems) - set(SYSTEMS)
     if bad or not args.systems:
         p.error(f"unknown system(s) {sorted(bad)}; choose from {', '.join(SYSTEMS)}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.users < 2 or args.messages < args.users:
         p.error("need at least 2 users and one message per user")
     args.runs = [r for r in args.runs.split(",") if r]
