@@ -1450,9 +1450,14 @@ def main(argv=None) -> int:
         say(f"bench failed: {failure.getTraceback()}")
         result["code"] = 2
 
-    d = defer.ensureDeferred(run())
-    d.addErrback(failed)
-    d.addBoth(lambda _: reactor.stop())
+    def start() -> None:
+        # started from the running reactor: a failure before the first wait (an import
+        # error, say) must stop a reactor that runs, or reactor.run() would never return
+        d = defer.ensureDeferred(run())
+        d.addErrback(failed)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
     reactor.run()
     return result["code"]
 
