@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from typing import Any, Awaitable, Callable
 
 from imd.model import PROFILE_FIELDS, User
 from imd.passwords import LoginKey, check_verifier, make_verifier, md5hex
@@ -79,17 +80,27 @@ class Accounts:
         account or from ``address``."""
         uid = await self.store.find_account(account or "")
         key = f"user:{uid}" if uid is not None else f"account:{(account or '').lower()}"
+        return await self._throttled(key, address,
+                                     lambda: self._user_with(uid, password_md5 or ""))
+
+    async def _user_with(self, uid: int | None, md5: str) -> User | None:
+        if uid is None or not await self._check(uid, md5):
+            return None
+        return await self.store.get_user(uid)
+
+    async def _throttled(self, key: str, address: str, attempt: Callable[[], Awaitable[Any]]):
+        """Run a credential check under the failed-login throttles: refused (``Throttled``)
+        before it runs after too many failures for ``key`` or from ``address``; a falsy
+        result counts as a failure."""
         if self.throttles is not None:
             self.throttles.before_login(key, address)
-        if uid is not None and await self._check(uid, password_md5 or ""):
-            user = await self.store.get_user(uid)
-            if user is not None:
-                if self.throttles is not None:
-                    self.throttles.login_succeeded(key)
-                return user
+        result = await attempt()
         if self.throttles is not None:
-            self.throttles.login_failed(key, address)
-        return None
+            if result:
+                self.throttles.login_succeeded(key)
+            else:
+                self.throttles.login_failed(key, address)
+        return result
 
     async def _check(self, uid: int, md5: str) -> bool:
         """Whether md5hex(password) is the password of the (enabled) user: a remembered login
@@ -124,16 +135,10 @@ class Accounts:
     async def token_login(self, uid: int, token: str, address: str = "") -> bool:
         """Whether ``token`` is a live token of user ``uid``: a login with a token, throttled
         like a password check (raises ``Throttled``)."""
-        key = f"user:{uid}"
-        if self.throttles is not None:
-            self.throttles.before_login(key, address)
-        if await self.user_for_token(token) == uid:
-            if self.throttles is not None:
-                self.throttles.login_succeeded(key)
-            return True
-        if self.throttles is not None:
-            self.throttles.login_failed(key, address)
-        return False
+        return await self._throttled(f"user:{uid}", address, lambda: self._token_of(uid, token))
+
+    async def _token_of(self, uid: int, token: str) -> bool:
+        return await self.user_for_token(token) == uid
 
     async def issue_token(self, uid: int) -> str:
         return await self.store.issue_token(uid, self.token_ttl)

@@ -74,6 +74,14 @@ def blocked_rooms(fields: dict) -> frozenset[int]:
     return frozenset(i for i in ids if isinstance(i, int))
 
 
+def stored_setting(fields: dict):
+    """A user's webim settings, from the user's ``webim_setting`` field."""
+    try:
+        return jsonin.read(fields.get("webim_setting") or "{}", limit=SETTING_MAX)
+    except jsonin.BadJSON:
+        return {}  # stored before the reader checked settings
+
+
 def setting_blocked(setting) -> frozenset[int]:
     """The ``blocked_rooms`` the client keeps in its own setting (the original's ``online``
     marked those rooms blocked)."""
@@ -324,10 +332,7 @@ class WebimActions:
             await self.hub.set_show(uid, show)
         fields = await self.store.user_fields(uid, "show", "status", "webim_setting",
                                               "webim_blocked")
-        try:
-            setting = jsonin.read(fields.get("webim_setting") or "{}", limit=SETTING_MAX)
-        except jsonin.BadJSON:
-            setting = {}  # stored before the reader checked settings
+        setting = stored_setting(fields)
         blocked = blocked_rooms(fields) | setting_blocked(setting)
         self.tickets.set_blocked(uid, blocked)
         ticket, unseen = await self.tickets.open(uid, self.tickets.pages.claim(request, uid))
@@ -508,11 +513,7 @@ class WebimActions:
         client takes its settings from there, not from ``online``)."""
         data = arg(request, "data")
         if data is None and not set(request.args) - SETTING_NOT_FIELDS:
-            stored = (await self.store.user_fields(uid, "webim_setting"))["webim_setting"]
-            try:
-                return jsonin.read(stored or "{}", limit=SETTING_MAX)
-            except jsonin.BadJSON:
-                return {}
+            return stored_setting(await self.store.user_fields(uid, "webim_setting"))
         if data is None:
             # The seed's draft sent the settings as separate parameters.
             data = json.dumps({k.decode(): v[0].decode("utf-8", "replace")
