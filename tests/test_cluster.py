@@ -20,7 +20,7 @@ from tests.test_minami import new_user as minami_user
 from tests.test_minami import ok
 from tests.test_presence import about, none_about
 from tests.test_xuanxuan import login as xuanxuan_login
-from tests.wire import ws_connect
+from tests.wire import wait_for_port, ws_connect
 
 
 def free_port() -> int:
@@ -35,13 +35,7 @@ def start_redis(directory) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", "--dir", str(directory)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_for_port(port, proc)
     return proc, f"redis://127.0.0.1:{port}"
 
 

@@ -241,6 +241,14 @@ async def _offline_and_queued(d, uid: int, ca) -> str:
     return text
 
 
+async def _next_login_gets(client, uid: int, token: str, text: str) -> None:
+    """A 66boss login of the user gets the queued message ``text`` first."""
+    client.send(f"login_{uid}_{token}")
+    assert await client.next() == "ok"
+    got = await client.next()
+    assert got.startswith("text_") and text in got
+
+
 @pytest_twisted.ensureDeferred
 async def test_xuanxuan_login_closed_at_any_point_leaves_no_ghost(fresh_daemon):
     # Its own daemon: a xuanxuan login creates the system chat, whose members are everyone
@@ -286,10 +294,7 @@ async def test_boss_login_closed_at_any_point_leaves_no_ghost(daemon):
             cb.proto.transport.abortConnection()
     text = await _offline_and_queued(daemon, b, ca)
     cb = await ws_connect(daemon.web)
-    cb.send(f"login_{b}_{tb}")
-    assert await cb.next() == "ok"
-    got = await cb.next()
-    assert got.startswith("text_") and text in got
+    await _next_login_gets(cb, b, tb, text)
     await cb.nothing()
 
 
@@ -319,10 +324,7 @@ async def test_minami_login_closed_at_any_point_leaves_no_ghost(daemon):
     # minami shows only friends' messages; the queue is what the next login of any
     # protocol gets, so check it with a 66boss connection of the same user.
     cb = await line_connect(daemon.line)
-    cb.send(f"login_{uid}_{await _token(daemon, uid)}")
-    assert await cb.next() == "ok"
-    got = await cb.next()
-    assert got.startswith("text_") and text in got
+    await _next_login_gets(cb, uid, await _token(daemon, uid), text)
     assert "TypeError" not in daemon.log()
 
 

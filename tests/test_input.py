@@ -5,7 +5,6 @@ case, the Host header, JSONP callbacks, oversized WebSocket frames)."""
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from urllib.parse import urlencode
 
@@ -20,7 +19,7 @@ from tests.test_minami import new_user, ok, register
 from tests.test_uploads import make_png
 from tests.test_webim import parse, tab
 from tests.test_xuanxuan import login as xx_login
-from tests.wire import CLOSED, get, http, post_form
+from tests.wire import CLOSED, get, http, multipart, post_form
 
 DEEP = "[" * 50_000 + "]" * 50_000  # deeper than any recursive parser goes
 NESTED = "[" * 990 + "]" * 990  # fits a C parser's stack alone, not a handler's
@@ -176,14 +175,9 @@ async def test_host_header_only_when_it_names_this_listener_or_a_listed_host(fre
 async def test_boss_upload_url_ignores_a_foreign_host(fresh_daemon):
     d = fresh_daemon().start()
     _, token = await d.user(unique("up"))
-    body_png = make_png(3, 4)
-    boundary = "b" + secrets.token_hex(8)
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
-    body += body_png + f"\r\n--{boundary}--\r\n".encode()
+    body, body_type = multipart(make_png(3, 4), "a.png", content_type="image/png")
     r = await http("POST", f"http://127.0.0.1:{d.web}/upload/writev2?token={token}", body,
-                   {"Content-Type": f"multipart/form-data; boundary={boundary}",
-                    "Host": "evil.example.net"})
+                   {"Content-Type": body_type, "Host": "evil.example.net"})
     assert r.status == 200, r.body
     assert f"http://127.0.0.1:{d.web}/upload/files/" in r.body.decode(), r.body
     await d.close_store()

@@ -7,9 +7,7 @@ import datetime
 import ipaddress
 import json
 import re
-import secrets
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,10 +22,11 @@ from twisted.internet import ssl
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from tests.conftest import unique
+from tests.test_boss import logged_in
 from tests.test_cluster import free_port
 from tests.test_daemon import TWISTD, run
 from tests.test_media import make_png
-from tests.wire import http, ws_connect
+from tests.wire import http, multipart, wait_for_port, ws_connect
 
 
 class CA:
@@ -115,13 +114,9 @@ async def test_web_port_over_tls_serves_https_and_wss(fresh_daemon, ca):
 
     # An upload over https is answered with an https link that serves the file.
     png = make_png(3, 4)
-    boundary = "imdtls" + secrets.token_hex(8)
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"p.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
-    body += png + f"\r\n--{boundary}--\r\n".encode()
+    body, body_type = multipart(png, "p.png", content_type="image/png")
     r = await http("POST", f"{base}/upload/writev2?token={ta}", body,
-                   {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-                   tls_policy=ca.https_policy())
+                   {"Content-Type": body_type}, tls_policy=ca.https_policy())
     url = r.json()["data"]
     assert url.startswith(f"{base}/upload/files/"), url
     fetched = await http("GET", url, tls_policy=ca.https_policy())
@@ -171,15 +166,10 @@ def tls_redis(ca, tmp_path):
          "--tls-ca-cert-file", str(ca.path), "--tls-auth-clients", "yes",
          "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"redis-server with TLS did not start:\n{proc.stdout.read()}")
-            time.sleep(0.05)
+    try:
+        wait_for_port(port, proc)
+    except RuntimeError:
+        pytest.fail(f"redis-server with TLS did not start:\n{proc.stdout.read()}")
     client_key, client_cert = ca.issue("imd-client", ["imd"])
     query = f"ssl_ca_certs={ca.path}&ssl_certfile={client_cert}&ssl_keyfile={client_key}"
     yield port, query
@@ -193,12 +183,8 @@ async def test_rediss_store_with_a_private_ca(fresh_daemon, tls_redis):
     port, query = tls_redis
     d = fresh_daemon("--redis", f"rediss://localhost:{port}/0?{query}").start()
     assert f"using Redis at rediss://localhost:{port}/0" in d.log()
-    a, ta = await d.user(unique())
-    b, tb = await d.user(unique())
-    ca_, cb_ = await ws_connect(d.web), await ws_connect(d.web)
-    ca_.send(f"login_{a}_{ta}")
-    cb_.send(f"login_{b}_{tb}")
-    assert await ca_.next() == "ok" and await cb_.next() == "ok"
+    a, _, ca_ = await logged_in(d)
+    b, _, cb_ = await logged_in(d)
     ca_.send(f"text_{b}_stored over tls_unicast_x")
     assert (await cb_.next()).startswith(f"text_{a}_stored over tls_unicast_")
     ca_.close()

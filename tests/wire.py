@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
+import subprocess
+import time
 from urllib.parse import urlencode
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -217,13 +220,36 @@ async def post_form(port: int, path: str, **params) -> Response:
                       {"Content-Type": "application/x-www-form-urlencoded"})
 
 
-async def post_file(port: int, path: str, data: bytes, filename: str = "f.bin",
-                    field: str = "file", query: str = "",
-                    content_type: str = "application/octet-stream",
-                    source: str | None = None) -> Response:
+def multipart(data: bytes, filename: str = "f.bin", field: str = "file",
+              content_type: str = "application/octet-stream") -> tuple[bytes, str]:
+    """A multipart/form-data body holding one file, and its Content-Type header."""
     boundary = "imdtest" + secrets.token_hex(8)
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
             f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
     body += data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+async def post_file(port: int, path: str, data: bytes, filename: str = "f.bin",
+                    field: str = "file", query: str = "",
+                    content_type: str = "application/octet-stream",
+                    source: str | None = None) -> Response:
+    body, body_type = multipart(data, filename, field, content_type)
     return await http("POST", f"http://127.0.0.1:{port}{path}{query}", body,
-                      {"Content-Type": f"multipart/form-data; boundary={boundary}"}, source)
+                      {"Content-Type": body_type}, source)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10) -> None:
+    """Block until 127.0.0.1:``port`` takes connections (a server process starting up);
+    raise if ``proc`` ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the server on port {port} exited: {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+            time.sleep(0.05)
