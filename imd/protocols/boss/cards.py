@@ -16,7 +16,9 @@ import base64
 import json
 from collections import OrderedDict
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from imd.model import GROUP, Message
 from imd.store.redis import RedisStore
@@ -51,6 +53,7 @@ class Cards:
         self.size = size
         self._cache: OrderedDict[tuple[str, int], tuple[tuple[str, str], float]] = \
             OrderedDict()
+        self._loading: dict[tuple[str, int], list[defer.Deferred]] = {}  # see fetch()
 
     def _get(self, key: tuple[str, int]) -> tuple[str, str] | None:
         entry = self._cache.get(key)
@@ -72,16 +75,40 @@ class Cards:
             return None
         return extension(message, sender, group)
 
-    async def fetch(self, messages: list[Message]) -> None:
-        """Load the cards these messages need (unknown users and groups get their id)."""
-        uids = {m.sender for m in messages if self._get(("u", m.sender)) is None}
-        gids = {m.to for m in messages
-                if m.ctype == GROUP and self._get(("g", m.to)) is None}
+    def fetch(self, messages: list[Message]) -> defer.Deferred:
+        """Deferred firing once the cards these messages need are loaded (unknown users and
+        groups get their id).  A card already being loaded for another caller is waited
+        for, not loaded again: a group message reaches every member's connection at once."""
+        keys = {("u", m.sender) for m in messages}
+        keys |= {("g", m.to) for m in messages if m.ctype == GROUP}
+        missing = {k for k in keys if self._get(k) is None}
+        loads = {id(load): load for k in missing if (load := self._loading.get(k))}
+        new = missing - self._loading.keys()
+        if new:
+            load: list[defer.Deferred] = []  # the callers waiting on it
+            for key in new:
+                self._loading[key] = load
+            defer.ensureDeferred(self._load(new)).addBoth(self._loaded, new, load)
+            loads[id(load)] = load
+        waits = []
+        for load in loads.values():
+            load.append(defer.Deferred())
+            waits.append(load[-1])
+        return defer.gatherResults(waits, consumeErrors=True)
+
+    def _loaded(self, result, keys: set, load: list[defer.Deferred]) -> None:
+        for key in keys:
+            self._loading.pop(key, None)
+        for d in load:
+            d.errback(result) if isinstance(result, Failure) else d.callback(None)
+
+    async def _load(self, keys: set[tuple[str, int]]) -> None:
+        uids = [i for kind, i in keys if kind == "u"]
         users = await self.store.get_users(uids) if uids else {}
         for uid in uids:
             user = users.get(uid)
             self._put(("u", uid), (user.name or user.account, user.avatar) if user
                       else (str(uid), ""))
-        for gid in gids:
+        for gid in [i for kind, i in keys if kind == "g"]:
             group = await self.store.get_group(gid)
             self._put(("g", gid), (group.name, group.snap) if group else (str(gid), ""))

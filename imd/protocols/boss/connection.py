@@ -177,7 +177,7 @@ class BossConnection:
         are loaded."""
         if self._held is None:
             self._held = []
-            d = defer.ensureDeferred(self.service.cards.fetch([message]))
+            d = self.service.cards.fetch([message])
             d.addErrback(lambda f: log_failure(log, "loading 66boss sender cards failed", f))
             d.addBoth(self._release_held)
         self._held.append((message, bounded))
