@@ -100,8 +100,9 @@ class ProtocolService(Ordered):
     """One protocol of the daemon.  Subclasses set ``name`` and ``upload_paths`` and
     override ``build`` (make the adapter's objects; the hub is up), ``mount`` (its HTTP
     routes on the shared root), ``listeners`` and ``close`` (drop its connections).
-    ``build`` may add child services (a heartbeat: ``internet.TimerService``); they start
-    after ``mount`` and stop before ``close``."""
+    ``check`` may refuse its options before anything starts.  ``build`` may add child
+    services (a heartbeat: ``internet.TimerService``); they start after ``mount`` and stop
+    before ``close``."""
 
     name = "protocol"
     web_routes = ""  # what it serves on the web port, for the log ("minami /im/")
@@ -111,6 +112,11 @@ class ProtocolService(Ordered):
     def __init__(self, daemon):
         super().__init__()
         self.daemon = daemon  # imd.service.ImdService: config, hub, accounts, ...
+
+    def check(self) -> str | None:
+        """A start-up check of this protocol's options that needs no reactor: what is
+        wrong (the daemon exits with it as its one error line), or None."""
+        return None
 
     def build(self) -> None:
         pass

@@ -303,6 +303,10 @@ class ImdService(Ordered):
         self.check()
         self.protocols = [protocol(self) for protocol in (PROTOCOLS if protocols is None
                                                           else protocols)]
+        for protocol in self.protocols:
+            problem = protocol.check()
+            if problem:
+                fail(problem)
         if config.admin.lower() != "none":
             AdminService(self).setServiceParent(self)
         StoreService(self).setServiceParent(self)
@@ -332,9 +336,6 @@ class ImdService(Ordered):
         except OSError as e:
             fail(f"cannot use the login key file {key_path} ({e.strerror}): fix its directory "
                  "or permissions, or choose another --login-key")
-        if self.config.webim_static and not Path(self.config.webim_static).is_dir():
-            fail(f"--webim-static {self.config.webim_static} is not a directory (give the "
-                 "webim client's static/ folder itself)")
         if self.config.access_log:
             try:
                 open(self.config.access_log, "a").close()

@@ -3,6 +3,8 @@ its tickets, whose polls are answered and held messages requeued at shutdown."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.internet import reactor
 from twisted.web import resource
 
@@ -15,6 +17,13 @@ from imd.protocols.webim.tickets import Tickets
 class WebimProtocolService(ProtocolService):
     name = "webim"
     web_routes = "webim /webim/"
+
+    def check(self) -> str | None:
+        static = self.daemon.config.webim_static
+        if static and not Path(static).is_dir():
+            return (f"--webim-static {static} is not a directory (give the webim client's "
+                    "static/ folder itself)")
+        return None
 
     def build(self) -> None:
         daemon = self.daemon
