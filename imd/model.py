@@ -19,7 +19,8 @@ VIDEO = "video"
 FILE = "file"
 KINDS = frozenset({TEXT, EMOTICON, IMAGE, AUDIO, VIDEO, FILE})
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# Compact JSON with the text as is (UTF-8 on the wire, not \u escapes).
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # Conversation types.
 UNICAST = "unicast"
@@ -90,7 +91,7 @@ class Event:
     data: dict
 
     def to_json(self) -> str:
-        return _encode([self.kind, self.data])
+        return compact_json([self.kind, self.data])
 
     @classmethod
     def from_json(cls, text: str) -> "Event":
@@ -140,7 +141,7 @@ class Message:
         return one2one_gid(self.sender, self.to)
 
     def to_json(self) -> str:
-        return _encode([self.id, self.ts, self.sender, self.to, self.ctype, self.kind,
+        return compact_json([self.id, self.ts, self.sender, self.to, self.ctype, self.kind,
                         self.body, self.extension, self.style])
 
     @classmethod

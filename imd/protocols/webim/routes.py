@@ -26,7 +26,7 @@ from twisted.web import resource, server, static
 from twisted.web.pages import forbidden, notFound
 
 from imd.hub import written
-from imd.model import Message, User
+from imd.model import Message, User, compact_json
 from imd.protocols.webim.actions import ActionError, Download, WebimActions
 from imd.protocols.webim.tickets import Tickets
 from imd.unavailable import Unavailable
@@ -67,7 +67,6 @@ def html_names(obj):
     return out
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def encode(obj) -> str:
@@ -76,7 +75,7 @@ def encode(obj) -> str:
         return '"ok"'
     if obj == []:
         return "[]"
-    return _dumps(html_names(obj))
+    return compact_json(html_names(obj))
 
 
 def message_packet(m: Message, users: dict[int, User]) -> str:
