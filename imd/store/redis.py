@@ -273,8 +273,7 @@ for m = 1, #rows, 7 do
     local id = redis.call('INCR', p..'msgid')
     local msg = '['..id..','..ts..tail
     local hkey = p..'h:'..conv
-    redis.call('RPUSH', hkey, msg)
-    redis.call('LTRIM', hkey, -hcap, -1)
+    if redis.call('RPUSH', hkey, msg) > hcap then redis.call('LTRIM', hkey, -hcap, -1) end
     local bynode, live, here = {}, {}, {}
     for _, uid in ipairs(targets) do
       for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..uid)) do
@@ -298,8 +297,9 @@ for m = 1, #rows, 7 do
     end
     for _, uid in ipairs(targets) do
       if not live[uid] and uid ~= sender then
-        redis.call('RPUSH', p..'q:'..uid, msg)
-        redis.call('LTRIM', p..'q:'..uid, -qcap, -1)
+        if redis.call('RPUSH', p..'q:'..uid, msg) > qcap then
+          redis.call('LTRIM', p..'q:'..uid, -qcap, -1)
+        end
       end
     end
     if chat ~= '' then
