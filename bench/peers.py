@@ -158,7 +158,10 @@ class Ejabberd:
                 "sent": r.get("sent"), "delivered": r.get("received"),
                 "lost": r.get("lost"), "duplicated": r.get("duplicated"),
                 "misrouted": r.get("misrouted"), "login_failures": r.get("login_failures"),
-                "server_us_per_msg": r.get("server_us_per_msg")}
+                "server_us_per_msg": r.get("server_us_per_msg"),
+                "client_us_per_msg": (1e6 * r["client_msg_cpu_s"] / r["received"]
+                                      if r.get("client_msg_cpu_s") and r.get("received")
+                                      else None)}
 
     def full(self, label, log):
         a = self.args
@@ -260,9 +263,14 @@ def parse_boss_load(text: str) -> dict:
         r["acks_ok"], r["acks_missing"], r["acks_dup"] = map(int, m.groups())
     r["login_failures"] = sum(int(x) for x in re.findall(r"^logins.*? (\d+) failed", text,
                                                          re.M))
-    m = re.search(r"^CPU \(send\)\s+daemon ([\d.]+) s", text, re.M)
+    # The server's CPU is the daemon's and its Redis server's: ejabberd keeps its state
+    # inside its own process.
+    m = re.search(r"^CPU \(send\)\s+daemon ([\d.]+) s \(\d+%\), redis-server ([\d.]+) s "
+                  r"\(\d+%\), load clients ([\d.]+) s", text, re.M)
     if m and r.get("delivered"):
-        r["server_us_per_msg"] = 1e6 * float(m.group(1)) / r["delivered"]
+        daemon, redis, client = map(float, m.groups())
+        r["server_us_per_msg"] = 1e6 * (daemon + redis) / r["delivered"]
+        r["client_us_per_msg"] = 1e6 * client / r["delivered"]
     r["ok_line"] = bool(re.search(r"^result\s+OK", text, re.M))
     return r
 
@@ -330,27 +338,33 @@ def main(argv=None) -> int:
 
 
 def table(args, rows: list, kinds: list) -> str:
-    lines = ["| system | run | delivered msg/s | p99 ms | lost/dup/misrouted | load (1 min) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| system | run | delivered msg/s | p99 ms | server / load client CPU per "
+             "message, µs | lost/dup/misrouted | load (1 min) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         run = dict(kinds)[r["kind"]] + f" #{r['round']}"
+        cpu = f"{fmt(r.get('server_us_per_msg'), '.0f')} / {fmt(r.get('client_us_per_msg'), '.0f')}"
         lines.append(f"| {TITLE[r['system']]} | {run} | {fmt(r.get('delivered_per_s'), ',.0f')}"
-                     f" | {fmt(r.get('p99'), '.1f')} | {r['checks']}"
+                     f" | {fmt(r.get('p99'), '.1f')} | {cpu} | {r['checks']}"
                      f"{'' if r['ok'] else ' FAILED'} | {r['load']:.1f} |")
-    lines += ["", "| system | median full speed msg/s | vs ejabberd | median p99 at the rate, ms |",
-              "|---|---|---|---|"]
+    lines += ["", "| system | median full speed msg/s | vs ejabberd | median p99 at the rate, ms "
+              "| median server CPU per message at full speed, µs |", "|---|---|---|---|---|"]
     med: dict = {}
     for system in args.systems:
         mine = [r for r in rows if r["system"] == system and r["ok"]]
         full = [r["delivered_per_s"] for r in mine if r["kind"] == "full"]
         p99 = [r["p99"] for r in mine if r["kind"] == "fixed" and r.get("p99") is not None]
+        cpu = [r["server_us_per_msg"] for r in mine
+               if r["kind"] == "full" and r.get("server_us_per_msg") is not None]
         med[system] = (statistics.median(full) if full else None,
-                       statistics.median(p99) if p99 else None)
+                       statistics.median(p99) if p99 else None,
+                       statistics.median(cpu) if cpu else None)
     base = med.get("ejabberd", (None,))[0]
     for system in args.systems:
-        full, p99 = med[system]
+        full, p99, cpu = med[system]
         ratio = f"{full / base:.2f}x" if full and base else "–"
-        lines.append(f"| {TITLE[system]} | {fmt(full, ',.0f')} | {ratio} | {fmt(p99, '.1f')} |")
+        lines.append(f"| {TITLE[system]} | {fmt(full, ',.0f')} | {ratio} | {fmt(p99, '.1f')} "
+                     f"| {fmt(cpu, '.0f')} |")
     return "\n".join(lines)
 
 
