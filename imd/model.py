@@ -22,6 +22,11 @@ KINDS = frozenset({TEXT, EMOTICON, IMAGE, AUDIO, VIDEO, FILE})
 # Compact JSON with the text as is (UTF-8 on the wire, not \u escapes).
 compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as compact UTF-8 JSON: what every protocol writes to its clients."""
+    return compact_json(obj).encode("utf-8")
+
 # Conversation types.
 UNICAST = "unicast"
 GROUP = "group"

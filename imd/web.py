@@ -12,7 +12,6 @@ it trickles in.  Protocol adapters mount their resources on the root this module
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 import tempfile
 from io import BytesIO
@@ -24,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import http, resource, server
 
+from imd.model import json_bytes
 from imd.throttle import Throttled
 from imd.forms import form_args
 from imd.unavailable import Unavailable
@@ -282,7 +282,7 @@ class _Index(resource.Resource):
 
 
 def write_json(request: server.Request, obj: Any, status: int = 200) -> None:
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body = json_bytes(obj)
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     request.setHeader(b"x-content-type-options", b"nosniff")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from imd.model import json_bytes
 
 MESSAGES = {
     200: "Success", 300: "Friend Offline", 403: "Protocol Error",
@@ -23,8 +23,7 @@ def reply(code: int, **extra) -> dict:
     return {"code": code, "message": MESSAGES[code], "ok": code in OK_CODES, **extra}
 
 
-def encode(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+encode = json_bytes  # every frame this adapter writes
 
 
 class MinamiError(Exception):

@@ -28,7 +28,7 @@ from imd.hub import Hub, HubError, Logout, written
 from imd.metrics import CONNECTIONS
 from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
                        SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
-                       one2one_gid, seen_by)
+                       json_bytes, one2one_gid, seen_by)
 from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.protocols.xuanxuan.directory import Directories
@@ -60,9 +60,7 @@ MESSAGE_JSON = ('{"id":%d,"gid":%s,"cgid":%s,"user":%d,"date":%d,"type":"normal"
 encode_string = json.encoder.encode_basestring  # a str as json.dumps(ensure_ascii=False) does
 
 
-def encode(obj) -> bytes:
-    """One JSON text as every line of this protocol is written (UTF-8, no spaces)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+encode = json_bytes  # one JSON text as every line of this protocol is written
 
 
 def presence_user_json(event: Event, viewer: int | None, admin: bool) -> dict:
