@@ -25,6 +25,14 @@ def reply(code: int, **extra) -> dict:
 
 encode = json_bytes  # every frame this adapter writes
 
+_ACK_HEAD = encode(reply(200, id=None))[:-len(b"null}")]
+
+
+def ack(ident: str | int) -> bytes:
+    """``encode(reply(200, id=ident))``, with the constant part encoded once (one per
+    message sent)."""
+    return b"%s%s}" % (_ACK_HEAD, encode(ident))
+
 
 class MinamiError(Exception):
     def __init__(self, code: int):

@@ -33,7 +33,7 @@ from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.protocols.wsstate import forget_handshake, lean_protocol
 from imd.throttle import Throttled
 from imd.unavailable import log_failure
-from imd.protocols.minami.codes import encode, reply
+from imd.protocols.minami.codes import ack, encode, reply
 from imd.protocols.minami.http import parse_id, profile_json
 
 log = Logger()
@@ -197,7 +197,7 @@ class MinamiWebSocket(WebSocketServerProtocol):
             return
         self._gate.begin()
         d = self.factory.service.hub.send(self, UNICAST, friend, TEXT, text, friends_only=True)
-        d.addCallbacks(lambda _: self._send(reply(200, id=ident)), self._refused,
+        d.addCallbacks(lambda _: self.outbox.put(ack(ident)), self._refused,
                        errbackArgs=(ident,))
         d.addBoth(self._gate.end)
 
