@@ -176,6 +176,35 @@ async def test_one_bad_message_does_not_sink_its_batch(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_batch_routes_each_message_as_if_posted_alone(store):
+    """Posts of one reactor turn share a script call: a refused one takes no place in the
+    history, ids still increase, and a dead node's location found by the first message is
+    gone for the next ones (they are queued, not published to nobody)."""
+    a, b, c = await users(store, 3)
+    await store.attach(a, "n1")
+    await store.node_alive("gone", 60_000)
+    await store.attach(b, "gone")
+    await store.redis.delete(f"{store.p}alive:gone")  # b's node died without detaching
+
+    def post(to, body):
+        return store.post(Message(sender=a, to=to, ctype=UNICAST, kind=TEXT, body=body), "n1")
+
+    posts = [post(b, "1"), post(999_999, "refused"), post(b, "2"), post(c, "3"), post(b, "4")]
+    results = await defer.DeferredList(posts, consumeErrors=True)
+    assert [ok for ok, _ in results] == [True, False, True, True, True]
+    assert all(here == [a] for ok, here in results if ok)  # only the sender is live on n1
+    assert await store.redis.smembers(f"{store.p}loc:{b}") == set()
+    queued_b = (await store.attach(b, "n1"))[1]
+    assert [m.body for m in queued_b] == ["1", "2", "4"]
+    ids = [m.id for m in queued_b]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert [m.body for m in (await store.attach(c, "n1"))[1]] == ["3"]
+    history = await store.history(Message(sender=a, to=b, ctype=UNICAST, kind=TEXT,
+                                          body="").conversation)
+    assert [m.body for m in history] == ["1", "2", "4"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_broken_session_does_not_stop_delivery_to_the_others(store):
     a, b = await users(store, 2)
     hub = Hub(store, reactor, node_id="n1")

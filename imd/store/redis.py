@@ -240,13 +240,30 @@ local function is_alive(n)
   if alive[n] == nil then alive[n] = redis.call('EXISTS', p..'alive:'..n) == 1 end
   return alive[n]
 end
+-- Nothing else runs during the script, so what it reads stays true for the whole batch
+-- unless the script changes it itself (a dead node's SREM below).
+local users, locs = {}, {}
+local function is_user(uid)
+  if users[uid] == nil then users[uid] = redis.call('SISMEMBER', p..'users', uid) == 1 end
+  return users[uid]
+end
+local function where(uid)
+  if locs[uid] == nil then locs[uid] = redis.call('SMEMBERS', p..'loc:'..uid) end
+  return locs[uid]
+end
+local function unlocate(uid, n)
+  redis.call('SREM', p..'loc:'..uid, n)
+  locs[uid] = nil
+end
 local function live_anywhere(uid)
-  for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..uid)) do
+  for _, n in ipairs(where(uid)) do
     if n == node or is_alive(n) then return true end
   end
   return false
 end
 local rows = cjson.decode(ARGV[5])
+-- One INCRBY for the batch: a refused message leaves a gap, ids only need to increase.
+local nextid = redis.call('INCRBY', p..'msgid', #rows / 7) - #rows / 7
 for m = 1, #rows, 7 do
   local conv, tail, sender, ctype, to = rows[m], rows[m+1], rows[m+2], rows[m+3], rows[m+4]
   local mode, chat = rows[m+5], rows[m+6]
@@ -255,7 +272,7 @@ for m = 1, #rows, 7 do
     if redis.call('EXISTS', p..'g:'..to) == 0 then err = -2
     elseif redis.call('SISMEMBER', p..'gm:'..to, sender) == 0 then err = -3
     else targets = redis.call('SMEMBERS', p..'gm:'..to) end
-  elseif redis.call('SISMEMBER', p..'users', to) == 0 then err = -1
+  elseif not is_user(to) then err = -1
   elseif mode == 'f' and redis.call('HEXISTS', p..'fr:'..sender, to) == 0 then err = -4
   elseif mode == 'f' and not live_anywhere(to) then err = -5
   else
@@ -270,13 +287,14 @@ for m = 1, #rows, 7 do
   if err then
     out[#out + 1] = err; out[#out + 1] = 0; out[#out + 1] = 0
   else
-    local id = redis.call('INCR', p..'msgid')
+    nextid = nextid + 1
+    local id = nextid
     local msg = '['..id..','..ts..tail
     local hkey = p..'h:'..conv
     if redis.call('RPUSH', hkey, msg) > hcap then redis.call('LTRIM', hkey, -hcap, -1) end
     local bynode, live, here = {}, {}, {}
     for _, uid in ipairs(targets) do
-      for _, n in ipairs(redis.call('SMEMBERS', p..'loc:'..uid)) do
+      for _, n in ipairs(where(uid)) do
         if n == node then
           live[uid] = true
           here[#here + 1] = uid
@@ -284,7 +302,7 @@ for m = 1, #rows, 7 do
           bynode[n] = bynode[n] or {}
           table.insert(bynode[n], uid)
         else
-          redis.call('SREM', p..'loc:'..uid, n)
+          unlocate(uid, n)
         end
       end
     end
@@ -292,7 +310,7 @@ for m = 1, #rows, 7 do
       if redis.call('PUBLISH', p..'chan:'..n, table.concat(uids, ',')..'|'..msg) > 0 then
         for _, uid in ipairs(uids) do live[uid] = true end
       else
-        for _, uid in ipairs(uids) do redis.call('SREM', p..'loc:'..uid, n) end
+        for _, uid in ipairs(uids) do unlocate(uid, n) end
       end
     end
     for _, uid in ipairs(targets) do
