@@ -129,6 +129,10 @@ async def test_binary_frames_and_oversized_frames(daemon):
     assert (await cb.next()).startswith(f"text_{a}_as binary_")
     ca.send_binary(b"\xff\xfe not utf-8")
     assert (await ca.next()).startswith("error_frame_")
+    ca.send_text_bytes(f"text_{b}_".encode() + b"\xed\xa0\x80_unicast_x")  # a surrogate
+    assert (await ca.next()).startswith("error_frame_")
+    ca.send(f"text_{b}_still open_unicast_x")
+    assert (await cb.next()).startswith(f"text_{a}_still open_")
     ca.send(f"text_{b}_{'x' * 5000}_unicast_x")  # over --max-frame 4096
     assert await ca.next() == CLOSED
     assert ca.proto.close_code == 1009

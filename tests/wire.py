@@ -75,6 +75,10 @@ class WSClient:
     def send_binary(self, data: bytes) -> None:
         self.proto.sendMessage(data, isBinary=True)
 
+    def send_text_bytes(self, data: bytes) -> None:
+        """A text frame with exactly these bytes (which may not be UTF-8)."""
+        self.proto.sendMessage(data, isBinary=False)
+
     async def next(self, **kw):
         return await self.inbox.next(**kw)
 

@@ -32,14 +32,13 @@ class BossWebSocket(WebSocketServerProtocol):
         forget_handshake(self)
 
     def onMessage(self, payload: bytes, isBinary: bool):
-        if isBinary:
-            try:
-                text = payload.decode("utf-8")
-            except UnicodeDecodeError:
-                self.conn.write(signals.error("frame", "binary frames must be UTF-8 text"))
-                return
-        else:
-            text = payload.decode("utf-8")  # autobahn has validated text frames
+        # Text frames are not validated by autobahn (utf8validateIncoming=False): decoding
+        # here is the check, done once, and bad text gets an error signal like bad binary.
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            self.conn.write(signals.error("frame", "frames must be UTF-8 text"))
+            return
         self.conn.signal_received(text)
 
     def onMessageEnd(self):
@@ -77,6 +76,7 @@ def entry_resource(service: BossService) -> WebSocketResource:
     factory.service = service
     factory.setProtocolOptions(
         maxFramePayloadSize=config.max_frame, maxMessagePayloadSize=config.max_frame,
+        utf8validateIncoming=False,
         autoPingInterval=config.heartbeat, autoPingTimeout=config.heartbeat_timeout,
         openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=False)
     lean_protocol(factory, BossWebSocket)
