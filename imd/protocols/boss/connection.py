@@ -298,8 +298,12 @@ class BossConnection:
         send = signals.parse_send(text)
         self.gate.begin()
         self.service.hub.send(self, send.ctype, send.to, send.kind, send.body,
-                              send.extension).addErrback(self._refused, command).addBoth(
-            self.gate.end)
+                              send.extension).addCallbacks(self.gate.end, self._not_sent,
+                                                           errbackArgs=(command,))
+
+    def _not_sent(self, failure, command: str) -> None:
+        self.gate.end()
+        self._refused(failure, command)
 
     def _refused(self, failure, command: str) -> None:
         if failure.check(SignalError):
