@@ -153,6 +153,12 @@ class Config:
         "empty = login.key in --data-dir.  Keep it out of the data directory's backups: with "
         "the key and the Redis data, the passwords of recently remembered logins can be "
         "tested fast")
+    xuanxuan_presence_window: float = option(
+        0.5, LIMIT,
+        "seconds a xuanxuan presence change (a login, logout or status change) may wait for "
+        "others before every xuanxuan client is sent the changes of that window in one push, "
+        "the newest per user (a reconnect storm of N users costs each client a push per "
+        "window, not N); 0 = per reactor turn")
     registrations: int = option(
         20, LIMIT, "new accounts from one source address within --register-window; 0 = no limit")
     register_window: float = option(

@@ -26,12 +26,12 @@ from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
 from imd.hub import Hub, HubError, Logout, written
 from imd.metrics import CONNECTIONS
-from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
-                       SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
-                       one2one_gid, seen_by)
+from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, TEXT, UNICAST, Event, Message,
+                       User, group_conversation, one2one_gid, seen_by)
 from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.protocols.xuanxuan.directory import Directories
+from imd.protocols.xuanxuan.presence import Batch, PresenceFeed
 from imd.throttle import Throttled
 from imd.unavailable import log_failure
 
@@ -40,10 +40,6 @@ SHOW_OF_STATUS = {"online": "available", "away": "away", "busy": "busy"}
 STATUSES = tuple(SHOW_OF_STATUS)
 STATUS_OF_SHOW = {"away": "away", "busy": "busy", "dnd": "busy", "invisible": "offline",
                   "unavailable": "offline"}  # any other show: online
-# The push the 1.0 client handles for each presence change (socket.js: login, logout,
-# userchangestatus; userChangeName as the original server pushed it).
-PRESENCE_PUSH = {ONLINE: "login", OFFLINE: "logout", SHOW: "userChangeStatus",
-                 PROFILE: "userChangeName"}
 CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
@@ -107,19 +103,11 @@ class XuanxuanService:
         self.config = config
         self.connections: set["XuanxuanProtocol"] = set()
         self._contacts: list[tuple[Chat, int, defer.Deferred]] = []  # see contact()
-        self._presence: tuple[Event | None, bytes] = (None, b"")  # see public_presence()
         self.directories = Directories(lambda: defer.ensureDeferred(self._read_directory()),
                                        self._user_json, encode)
-
-    def public_presence(self, event: Event) -> bytes:
-        """The user JSON of a presence event as a watcher who is neither its user nor an
-        administrator sees it, encoded once: the hub hands the same event to every watcher
-        here (kept for the last event; pushes that waited for a login array miss it)."""
-        last, encoded = self._presence
-        if last is not event:
-            encoded = encode(presence_user_json(event, None, False))
-            self._presence = (event, encoded)
-        return encoded
+        # Every session's presence pushes, coalesced per window and encoded once (point 6).
+        self.presence = PresenceFeed(hub.clock, config.xuanxuan_presence_window,
+                                     lambda event: encode(presence_user_json(event, None, False)))
 
     def contact(self, message: Message, uid: int) -> defer.Deferred:
         """Deferred[dict | None]: the chat object of a message's chat as ``uid`` is shown
@@ -264,6 +252,11 @@ class XuanxuanProtocol(LineOnlyReceiver):
     user_id: int | None = None
     admin = False  # a system administrator (imdctl admin)
     watches_directory = True  # the client lists every user: it gets everyone's presence
+
+    @property
+    def directory_feed(self) -> PresenceFeed:
+        """How the hub hands this session everyone's presence: the service's one feed."""
+        return self.service.presence
     protocol = "xuanxuan"
 
     def connectionMade(self):
@@ -506,7 +499,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # Pushes (live messages, chat and presence notices) wait for the login array.
         self._hold += 1
         try:
-            logout = await service.hub.login(self)
+            service.presence.sessions.add(self)  # registered with the hub from now on
+            try:
+                logout = await service.hub.login(self)
+            except BaseException:
+                service.presence.sessions.discard(self)
+                raise
             if self._gone:  # closed while the login was under way
                 await logout(self._unsent())
                 return
@@ -538,8 +536,9 @@ class XuanxuanProtocol(LineOnlyReceiver):
         del self._rendering[:len(queued)]
         queued = [m for m in queued if m.conversation in self.shown]
         self._push_serial += 1
-        users = b'{"id":%d,"module":"chat","method":"userGetlist","data":%s}' % (
-            self._push_serial, service.directories.encoded(directory, uid, self.admin))
+        # (head, the list, tail): joined with the rest of the line in one copy
+        users = (b'[{"id":%d,"module":"chat","method":"userGetlist","data":' % self._push_serial,
+                 service.directories.encoded(directory, uid, self.admin), b"}")
         packets = [self._packet("chat", "getList", chats)] if chats else []
         # The backlog in pushes of LOGIN_CHUNK messages (the first in the login array), so
         # that no line grows with the backlog.
@@ -550,9 +549,9 @@ class XuanxuanProtocol(LineOnlyReceiver):
                                             [self._message_json(m) for m in chunk]))
             if users:
                 rest = encode(packets)[1:-1]
-                self.outbox.put(b"".join((b"[", users, b"," if rest else b"", rest, b"]\n")),
+                self.outbox.put(b"".join((*users, b"," if rest else b"", rest, b"]\n")),
                                 chunk, False)
-                users = b""
+                users = ()
             else:
                 self.push(*packets, messages=chunk, bounded=False)
             packets = []
@@ -721,29 +720,30 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._write({"module": "chat", "method": "kickoff",
                          "message": "This account logined in another place."})
             self.transport.loseConnection()
-        elif event.kind == "xuanxuan" or (event.kind == PRESENCE and
-                                          data["change"] in PRESENCE_PUSH):
+        elif event.kind == "xuanxuan":
             # After the login array, in order with the messages waiting to be written.
             self._later(lambda: self._push_notice(event))
+        # Presence comes from the service's feed (presence_batch), not as a notice.
 
     def _push_notice(self, event: Event) -> None:
-        data = event.data
-        if event.kind == "xuanxuan":
-            pushed = data["data"]
-            chat = pushed.get("chat", pushed) if isinstance(pushed, dict) else None
-            if isinstance(chat, dict) and "members" in chat and "gid" in chat:
-                self._saw(chat)
-            self.push(self._packet("chat", data["method"], pushed))
-        elif self.admin or data["user"] == self.user_id:
-            self.push(self._packet("chat", PRESENCE_PUSH[data["change"]],
-                                   presence_user_json(event, self.user_id, self.admin)))
-        else:
-            # What every other watcher is shown, encoded once per event (a change is pushed
-            # to every xuanxuan session: point 6).
-            self._push_serial += 1
-            self.outbox.put(b'[{"id":%d,"module":"chat","method":"%s","data":%s}]\n' % (
-                self._push_serial, PRESENCE_PUSH[data["change"]].encode(),
-                self.service.public_presence(event)))
+        pushed = event.data["data"]
+        chat = pushed.get("chat", pushed) if isinstance(pushed, dict) else None
+        if isinstance(chat, dict) and "members" in chat and "gid" in chat:
+            self._saw(chat)
+        self.push(self._packet("chat", event.data["method"], pushed))
+
+    def presence_batch(self, batch: Batch) -> None:
+        """The feed's coalesced presence changes: after the login array, in order with the
+        pushes waiting to be written."""
+        self._later(lambda: self._push_batch(batch))
+
+    def _push_batch(self, batch: Batch) -> None:
+        line = batch.line_for(self.user_id, self._admin_view if self.admin else None)
+        if line is not None:
+            self.outbox.put(line)
+
+    def _admin_view(self, event: Event) -> bytes:
+        return encode(presence_user_json(event, self.user_id, True))
 
     def _overflowed(self) -> None:
         """The client stopped reading: end the session now (what was not written goes back
@@ -766,6 +766,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
     def connectionLost(self, reason=connectionDone):
         self._gone = True
         self.service.connections.discard(self)
+        self.service.presence.sessions.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
                 lambda f: log_failure(log, "revoke failed", f))
