@@ -10,9 +10,10 @@ session, or their node died), changes show/status or profile, the hub emits one 
 Event.  It goes to the user's friends and to every session that watches the whole directory
 (``watches_directory``, e.g. xuanxuan, whose users see everyone); the latter hear it over one
 channel that every node subscribes to, so a change costs one publish, not one per user.  A
-watcher may name a ``directory_feed`` shared by many sessions: the hub hands each change to
-that feed once, however many of its sessions are here, and the feed fans it out (so that a
-reconnect storm of N watchers costs the hub N calls, not N²).
+watcher may be served by a directory feed (``add_directory_feed``) that its adapter shares
+among all its sessions: the hub hands each change to the feed once, however many of those
+sessions are here, and the feed fans it out (so that a reconnect storm of N watchers costs the
+hub N calls, not N²).
 Each node's heartbeat also reaps dead nodes and announces their users' logouts.
 
 A KICK notice (an administrator's, see ``imd.admin.ops``) reaches the named session, or every
@@ -58,8 +59,7 @@ class Session(Protocol):
     protocol: str  # the metrics label: "66boss", "minami", "webim", "xuanxuan" (else "other")
     # Optional ``watches_directory = True``: the session shows every user, so it gets every
     # user's presence changes, not only its friends', through ``notice``; or, when it also has
-    # a ``directory_feed`` (an object with ``presence(event)``, shared by many sessions of one
-    # adapter), through that feed, called once per change for all of them.
+    # a ``directory_feed`` (registered with ``add_directory_feed``), through that feed alone.
 
     def deliver(self, message: Message) -> None:
         """Write a message (sent by anyone, including this user elsewhere) in the
@@ -119,7 +119,7 @@ class Hub:
         self.sessions: dict[int, list[Session]] = {}
         self.watchers: set[Session] = set()  # sessions here that watch every user's presence
         self._noticed: set[Session] = set()  # the watchers without a directory feed
-        self._feeds: dict[object, int] = {}  # directory feeds: how many watchers here use each
+        self._feeds: list = []  # see add_directory_feed
         self._presence_channel = store.presence_channel()
         # Sessions whose offline queue is being drained: live deliveries wait here so that
         # queued messages come first.
@@ -207,11 +207,8 @@ class Hub:
         self.sessions.setdefault(uid, []).append(session)
         if getattr(session, "watches_directory", False):
             self.watchers.add(session)
-            feed = getattr(session, "directory_feed", None)
-            if feed is None:
+            if getattr(session, "directory_feed", None) is None:
                 self._noticed.add(session)
-            else:
-                self._feeds[feed] = self._feeds.get(feed, 0) + 1
         self._attaching[session] = []
         self._marks[session] = self._last_id
         ended = False
@@ -354,10 +351,16 @@ class Hub:
         self._watchers_notice(event)
         await self.store.notify(self.node, friends, event, everyone=True)
 
+    def add_directory_feed(self, feed) -> None:
+        """From now on hand every presence Event (of any node) once to ``feed.presence``:
+        the feed serves every session here that names it as its ``directory_feed`` (and
+        leaves out the sessions of the event's own user)."""
+        self._feeds.append(feed)
+
     def _watchers_notice(self, event: Event) -> None:
-        """A presence Event for the watchers here: once to each feed (the feed leaves out
-        the sessions of the event's own user), and to each watcher without one."""
-        for feed in list(self._feeds):
+        """A presence Event for the watchers here: once to each directory feed, and to each
+        watcher without one."""
+        for feed in self._feeds:
             _guarded(feed.presence, event)
         uid = event.data["user"]
         for session in list(self._noticed):
@@ -380,14 +383,8 @@ class Hub:
         if mine is None or session not in mine:
             return False
         mine.remove(session)
-        if session in self.watchers:
-            self.watchers.discard(session)
-            self._noticed.discard(session)
-            feed = getattr(session, "directory_feed", None)
-            if feed is not None and feed in self._feeds:
-                self._feeds[feed] -= 1
-                if not self._feeds[feed]:
-                    del self._feeds[feed]
+        self.watchers.discard(session)
+        self._noticed.discard(session)
         if not mine:
             del self.sessions[uid]
             return True

@@ -731,6 +731,7 @@ def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
     it, but a login never gets a list read before it registered (a change in between
     would be neither in its list nor pushed to it)."""
     from twisted.internet import defer
+    from twisted.internet.task import Clock
 
     from imd.model import User
     from imd.protocols.xuanxuan.directory import Directories
@@ -742,7 +743,8 @@ def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
         fetches.append(defer.Deferred())
         return fetches[-1]
 
-    directories = Directories(fetch, XuanxuanService._user_json, encode)
+    clock = Clock()
+    directories = Directories(fetch, XuanxuanService._user_json, encode, clock, 60)
     users = [User(1, "ann", "Ann", mail="ann@example.org"),
              User(2, "bob", "Bob", mail="bob@example.org")]
     fields = {1: {"show": "available", "admin": ""}, 2: {"show": "away", "admin": ""}}
@@ -771,3 +773,62 @@ def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
     assert failed and len(got) == 3
     fetches[2].callback((users, fields, set()))
     assert len(got) == 4
+
+
+def test_the_user_list_copy_follows_presence_until_it_may_be_out_of_date():
+    """After a fetch, logins take the node's copy, kept current by the presence changes
+    the feed flushes (the very bytes for every login without a private field); a profile
+    change, an unknown user, a login not listed or age make the next login read again."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from imd.model import OFFLINE, ONLINE, PROFILE, SHOW, Event, User
+    from imd.protocols.xuanxuan.directory import Directories
+    from imd.protocols.xuanxuan.socket import XuanxuanService, encode
+
+    fetches: list[defer.Deferred] = []
+
+    def fetch():
+        fetches.append(defer.Deferred())
+        return fetches[-1]
+
+    def change(uid, what, show="available"):
+        return Event("presence", {"user": uid, "change": what, "show": show})
+
+    def status(directory, viewer=2):
+        return {u["id"]: u["status"] for u in
+                json.loads(directories.encoded(directory, viewer, False))}
+
+    clock = Clock()
+    directories = Directories(fetch, XuanxuanService._user_json, encode, clock, 60)
+    users = [User(1, "ann", "Ann", mail="ann@example.org"), User(2, "bob", "Bob"),
+             User(3, "cy", "Cy")]
+    fields = {u.id: {"show": "available", "admin": ""} for u in users}
+    got = []
+    directories.get(directories.mark(), 2).addCallback(got.append)
+    directories.apply([change(3, ONLINE)])  # flushed while the fetch runs
+    fetches[0].callback((users, fields, {1}))
+    assert status(got[0]) == {1: "online", 2: "offline", 3: "online"}
+    directories.apply([change(1, OFFLINE), change(2, ONLINE), change(3, SHOW, "away")])
+    directories.get(directories.mark(), 2).addCallback(got.append)
+    assert len(fetches) == 1  # the copy, with the changes
+    assert status(got[1]) == {1: "offline", 2: "online", 3: "away"}
+    assert directories.encoded(got[1], 2, False) is got[1].joined  # bob has no mail: as is
+    assert b"ann@example.org" in directories.encoded(got[1], 1, False)  # ann's own mail
+    for stale in ([change(1, PROFILE)], [change(4, ONLINE)]):
+        directories.apply(stale)
+        directories.get(directories.mark(), 2)
+        assert len(fetches) == 2
+        fetches[-1].callback((users, fields, set()))
+        fetches.clear()
+        fetches.append(None)
+    directories.get(directories.mark(), 4)  # not listed: read again
+    assert len(fetches) == 2
+    fetches[-1].callback((users, fields, set()))
+    fetches.clear()
+    fetches.append(None)
+    directories.get(directories.mark(), 2)
+    clock.advance(61)
+    assert len(fetches) == 1
+    directories.get(directories.mark(), 2)  # too old
+    assert len(fetches) == 2

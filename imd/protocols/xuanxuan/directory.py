@@ -1,26 +1,36 @@
-"""The user list (``userGetlist``) that every xuanxuan login is sent, fetched once for every
-login waiting for it.
+"""The user list (``userGetlist``) that every xuanxuan login is sent: one copy per node, kept
+current by the presence changes, read again from the store only when it may be out of date.
 
 A xuanxuan login is sent every user, so a reconnect storm of N users used to read and encode
-N users N times.  Logins now share one fetch: a login that registered with the hub (and so is
-pushed every presence change from then on) joins a fetch that started after it registered, or
-starts one; what the fetch reads is then at least as new as the login, so no change falls
-between the list and the pushes that follow it.  Each user's entry is encoded once (and
-again only when it changed) as everyone but that user and the administrators see it, and the
-whole list is joined once per fetch: a login whose own entry reads the same to its user (no
-private field set) is sent those very bytes; the viewer's own entry otherwise (with its
-private fields) is spliced in, and an administrator's whole list is made for them.
+N users N times.  Now the node keeps the last list it read and applies to it the presence
+changes the presence feed hands out (``apply``, at each of its flushes, before the sessions
+get that batch).  A login registered with the hub (and so is pushed every presence change from
+then on) and then takes the current copy: the copy holds every change flushed so far, the
+pushes that follow the list every change since, so no change falls between the two.
+
+The copy is read again (one fetch shared by the logins waiting for it) when there is none,
+when it is older than ``max_age`` seconds (accounts made, removed or made administrators
+without a presence change), when a change names a user it does not list or changes a profile,
+and when a login does not find its own user in it.  A fetch serves the logins that registered
+before it started; the changes flushed while it runs are applied to what it read.
+
+Each user's entry is encoded once (and again only when it changed) as everyone but that user
+and the administrators see it, and the whole list is joined once per copy: a login whose own
+entry reads the same to its user (no private field set) is sent those very bytes; the viewer's
+own entry otherwise (with its private fields) is spliced in, and an administrator's whole list
+is made for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from imd.model import User
+from imd.model import OFFLINE, ONLINE, SHOW, Event, User
 
 
 @dataclass
@@ -34,18 +44,25 @@ class Directory:
 
 
 class Directories:
-    """Shared fetches of the user list.  ``render(user, fields, online, viewer, admin)``
-    makes one entry; ``encode`` one JSON text."""
+    """The node's copy of the user list.  ``fetch()``: Deferred[(users, fields, online)]
+    from the store; ``render(user, fields, online, viewer, admin)`` makes one entry;
+    ``encode`` one JSON text."""
 
     def __init__(self, fetch: Callable[[], defer.Deferred],
-                 render: Callable[..., dict], encode: Callable[[object], bytes]):
-        self.fetch = fetch  # Deferred[(users, fields, online)]
+                 render: Callable[..., dict], encode: Callable[[object], bytes],
+                 clock: IReactorTime, max_age: float):
+        self.fetch = fetch
         self.render = render
         self.encode = encode
+        self.clock = clock
+        self.max_age = max_age
         self.registrations = 0
+        self._current: Directory | None = None
+        self._read_at = 0.0  # when the fetch that made _current started
         self._pending: list[defer.Deferred] | None = None  # logins waiting on the fetch
         self._started_at = 0  # registrations counted when the fetch under way started
-        # uid: ((user, show, admin, online), entry): what the last fetch encoded for each user
+        self._during: list[list[Event]] = []  # changes flushed while the fetch runs
+        # uid: ((user, show, admin, online), entry): what was last encoded for each user
         self._entries: dict[int, tuple[tuple, bytes]] = {}
 
     def mark(self) -> int:
@@ -54,8 +71,15 @@ class Directories:
         self.registrations += 1
         return self.registrations
 
-    def get(self, since: int) -> defer.Deferred:
-        """Deferred[Directory], read after the mark ``since``."""
+    def get(self, since: int, viewer: int | None = None) -> defer.Deferred:
+        """Deferred[Directory] for a login registered at the mark ``since``: the current
+        copy, or one read after the mark (``viewer``: the login's user, who must be
+        listed)."""
+        current = self._current
+        if current is not None and self.clock.seconds() - self._read_at < self.max_age and \
+                (viewer is None or viewer in current.spans):
+            return defer.succeed(current)
+        self._current = None
         d = defer.Deferred()
         if self._pending is not None and self._started_at >= since:
             self._pending.append(d)
@@ -64,18 +88,53 @@ class Directories:
         # login: it finishes for those waiting on it).
         waiting = [d]
         self._pending, self._started_at = waiting, self.registrations
-        self.fetch().addCallback(lambda found: self._directory(*found)).addBoth(
+        self._during = []
+        started = self.clock.seconds()
+        self.fetch().addCallback(lambda found: self._fetched(found, started, waiting)).addBoth(
             self._done, waiting)
         return d
+
+    def _fetched(self, found, started: float, waiting: list) -> Directory:
+        directory = self._directory(*found)
+        for events in self._during if self._pending is waiting else ():
+            directory = self._updated(directory, events)
+            if directory is None:  # a change the copy cannot take: the next login reads
+                return self._directory(*found)
+        if self._pending is waiting:
+            self._current, self._read_at = directory, started
+        return directory
 
     def _done(self, outcome, waiting: list[defer.Deferred]) -> None:
         if self._pending is waiting:
             self._pending = None
+            self._during = []
         for d in waiting:
             if isinstance(outcome, Failure):
                 d.errback(outcome)
             else:
                 d.callback(outcome)
+
+    def apply(self, events: list[Event]) -> None:
+        """The presence changes the feed is about to hand out (the newest per user)."""
+        if self._pending is not None:
+            self._during.append(events)
+        if self._current is not None:
+            self._current = self._updated(self._current, events)
+
+    def _updated(self, d: Directory, events: Iterable[Event]) -> Directory | None:
+        """``d`` with the status changes applied (a new Directory); None when one of them
+        is a profile change or names a user ``d`` does not list."""
+        fields, online = dict(d.fields), set(d.online)
+        for event in events:
+            uid, change = event.data["user"], event.data["change"]
+            if uid not in d.spans or change not in (ONLINE, OFFLINE, SHOW):
+                return None
+            if change == OFFLINE:
+                online.discard(uid)
+            else:
+                online.add(uid)
+                fields[uid] = {**fields[uid], "show": event.data["show"]}
+        return self._directory(d.users, fields, online)
 
     def _directory(self, users, fields, online) -> Directory:
         cache, entries = self._entries, {}

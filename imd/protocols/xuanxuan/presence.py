@@ -76,12 +76,15 @@ class PresenceFeed:
     session in ``sessions`` (each with ``presence_batch(batch)``) as one Batch.
 
     ``render(event)`` encodes the user JSON of a change as a non-administrator who is not its
-    user sees it.  ``window``: seconds a change may wait for others (0: the reactor turn)."""
+    user sees it.  ``window``: seconds a change may wait for others (0: the reactor turn).
+    ``flushing(events)``: told each window's changes first (the user list copy takes them)."""
 
-    def __init__(self, clock: IReactorTime, window: float, render: Callable[[Event], bytes]):
+    def __init__(self, clock: IReactorTime, window: float, render: Callable[[Event], bytes],
+                 flushing: Callable[[list[Event]], None] = lambda events: None):
         self.clock = clock
         self.window = window
         self.render = render
+        self.flushing = flushing  # called with the changes of each window before they go out
         self.sessions: set = set()
         self._pending: dict[tuple[int, bool], Event] = {}
         self._flush: IDelayedCall | None = None
@@ -104,7 +107,10 @@ class PresenceFeed:
             self._flush.cancel()
         self._flush = None
         events, self._pending = list(self._pending.values()), {}
-        if not events or not self.sessions:
+        if not events:
+            return
+        self.flushing(events)
+        if not self.sessions:
             return
         batch = Batch(events, list(self._packets(events)))
         for session in list(self.sessions):

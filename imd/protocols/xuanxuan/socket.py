@@ -104,10 +104,13 @@ class XuanxuanService:
         self.connections: set["XuanxuanProtocol"] = set()
         self._contacts: list[tuple[Chat, int, defer.Deferred]] = []  # see contact()
         self.directories = Directories(lambda: defer.ensureDeferred(self._read_directory()),
-                                       self._user_json, encode)
+                                       self._user_json, encode, hub.clock,
+                                       config.xuanxuan_directory_age)
         # Every session's presence pushes, coalesced per window and encoded once (point 6).
         self.presence = PresenceFeed(hub.clock, config.xuanxuan_presence_window,
-                                     lambda event: encode(presence_user_json(event, None, False)))
+                                     lambda event: encode(presence_user_json(event, None, False)),
+                                     self.directories.apply)
+        hub.add_directory_feed(self.presence)
 
     def contact(self, message: Message, uid: int) -> defer.Deferred:
         """Deferred[dict | None]: the chat object of a message's chat as ``uid`` is shown
@@ -520,7 +523,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         """The login array: every user, my chats (with the chats of queued messages from
         chats I was never shown), the queued messages."""
         service = self.service
-        directory = await service.directories.get(listed_since)
+        directory = await service.directories.get(listed_since, uid)
         mine = await service.chats.of_user(uid)
         keys = {c.conversation for c in mine}
         for m in queued:  # e.g. the first message from another protocol's user
