@@ -45,6 +45,11 @@ class XX:
             if isinstance(reply, dict) and reply.get("method") == method:
                 return reply
 
+    async def login_pushes(self, **kw):
+        """The pushes that complete a login: the user list line, then the line with my chats
+        (and the queued messages)."""
+        return await self.next(**kw) + await self.next(**kw)
+
     async def pushes_until(self, method, **kw):
         """Every pushed packet up to and including the next one with that method."""
         seen = []
@@ -78,7 +83,7 @@ async def login(daemon, account=None, name=None):
     reply = await x.next()
     assert reply["result"] == "success", reply
     x.sid = reply["sid"]
-    pushed = await x.next()
+    pushed = await x.login_pushes()
     return uid, x, reply, pushed
 
 
@@ -108,7 +113,7 @@ async def test_login_order_and_announcement(daemon):
     assert data["id"] == uid and isinstance(data["id"], int) and data["account"] == account
     assert data["realname"] == "Zhang San" and data["status"] == "busy"
     assert isinstance(data["dept"], int)
-    pushed = await x.next()
+    pushed = await x.login_pushes()
     assert isinstance(pushed, list)
     assert [p["method"] for p in pushed[:2]] == ["userGetlist", "getList"]
     users = {u["id"]: u for u in pushed[0]["data"]}
@@ -181,11 +186,11 @@ async def test_one2one_chat_message_history_and_offline(daemon):
         (m,) = sent["data"]
         assert m["gid"] == f"m-{i}" and m["cgid"] == gid and m["user"] == uid_a
         assert isinstance(m["id"], int) and isinstance(m["date"], int)
-    # b was offline: the messages come in the login array, in order
+    # b was offline: the messages come in the login pushes, in order
     b = await connect(daemon)
     b.send("chat", "login", [account_b, md5("pw"), "online"])
     assert (await b.next())["result"] == "success"
-    pushed = await b.next()
+    pushed = await b.login_pushes()
     messages = [p for p in pushed if p["method"] == "message"][0]["data"]
     assert [m["content"] for m in messages] == ["hello 0", "hello 1", "hello 2"]
     assert any(c["gid"] == gid for c in [p for p in pushed if p["method"] == "getList"][0][
@@ -370,7 +375,7 @@ async def test_offline_messages_survive_a_restart(fresh_daemon):
     b = await connect(d)
     b.send("chat", "login", [account_b, md5("pw"), "online"])
     assert (await b.next())["result"] == "success"
-    pushed = await b.next()
+    pushed = await b.login_pushes()
     (messages,) = [p["data"] for p in pushed if p["method"] == "message"]
     assert [m["content"] for m in messages] == ["before restart"]
     await d.close_store()
@@ -475,7 +480,7 @@ async def test_first_message_from_another_protocol_while_offline(daemon):
     x = await connect(daemon)
     x.send("chat", "login", [account, md5("pw"), "online"])
     assert (await x.next())["result"] == "success"
-    pushed = await x.next()
+    pushed = await x.login_pushes()
     chats = [p for p in pushed if p["method"] == "getList"][0]["data"]
     gid = one2one(uid_x, boss_id)
     assert gid in [c["gid"] for c in chats]

@@ -41,6 +41,8 @@ class Directory:
     public: list[bytes]  # each user's entry, encoded, as other non-administrators see it
     joined: bytes = b""  # the JSON array of ``public``
     spans: dict[int, tuple[int, int, int]] | None = None  # uid: (index, start, end) in joined
+    serial: int = 0  # this copy's number: the id of its userGetlist packet
+    line: bytes = b""  # the userGetlist push line of ``joined``, once made (see push_line)
 
 
 class Directories:
@@ -64,6 +66,7 @@ class Directories:
         self._during: list[list[Event]] = []  # changes flushed while the fetch runs
         # uid: ((user, show, admin, online), entry): what was last encoded for each user
         self._entries: dict[int, tuple[tuple, bytes]] = {}
+        self._serial = 0
 
     def mark(self) -> int:
         """A point in time (call it once a login has registered with the hub): a fetch
@@ -152,8 +155,9 @@ class Directories:
         for i, (u, entry) in enumerate(zip(users, public)):
             spans[u.id] = (i, at, at + len(entry))
             at += len(entry) + 1
+        self._serial += 1
         return Directory(users, fields, online, public, b"[" + b",".join(public) + b"]",
-                         spans)
+                         spans, self._serial)
 
     def entries(self, directory: Directory, viewer: int, admin: bool) -> list[dict]:
         return [self.render(u, directory.fields[u.id], u.id in directory.online, viewer,
@@ -174,3 +178,16 @@ class Directories:
             return directory.joined  # the same bytes for every such login: no copy
         joined = directory.joined
         return b"".join((joined[:start], own, joined[end:]))
+
+    def push_line(self, directory: Directory, viewer: int, admin: bool) -> bytes:
+        """The ``userGetlist`` push line for ``viewer``: for every login shown ``joined``
+        as is, the same bytes object (a transport that takes it alone keeps a reference,
+        not a copy: a storm of N logins holds one list per copy, not N)."""
+        listed = self.encoded(directory, viewer, admin)
+        if listed is directory.joined and directory.line:
+            return directory.line
+        line = b"".join((b'[{"id":%d,"module":"chat","method":"userGetlist","data":'
+                         % directory.serial, listed, b"}]\n"))
+        if listed is directory.joined:
+            directory.line = line
+        return line

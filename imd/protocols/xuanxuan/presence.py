@@ -9,9 +9,9 @@ holding one packet per changed user, encoded once, written as the same bytes to 
 that is neither an administrator nor one of the changed users (those get a line of their own).
 
 What this relies on in the 1.0 client (``app/models/socket.js``, easysoft/xuanxuan v1.0.0):
-``_handleData``/``SocketMessage.fromJSON`` run every packet of a pushed array in order (the
-login array is such an array, and the 1.0 PHP server itself wrote each user's pending pushes as
-one array per loop of its daemon); its ``login``, ``logout`` and ``userchangestatus`` handlers
+``_handleData``/``SocketMessage.fromJSON`` run the lines in order and every packet of a pushed
+array in order (the 1.0 PHP server itself wrote each user's pending pushes as one array per
+loop of its daemon); its ``login``, ``logout`` and ``userchangestatus`` handlers
 for another user only set that member's ``status`` from ``data.id``/``data.status`` (so the
 newest status change of a user makes the older ones of the same window redundant; a status
 change and a profile change are kept apart, ``userChangeName`` has no handler there).  A

@@ -282,7 +282,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._ack_heads: dict[tuple[str, str], bytes] = {}
         # Pushes (messages, notices) that wait, in order: each a callable that writes and
         # returns None, or a Deferred to wait for before the next one runs.  _hold: the
-        # reasons they wait (the login array not sent yet; a push waiting for its Deferred).
+        # reasons they wait (the login pushes not sent yet; a push waiting for its Deferred).
         self._pushes: deque[Callable[[], defer.Deferred | None]] = deque()
         self._hold = 0
         self._collect: list[Message] | None = None
@@ -499,7 +499,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # Messages (the offline queue, then live ones) wait until the user and chat lists
         # are pushed, so that the client knows the chats they refer to.
         self._collect = []
-        # Pushes (live messages, chat and presence notices) wait for the login array.
+        # Pushes (live messages, chat and presence notices) wait for the login pushes.
         self._hold += 1
         try:
             service.presence.sessions.add(self)  # registered with the hub from now on
@@ -520,7 +520,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._resume()
 
     async def _send_lists(self, uid: int, queued: list[Message], listed_since: int) -> None:
-        """The login array: every user, my chats (with the chats of queued messages from
+        """The login pushes: every user, my chats (with the chats of queued messages from
         chats I was never shown), the queued messages."""
         service = self.service
         directory = await service.directories.get(listed_since, uid)
@@ -538,24 +538,18 @@ class XuanxuanProtocol(LineOnlyReceiver):
             return
         del self._rendering[:len(queued)]
         queued = [m for m in queued if m.conversation in self.shown]
-        self._push_serial += 1
-        # (head, the list, tail): joined with the rest of the line in one copy
-        users = (b'[{"id":%d,"module":"chat","method":"userGetlist","data":' % self._push_serial,
-                 service.directories.encoded(directory, uid, self.admin), b"}")
+        # The user list on a line of its own (the same bytes for every login that is shown
+        # the list as is), then my chats and the queued messages: the 1.0 client runs the
+        # lines in order (socket.js _handleData), as it runs the packets of one array.
+        self.outbox.put(service.directories.push_line(directory, uid, self.admin), (), False)
         packets = [self._packet("chat", "getList", chats)] if chats else []
-        # The backlog in pushes of LOGIN_CHUNK messages (the first in the login array), so
-        # that no line grows with the backlog.
+        # The backlog in pushes of LOGIN_CHUNK messages, so that no line grows with it.
         chunks = [queued[i:i + LOGIN_CHUNK] for i in range(0, len(queued), LOGIN_CHUNK)] or [[]]
         for chunk in chunks:
             if chunk:
                 packets.append(self._packet("chat", "message",
                                             [self._message_json(m) for m in chunk]))
-            if users:
-                rest = encode(packets)[1:-1]
-                self.outbox.put(b"".join((*users, b"," if rest else b"", rest, b"]\n")),
-                                chunk, False)
-                users = ()
-            else:
+            if packets:
                 self.push(*packets, messages=chunk, bounded=False)
             packets = []
         for m in queued:
@@ -605,7 +599,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._later(lambda: self._push_message(message, contact))
 
     def _later(self, push: Callable[[], defer.Deferred | None]) -> None:
-        """Run ``push`` after the login array and the pushes queued before."""
+        """Run ``push`` after the login pushes and the pushes queued before."""
         self._pushes.append(push)
         if len(self._pushes) == 1 and not self._hold:
             self._run_pushes()
@@ -724,7 +718,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
                          "message": "This account logined in another place."})
             self.transport.loseConnection()
         elif event.kind == "xuanxuan":
-            # After the login array, in order with the messages waiting to be written.
+            # After the login pushes, in order with the messages waiting to be written.
             self._later(lambda: self._push_notice(event))
         # Presence comes from the service's feed (presence_batch), not as a notice.
 
@@ -736,7 +730,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self.push(self._packet("chat", event.data["method"], pushed))
 
     def presence_batch(self, batch: Batch) -> None:
-        """The feed's coalesced presence changes: after the login array, in order with the
+        """The feed's coalesced presence changes: after the login pushes, in order with the
         pushes waiting to be written."""
         self._later(lambda: self._push_batch(batch))
 
