@@ -731,10 +731,9 @@ async def test_replies_keep_request_order_across_stored_and_other_requests(daemo
     assert next(p for p in pushed if p["method"] == "create")["data"]["gid"] == pair
 
 
-def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
+def test_logins_share_one_fetch_of_the_user_list():
     """A reconnect storm reads and encodes the user list once for the logins waiting on
-    it, but a login never gets a list read before it registered (a change in between
-    would be neither in its list nor pushed to it)."""
+    it; a failed fetch fails them all and the next login reads again."""
     from twisted.internet import defer
     from twisted.internet.task import Clock
 
@@ -754,17 +753,15 @@ def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
              User(2, "bob", "Bob", mail="bob@example.org")]
     fields = {1: {"show": "available", "admin": ""}, 2: {"show": "away", "admin": ""}}
 
-    first = directories.get(directories.mark())
-    since = directories.mark()
-    second = directories.get(since)  # registered after that fetch started: one of its own
-    assert len(fetches) == 2
-    joins = [directories.get(since) for _ in range(2)]  # registered before the 2nd started
-    assert len(fetches) == 2
-    later = directories.get(directories.mark())
-    assert len(fetches) == 3
+    failed = []
+    first = directories.get(1).addErrback(failed.append)
+    assert not directories.get(2).addErrback(failed.append).called
+    fetches[0].errback(RuntimeError("store down"))
+    assert len(failed) == 2 and first.called
     got = []
-    for d in (first, second, *joins, later):
-        d.addCallback(got.append)
+    for viewer in (1, 2, None):
+        directories.get(viewer).addCallback(got.append)
+    assert len(fetches) == 2
     fetches[1].callback((users, fields, {1}))
     assert len(got) == 3 and got[0] is got[1] is got[2]  # one fetch, encoded once
     listed = json.loads(directories.encoded(got[0], 1, False))
@@ -772,12 +769,8 @@ def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
         (1, "online", "ann@example.org"), (2, "offline", "")]  # own e-mail only
     admin = json.loads(directories.encoded(got[0], 9, True))
     assert [u["email"] for u in admin] == ["ann@example.org", "bob@example.org"]
-    fetches[0].errback(RuntimeError("store down"))
-    failed = []
-    first.addErrback(failed.append)
-    assert failed and len(got) == 3
-    fetches[2].callback((users, fields, set()))
-    assert len(got) == 4
+    directories.get(2).addCallback(got.append)
+    assert len(fetches) == 2 and got[3] is got[0]  # the copy
 
 
 def test_the_user_list_copy_follows_presence_until_it_may_be_out_of_date():
@@ -810,30 +803,30 @@ def test_the_user_list_copy_follows_presence_until_it_may_be_out_of_date():
              User(3, "cy", "Cy")]
     fields = {u.id: {"show": "available", "admin": ""} for u in users}
     got = []
-    directories.get(directories.mark(), 2).addCallback(got.append)
+    directories.get(2).addCallback(got.append)
     directories.apply([change(3, ONLINE)])  # flushed while the fetch runs
     fetches[0].callback((users, fields, {1}))
     assert status(got[0]) == {1: "online", 2: "offline", 3: "online"}
     directories.apply([change(1, OFFLINE), change(2, ONLINE), change(3, SHOW, "away")])
-    directories.get(directories.mark(), 2).addCallback(got.append)
+    directories.get(2).addCallback(got.append)
     assert len(fetches) == 1  # the copy, with the changes
     assert status(got[1]) == {1: "offline", 2: "online", 3: "away"}
     assert directories.encoded(got[1], 2, False) is got[1].joined  # bob has no mail: as is
     assert b"ann@example.org" in directories.encoded(got[1], 1, False)  # ann's own mail
     for stale in ([change(1, PROFILE)], [change(4, ONLINE)]):
         directories.apply(stale)
-        directories.get(directories.mark(), 2)
+        directories.get(2)
         assert len(fetches) == 2
         fetches[-1].callback((users, fields, set()))
         fetches.clear()
         fetches.append(None)
-    directories.get(directories.mark(), 4)  # not listed: read again
+    directories.get(4)  # not listed: read again
     assert len(fetches) == 2
     fetches[-1].callback((users, fields, set()))
     fetches.clear()
     fetches.append(None)
-    directories.get(directories.mark(), 2)
+    directories.get(2)
     clock.advance(61)
     assert len(fetches) == 1
-    directories.get(directories.mark(), 2)  # too old
+    directories.get(2)  # too old
     assert len(fetches) == 2

@@ -8,11 +8,13 @@ get that batch).  A login registered with the hub (and so is pushed every presen
 then on) and then takes the current copy: the copy holds every change flushed so far, the
 pushes that follow the list every change since, so no change falls between the two.
 
-The copy is read again (one fetch shared by the logins waiting for it) when there is none,
+The copy is read again (one fetch shared by every login waiting for it) when there is none,
 when it is older than ``max_age`` seconds (accounts made, removed or made administrators
 without a presence change), when a change names a user it does not list or changes a profile,
-and when a login does not find its own user in it.  A fetch serves the logins that registered
-before it started; the changes flushed while it runs are applied to what it read.
+and when a login does not find its own user in it.  The changes flushed while a fetch runs
+are applied to what it read (a change is written to the store before it is announced, so what
+the fetch missed is among them or still to be flushed), so a login may join a fetch that
+started before it registered.
 
 Each user's entry is encoded once (and again only when it changed) as everyone but that user
 and the administrators see it, and the whole list is joined once per copy: a login whose own
@@ -58,60 +60,44 @@ class Directories:
         self.encode = encode
         self.clock = clock
         self.max_age = max_age
-        self.registrations = 0
         self._current: Directory | None = None
         self._read_at = 0.0  # when the fetch that made _current started
-        self._pending: list[defer.Deferred] | None = None  # logins waiting on the fetch
-        self._started_at = 0  # registrations counted when the fetch under way started
-        self._during: list[list[Event]] = []  # changes flushed while the fetch runs
+        # The fetch under way: (the logins waiting for it, the changes flushed while it
+        # runs, when it started).
+        self._fetch: tuple[list[defer.Deferred], list[list[Event]], float] | None = None
         # uid: ((user, show, admin, online), entry): what was last encoded for each user
         self._entries: dict[int, tuple[tuple, bytes]] = {}
         self._serial = 0
 
-    def mark(self) -> int:
-        """A point in time (call it once a login has registered with the hub): a fetch
-        started after it is new enough for that login."""
-        self.registrations += 1
-        return self.registrations
-
-    def get(self, since: int, viewer: int | None = None) -> defer.Deferred:
-        """Deferred[Directory] for a login registered at the mark ``since``: the current
-        copy, or one read after the mark (``viewer``: the login's user, who must be
-        listed)."""
+    def get(self, viewer: int | None = None) -> defer.Deferred:
+        """Deferred[Directory] for a login registered with the hub: the current copy, or the
+        fetch under way (``viewer``: the login's user, who must be listed)."""
         current = self._current
         if current is not None and self.clock.seconds() - self._read_at < self.max_age and \
                 (viewer is None or viewer in current.spans):
             return defer.succeed(current)
         self._current = None
         d = defer.Deferred()
-        if self._pending is not None and self._started_at >= since:
-            self._pending.append(d)
-            return d
-        # A fetch of its own, which later logins join (one under way is older than this
-        # login: it finishes for those waiting on it).
-        waiting = [d]
-        self._pending, self._started_at = waiting, self.registrations
-        self._during = []
-        started = self.clock.seconds()
-        self.fetch().addCallback(lambda found: self._fetched(found, started, waiting)).addBoth(
-            self._done, waiting)
+        if self._fetch is None:
+            fetch = self._fetch = ([], [], self.clock.seconds())
+            self.fetch().addCallback(self._fetched, fetch).addBoth(self._done, fetch)
+        self._fetch[0].append(d)
         return d
 
-    def _fetched(self, found, started: float, waiting: list) -> Directory:
-        directory = self._directory(*found)
-        for events in self._during if self._pending is waiting else ():
+    def _fetched(self, found, fetch: tuple) -> Directory:
+        _, during, started = fetch
+        read = self._directory(*found)
+        directory = read
+        for events in during:
             directory = self._updated(directory, events)
             if directory is None:  # a change the copy cannot take: the next login reads
-                return self._directory(*found)
-        if self._pending is waiting:
-            self._current, self._read_at = directory, started
+                return read
+        self._current, self._read_at = directory, started
         return directory
 
-    def _done(self, outcome, waiting: list[defer.Deferred]) -> None:
-        if self._pending is waiting:
-            self._pending = None
-            self._during = []
-        for d in waiting:
+    def _done(self, outcome, fetch: tuple) -> None:
+        self._fetch = None
+        for d in fetch[0]:
             if isinstance(outcome, Failure):
                 d.errback(outcome)
             else:
@@ -119,8 +105,8 @@ class Directories:
 
     def apply(self, events: list[Event]) -> None:
         """The presence changes the feed is about to hand out (the newest per user)."""
-        if self._pending is not None:
-            self._during.append(events)
+        if self._fetch is not None:
+            self._fetch[1].append(events)
         if self._current is not None:
             self._current = self._updated(self._current, events)
 

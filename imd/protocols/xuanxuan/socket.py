@@ -170,7 +170,7 @@ class XuanxuanService:
 
     async def all_users_json(self, viewer: int, admin: bool) -> list[dict]:
         """Every user, as userGetlist shows them to ``viewer``."""
-        directory = await self.directories.get(self.directories.mark())
+        directory = await self.directories.get()
         return self.directories.entries(directory, viewer, admin)
 
     async def _read_directory(self) -> tuple[list[User], dict, set[int]]:
@@ -512,18 +512,19 @@ class XuanxuanProtocol(LineOnlyReceiver):
                 await logout(self._unsent())
                 return
             self._logout = logout
-            listed_since = service.directories.mark()  # registered: pushed what changes
             queued, self._collect = self._collect, None
             self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
-            await self._send_lists(user.id, queued, listed_since)
+            await self._send_lists(user.id, queued)
         finally:
             self._resume()
 
-    async def _send_lists(self, uid: int, queued: list[Message], listed_since: int) -> None:
+    async def _send_lists(self, uid: int, queued: list[Message]) -> None:
         """The login pushes: every user, my chats (with the chats of queued messages from
         chats I was never shown), the queued messages."""
         service = self.service
-        directory = await service.directories.get(listed_since, uid)
+        directory = await service.directories.get(uid)
+        if uid not in directory.spans:  # made after the fetch it joined had started
+            directory = await service.directories.get(uid)
         mine = await service.chats.of_user(uid)
         keys = {c.conversation for c in mine}
         for m in queued:  # e.g. the first message from another protocol's user
