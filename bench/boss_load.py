@@ -1184,15 +1184,18 @@ def percentile(sorted_values: list, p: float):
 
 
 async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
-                       protocol: str = "boss", friendships=None) -> list:
-    """``count`` bench users sharing the password ``bench-<run id>`` (one verifier).
+                       protocol: str = "boss", friendships=None,
+                       remembered: str | None = None) -> list:
+    """``count`` bench users sharing the password ``bench-<run id>`` (one verifier);
+    ``remembered``: the daemon's login key file, under which their logins are stored as
+    verified (see --remembered).
 
     boss and webim: returns (uid, token) pairs.  minami and xuanxuan: returns (uid, account)
     pairs (their clients log in with the password) and, when ``friendships(users)`` is given,
     befriends the (uid a, uid b) pairs it returns."""
     from twisted.internet import defer
 
-    from imd.passwords import make_verifier, md5hex
+    from imd.passwords import LoginKey, make_verifier, md5hex
     from imd.store.connection import connect_pool, parse_redis_url
     from imd.store.redis import AccountTaken, RedisStore
 
@@ -1200,6 +1203,10 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
     try:
         store = RedisStore(await factory.deferred)
         verifier = await make_verifier(md5hex("bench-" + run_id))
+        key = None
+        if remembered:
+            with open(remembered) as f:  # never made here: the daemon's own key
+                key = LoginKey(bytes.fromhex(f.read().strip()))
 
         async def one(i: int):
             account = f"bench-{run_id}-{i}"
@@ -1208,6 +1215,9 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
             except AccountTaken:  # --run-id: the users of an earlier run
                 uid = await store.find_account(account)
             if protocol in ("minami", "xuanxuan"):
+                if key is not None:
+                    mac = key.mac(uid, md5hex("bench-" + run_id), await store.get_verifier(uid))
+                    await store.remember_login(uid, key.id, mac, 6 * 3600)
                 return uid, account   # these log in with the password
             return uid, await store.issue_token(uid, token_ttl)
 
@@ -1305,6 +1315,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use the bench users of this earlier run (made if missing) instead of "
                    "new ones: a second run after a restart of the daemon logs the same users "
                    "in again, as in a reconnect storm")
+    p.add_argument("--remembered", metavar="KEY_FILE", default=None,
+                   help="minami and xuanxuan: store each bench user's login as already "
+                   "verified by the daemon whose --remember-logins key is KEY_FILE (its "
+                   "login.key): the state right after a restart, so the run is a reconnect "
+                   "storm without a first run of scrypt-checked logins")
     p.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.clients < 1:
@@ -1405,11 +1420,12 @@ def main(argv=None) -> int:
                 figures["friendships"] = len(pairs)
                 return pairs
             users = await create_users(redis_url, run_id, total, 7 * 86400, "minami",
-                                       friendships)
+                                       friendships, remembered=args.remembered)
             say(f"created {total} users and {figures['friendships']} friendships in "
                 f"{time.monotonic() - t:.2f} s")
         else:
-            users = await create_users(redis_url, run_id, total, 7 * 86400, args.protocol)
+            users = await create_users(redis_url, run_id, total, 7 * 86400, args.protocol,
+                                       remembered=args.remembered)
             say(f"created {total} users"
                 + (" and tokens" if args.protocol in ("boss", "webim") else "")
                 + f" in {time.monotonic() - t:.2f} s")
