@@ -7,7 +7,7 @@ import hashlib
 import json
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
 from tests.conftest import CLEAN_EXIT, unique
@@ -830,3 +830,82 @@ def test_the_user_list_copy_follows_presence_until_it_may_be_out_of_date():
     assert len(fetches) == 1
     directories.get(2)  # too old
     assert len(fetches) == 2
+
+
+PRESENCE_STATUS = {"login": None, "userChangeStatus": None, "logout": "offline"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_logins_and_logouts_comes_coalesced_and_messages_in_order(daemon):
+    """Users who log in (and some out again) in a burst reach every other session as their
+    newest status, in fewer presence lines than changes (each line holds one packet per
+    user); a session's own changes never reach it; messages sent amid the burst arrive at
+    once and in order, exactly once."""
+    uid_w, w, _, _ = await login(daemon)
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    pair = one2one(uid_a, uid_b)
+    await a.call("create", [pair, "", "one2one", [uid_a, uid_b]])
+    burst = await defer.gatherResults([defer.ensureDeferred(login(daemon)) for _ in range(6)])
+    for i in range(3):
+        assert (await a.call("message", [{"cgid": pair, "content": f"amid {i}"}]))[
+            "result"] == "success"
+    leaving, staying = burst[:3], burst[3:]
+    for _, x, _, _ in leaving:
+        x.client.close()
+    expected = {uid: "offline" for uid, *_ in leaving}
+    expected.update({uid: "online" for uid, *_ in staying})
+    changes = len(burst) + len(leaving)
+
+    seen: dict[int, str] = {}
+    lines = 0
+    while seen != expected:
+        packets = await w.next(timeout=5)
+        assert packets is not CLOSED
+        about = [p for p in packets if isinstance(p.get("data"), dict)
+                 and p["data"].get("id") in expected] if isinstance(packets, list) else []
+        if not about:
+            continue
+        lines += 1
+        ids = [p["data"]["id"] for p in about]
+        assert len(ids) == len(set(ids)), about  # one packet per user and line
+        for p in about:
+            assert p["method"] in PRESENCE_STATUS, p
+            seen[p["data"]["id"]] = PRESENCE_STATUS[p["method"]] or p["data"]["status"]
+    assert lines < changes, (lines, changes)
+    for uid in expected:
+        await none_about(w, uid)
+
+    got = []
+    while len(got) < 3:
+        packets = await b.next(timeout=5)
+        got += [m["content"] for p in packets if p["method"] == "message" for m in p["data"]]
+    assert got == ["amid 0", "amid 1", "amid 2"]
+    uid_s, s, _, _ = staying[0]
+    await none_about(s, uid_s)  # its own login is not pushed to it
+    assert not await message_pushes(b, 0.6)  # exactly once
+
+
+async def none_about(x: XX, uid: int, wait: float = 0.6) -> None:
+    """Assert that no push about user ``uid`` comes within ``wait`` seconds."""
+    try:
+        while True:
+            packets = await x.next(timeout=wait)
+            if isinstance(packets, list):
+                hits = [p for p in packets if isinstance(p.get("data"), dict)
+                        and p["data"].get("id") == uid]
+                assert not hits, hits
+    except defer.TimeoutError:
+        pass
+
+
+async def message_pushes(x: XX, wait: float) -> list:
+    """The message pushes that come within ``wait`` seconds."""
+    messages = []
+    try:
+        while True:
+            packets = await x.next(timeout=wait)
+            if isinstance(packets, list):
+                messages += [p for p in packets if p["method"] == "message"]
+    except defer.TimeoutError:
+        return messages
