@@ -46,9 +46,12 @@ class XX:
                 return reply
 
     async def login_pushes(self, **kw):
-        """The pushes that complete a login: the user list line, then the line with my chats
-        (and the queued messages)."""
-        return await self.next(**kw) + await self.next(**kw)
+        """The pushes that complete a login: the user list, my chats (and the queued
+        messages), up to the line with my chats."""
+        pushed = []
+        while not any(p["method"] == "getList" for p in pushed):
+            pushed += await self.next(**kw)
+        return pushed
 
     async def pushes_until(self, method, **kw):
         """Every pushed packet up to and including the next one with that method."""
