@@ -255,12 +255,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
     user_id: int | None = None
     admin = False  # a system administrator (imdctl admin)
     watches_directory = True  # the client lists every user: it gets everyone's presence
+    protocol = "xuanxuan"
 
     @property
     def directory_feed(self) -> PresenceFeed:
         """How the hub hands this session everyone's presence: the service's one feed."""
         return self.service.presence
-    protocol = "xuanxuan"
 
     def connectionMade(self):
         self.service: XuanxuanService = self.factory.service
@@ -283,7 +283,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # Pushes (messages, notices) that wait, in order: each a callable that writes and
         # returns None, or a Deferred to wait for before the next one runs.  _hold: the
         # reasons they wait (the login pushes not sent yet; a push waiting for its Deferred).
-        self._pushes: deque[Callable[[], defer.Deferred | None]] = deque()
+        self._pushes: deque[Callable[[], defer.Deferred | None]] | None = None  # made when used
         self._hold = 0
         self._collect: list[Message] | None = None
         # The chats this client has been shown (conversation -> the chat's gid): a message
@@ -601,8 +601,11 @@ class XuanxuanProtocol(LineOnlyReceiver):
 
     def _later(self, push: Callable[[], defer.Deferred | None]) -> None:
         """Run ``push`` after the login pushes and the pushes queued before."""
-        self._pushes.append(push)
-        if len(self._pushes) == 1 and not self._hold:
+        pushes = self._pushes
+        if pushes is None:  # most of the time an idle connection has none: no deque
+            pushes = self._pushes = deque()
+        pushes.append(push)
+        if len(pushes) == 1 and not self._hold:
             self._run_pushes()
 
     def _run_pushes(self) -> None:
@@ -619,6 +622,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
             if not waiting.called:  # the next push waits for this one
                 self._hold += 1
                 waiting.addBoth(self._resume)
+        if pushes is not None and not pushes and self._pushes is pushes:
+            self._pushes = None  # a burst's deque is not kept by an idle connection
 
     def _resume(self, _=None) -> None:
         self._hold -= 1
