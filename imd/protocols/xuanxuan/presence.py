@@ -3,7 +3,8 @@
 Every xuanxuan user sees every user, so a reconnect storm of N users used to cost N² pushes
 (each login announced to every session already in), each written as its own line.  Now the
 hub hands each presence change to this node's one ``PresenceFeed`` (``directory_feed``), which
-keeps, per user, only the newest change of the current window (``--xuanxuan-presence-window``
+keeps, per user, only the newest status change and the newest profile change of the current
+window (``--xuanxuan-presence-window``
 seconds; 0: the current reactor turn) and then hands every session one ``Batch``: one line
 holding one packet per changed user, encoded once, written as the same bytes to every session
 that is neither an administrator nor one of the changed users (those get a line of their own).
@@ -15,9 +16,9 @@ loop of its daemon); its ``login``, ``logout`` and ``userchangestatus`` handlers
 for another user only set that member's ``status`` from ``data.id``/``data.status`` (so the
 newest status change of a user makes the older ones of the same window redundant; a status
 change and a profile change are kept apart, ``userChangeName`` has no handler there).  A
-presence change may reach a client up to one window after a message that was sent later: the
-client shows a message whatever the sender's status, so only presence is delayed, never a
-message, and messages keep their order among themselves.
+presence change reaches a client up to one window late, so a message sent after it may come
+first: the client shows a message whatever its sender's status; messages are never delayed
+and keep their order among themselves, and chat pushes keep theirs with the messages.
 """
 
 from __future__ import annotations
