@@ -12,8 +12,7 @@ from tests.test_boss import logged_in
 from tests.test_minami import ok
 from tests.test_minami import new_user as minami_user
 from tests.test_webim import tab
-from tests.test_xuanxuan import XX, connect, login, md5, none_about
-from tests.wire import CLOSED
+from tests.test_xuanxuan import about, connect, login, md5, none_about
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +24,6 @@ def daemon(tmp_path_factory):
     run_blocking(d.close_store())
     assert d.stop() in CLEAN_EXIT, d.log()
     assert "Traceback" not in d.log(), d.log()
-
-
-async def about(x: XX, method: str, uid: int, wait: float = 5.0) -> dict:
-    """The next push ``method`` about user ``uid`` (pushes about others are skipped)."""
-    while True:
-        packets = await x.next(timeout=wait)
-        assert packets is not CLOSED
-        if isinstance(packets, list):
-            for packet in packets:
-                if packet["method"] == method and packet["data"].get("id") == uid:
-                    return packet["data"]
 
 
 def xuanxuan_shape(data: dict, uid: int, account: str, status: str) -> None:
