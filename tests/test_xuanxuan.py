@@ -923,3 +923,48 @@ async def message_pushes(x: XX, wait: float) -> list:
                 messages += [p for p in packets if p["method"] == "message"]
     except defer.TimeoutError:
         return messages
+
+
+def test_a_presence_window_keeps_the_newest_change_per_user_and_leaves_out_the_viewer():
+    """The feed's flush: one packet per user and kind, in the order of the last changes,
+    the same line for everyone but the changed users (without their own packets) and the
+    administrators (each packet rendered for them); the user list copy hears it first."""
+    from twisted.internet.task import Clock
+
+    from imd.model import OFFLINE, ONLINE, PROFILE, SHOW, Event
+    from imd.protocols.xuanxuan.presence import PresenceFeed
+
+    def change(uid, what):
+        return Event("presence", {"user": uid, "change": what, "show": "away"})
+
+    class Session:
+        def __init__(self, uid, admin=False):
+            self.uid, self.admin, self.lines = uid, admin, []
+
+        def presence_batch(self, batch):
+            render = (lambda e: b'{"id":%d,"private":1}' % e.data["user"]) if self.admin \
+                else None
+            line = batch.line_for(self.uid, render)
+            if line is not None:
+                self.lines.append(json.loads(line))
+
+    clock, heard = Clock(), []
+    feed = PresenceFeed(clock, 0.5, lambda e: b'{"id":%d}' % e.data["user"], heard.append)
+    one, two, admin = Session(1), Session(9), Session(8, admin=True)
+    feed.sessions.update((one, two, admin))
+    for event in (change(1, ONLINE), change(2, ONLINE), change(1, SHOW), change(2, OFFLINE),
+                  change(3, PROFILE), change(2, ONLINE)):
+        feed.presence(event)
+    clock.advance(0.4)
+    assert not two.lines
+    clock.advance(0.1)
+    assert [[e.data["user"], e.data["change"]] for e in heard[0]] == [
+        [1, SHOW], [3, PROFILE], [2, ONLINE]]
+    assert [(p["method"], p["data"]) for p in two.lines[0]] == [
+        ("userChangeStatus", {"id": 1}), ("userChangeName", {"id": 3}), ("login", {"id": 2})]
+    assert [p["data"]["id"] for p in one.lines[0]] == [3, 2]  # not its own change
+    assert [p["data"] for p in admin.lines[0]] == [
+        {"id": 1, "private": 1}, {"id": 3, "private": 1}, {"id": 2, "private": 1}]
+    assert len({p["id"] for p in two.lines[0]}) == 3
+    clock.advance(5)
+    assert len(two.lines) == 1  # nothing more
