@@ -282,8 +282,47 @@ def worker_main(config_path: str) -> None:
         def abort(self):
             self.transport.abortConnection()
 
+        _parts: list = []
+        _size = 0
+
+        def dataReceived(self, data):
+            """Lines, with a long one kept as a list of reads until its end arrives
+            (LineOnlyReceiver copies its whole buffer at every read: quadratic for the
+            megabyte userGetlist line of 10,000 users)."""
+            if b"\n" not in data:
+                if not self._parts:
+                    self._parts = []
+                self._parts.append(data)
+                self._size += len(data)
+                if self._size > self.MAX_LENGTH:
+                    self.lineLengthExceeded(b"".join(self._parts))
+                return
+            if self._parts:
+                self._parts.append(data)
+                data = b"".join(self._parts)
+                self._parts, self._size = [], 0
+            lines = data.split(b"\n")
+            rest = lines.pop()
+            if rest:
+                self._parts, self._size = [rest], len(rest)
+            for line in lines:
+                if self.transport.disconnecting:
+                    return
+                self.lineReceived(line)
+
         def lineReceived(self, line):
             w = self.worker
+            if line[:1] == b"[" and (self.ready or self.got_reply):
+                # Pushes are not parsed unless they may hold a message (presence batches,
+                # the user list) or complete the login.
+                if self.ready and b'"method":"message"' not in line:
+                    w.ignored_pushes += line.count(b'"module":')
+                    w.ignored_lines += 1
+                    return
+                if not self.ready and b'"method":"userGetlist"' in line[:200]:
+                    self.ready = True
+                    w.logged_in(self)
+                    return
             try:
                 obj = json.loads(line)
             except ValueError:
@@ -617,6 +656,7 @@ def worker_main(config_path: str) -> None:
             self.quitting = False
             self.reactor = reactor
             self.ignored_pushes = 0
+            self.ignored_lines = 0  # xuanxuan: push lines holding only ignored packets
             if proto == "xuanxuan":
                 host, _, port = cfg["xuanxuan"].rpartition(":")
                 self.factory = XuanxuanFactory()
@@ -1032,6 +1072,7 @@ def worker_main(config_path: str) -> None:
                   "other": self.other_count, "other_samples": self.other_samples,
                   "closes": self.unexpected_closes, "close_samples": self.close_samples,
                   "sent_dead": self.sent_dead, "ignored_pushes": self.ignored_pushes,
+                  "ignored_lines": self.ignored_lines,
                   "behind_ticks": self.behind_ticks,
                   "t_first_send": self.t_first_send, "t_last_send": self.t_last_send,
                   "t_last_recv": self.t_last_recv, "cpu": self._cpu() - self.cpu0,
@@ -1143,15 +1184,18 @@ def percentile(sorted_values: list, p: float):
 
 
 async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
-                       protocol: str = "boss", friendships=None) -> list:
-    """``count`` bench users sharing the password ``bench-<run id>`` (one verifier).
+                       protocol: str = "boss", friendships=None,
+                       remembered: str | None = None) -> list:
+    """``count`` bench users sharing the password ``bench-<run id>`` (one verifier);
+    ``remembered``: the daemon's login key file, under which their logins are stored as
+    verified (see --remembered).
 
     boss and webim: returns (uid, token) pairs.  minami and xuanxuan: returns (uid, account)
     pairs (their clients log in with the password) and, when ``friendships(users)`` is given,
     befriends the (uid a, uid b) pairs it returns."""
     from twisted.internet import defer
 
-    from imd.passwords import make_verifier, md5hex
+    from imd.passwords import LoginKey, make_verifier, md5hex
     from imd.store.connection import connect_pool, parse_redis_url
     from imd.store.redis import AccountTaken, RedisStore
 
@@ -1159,6 +1203,10 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
     try:
         store = RedisStore(await factory.deferred)
         verifier = await make_verifier(md5hex("bench-" + run_id))
+        key = None
+        if remembered:
+            with open(remembered) as f:  # never made here: the daemon's own key
+                key = LoginKey(bytes.fromhex(f.read().strip()))
 
         async def one(i: int):
             account = f"bench-{run_id}-{i}"
@@ -1167,6 +1215,9 @@ async def create_users(redis_url: str, run_id: str, count: int, token_ttl: int,
             except AccountTaken:  # --run-id: the users of an earlier run
                 uid = await store.find_account(account)
             if protocol in ("minami", "xuanxuan"):
+                if key is not None:
+                    mac = key.mac(uid, md5hex("bench-" + run_id), await store.get_verifier(uid))
+                    await store.remember_login(uid, key.id, mac, 6 * 3600)
                 return uid, account   # these log in with the password
             return uid, await store.issue_token(uid, token_ttl)
 
@@ -1264,6 +1315,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use the bench users of this earlier run (made if missing) instead of "
                    "new ones: a second run after a restart of the daemon logs the same users "
                    "in again, as in a reconnect storm")
+    p.add_argument("--remembered", metavar="KEY_FILE", default=None,
+                   help="minami and xuanxuan: store each bench user's login as already "
+                   "verified by the daemon whose --remember-logins key is KEY_FILE (its "
+                   "login.key): the state right after a restart, so the run is a reconnect "
+                   "storm without a first run of scrypt-checked logins")
     p.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.clients < 1:
@@ -1364,11 +1420,12 @@ def main(argv=None) -> int:
                 figures["friendships"] = len(pairs)
                 return pairs
             users = await create_users(redis_url, run_id, total, 7 * 86400, "minami",
-                                       friendships)
+                                       friendships, remembered=args.remembered)
             say(f"created {total} users and {figures['friendships']} friendships in "
                 f"{time.monotonic() - t:.2f} s")
         else:
-            users = await create_users(redis_url, run_id, total, 7 * 86400, args.protocol)
+            users = await create_users(redis_url, run_id, total, 7 * 86400, args.protocol,
+                                       remembered=args.remembered)
             say(f"created {total} users"
                 + (" and tokens" if args.protocol in ("boss", "webim") else "")
                 + f" in {time.monotonic() - t:.2f} s")
@@ -1566,7 +1623,8 @@ def report(args, run_id: str, f: dict, redis_pid) -> int:
         ignored = sum(r.get("ignored_pushes", 0) for r in res)
         if ignored:
             lines.append(f"ignored pushes {ignored} (xuanxuan pushes other than messages, e.g. "
-                         f"chat/login announcements of other users, since the login)")
+                         f"chat/login announcements of other users, since the login), in "
+                         f"{sum(r.get('ignored_lines', 0) for r in res)} lines")
         if tot["behind_ticks"]:
             lines.append(f"rate           {tot['behind_ticks']} ticks skipped: in-flight cap "
                          f"reached (the daemon could not keep up with the rate)")

@@ -153,6 +153,18 @@ class Config:
         "empty = login.key in --data-dir.  Keep it out of the data directory's backups: with "
         "the key and the Redis data, the passwords of recently remembered logins can be "
         "tested fast")
+    xuanxuan_presence_window: float = option(
+        0.5, LIMIT,
+        "seconds a xuanxuan presence change (a login, logout or status change) may wait for "
+        "others before every xuanxuan client is sent the changes of that window in one push, "
+        "the newest per user (a reconnect storm of N users costs each client a push per "
+        "window, not N); 0 = per reactor turn")
+    xuanxuan_directory_age: float = option(
+        60.0, SECONDS,
+        "seconds this node's copy of the user list every xuanxuan login is sent (kept current "
+        "by presence changes) serves logins before it is read again from Redis: an account "
+        "made, removed or made an administrator without a presence change shows in new lists "
+        "after at most this time")
     registrations: int = option(
         20, LIMIT, "new accounts from one source address within --register-window; 0 = no limit")
     register_window: float = option(

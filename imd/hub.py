@@ -9,7 +9,11 @@ Presence: when a user comes online anywhere (first session), goes offline everyw
 session, or their node died), changes show/status or profile, the hub emits one PRESENCE
 Event.  It goes to the user's friends and to every session that watches the whole directory
 (``watches_directory``, e.g. xuanxuan, whose users see everyone); the latter hear it over one
-channel that every node subscribes to, so a change costs one publish, not one per user.
+channel that every node subscribes to, so a change costs one publish, not one per user.  A
+watcher may be served by a directory feed (``add_directory_feed``) that its adapter shares
+among all its sessions: the hub hands each change to the feed once, however many of those
+sessions are here, and the feed fans it out (so that a reconnect storm of N watchers costs the
+hub N calls, not N²).
 Each node's heartbeat also reaps dead nodes and announces their users' logouts.
 
 A KICK notice (an administrator's, see ``imd.admin.ops``) reaches the named session, or every
@@ -54,7 +58,8 @@ class Session(Protocol):
     user_id: int
     protocol: str  # the metrics label: "66boss", "minami", "webim", "xuanxuan" (else "other")
     # Optional ``watches_directory = True``: the session shows every user, so it gets every
-    # user's presence changes, not only its friends'.
+    # user's presence changes, not only its friends', through ``notice``; or, when it also has
+    # a ``directory_feed`` (registered with ``add_directory_feed``), through that feed alone.
 
     def deliver(self, message: Message) -> None:
         """Write a message (sent by anyone, including this user elsewhere) in the
@@ -113,6 +118,8 @@ class Hub:
         self.max_body = max_body
         self.sessions: dict[int, list[Session]] = {}
         self.watchers: set[Session] = set()  # sessions here that watch every user's presence
+        self._noticed: set[Session] = set()  # the watchers without a directory feed
+        self._feeds: list = []  # see add_directory_feed
         self._presence_channel = store.presence_channel()
         # Sessions whose offline queue is being drained: live deliveries wait here so that
         # queued messages come first.
@@ -200,6 +207,8 @@ class Hub:
         self.sessions.setdefault(uid, []).append(session)
         if getattr(session, "watches_directory", False):
             self.watchers.add(session)
+            if getattr(session, "directory_feed", None) is None:
+                self._noticed.add(session)
         self._attaching[session] = []
         self._marks[session] = self._last_id
         ended = False
@@ -342,9 +351,19 @@ class Hub:
         self._watchers_notice(event)
         await self.store.notify(self.node, friends, event, everyone=True)
 
+    def add_directory_feed(self, feed) -> None:
+        """From now on hand every presence Event (of any node) once to ``feed.presence``:
+        the feed serves every session here that names it as its ``directory_feed`` (and
+        leaves out the sessions of the event's own user)."""
+        self._feeds.append(feed)
+
     def _watchers_notice(self, event: Event) -> None:
+        """A presence Event for the watchers here: once to each directory feed, and to each
+        watcher without one."""
+        for feed in self._feeds:
+            _guarded(feed.presence, event)
         uid = event.data["user"]
-        for session in list(self.watchers):
+        for session in list(self._noticed):
             if session.user_id != uid:
                 _guarded(session.notice, event)
 
@@ -365,6 +384,7 @@ class Hub:
             return False
         mine.remove(session)
         self.watchers.discard(session)
+        self._noticed.discard(session)
         if not mine:
             del self.sessions[uid]
             return True

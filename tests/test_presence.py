@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
 
 from tests.conftest import CLEAN_EXIT, Daemon, run_blocking, unique
 from tests.test_boss import logged_in
 from tests.test_minami import ok
 from tests.test_minami import new_user as minami_user
 from tests.test_webim import tab
-from tests.test_xuanxuan import XX, connect, login, md5
-from tests.wire import CLOSED
+from tests.test_xuanxuan import about, connect, login, md5, none_about
 
 
 @pytest.fixture(scope="module")
@@ -26,30 +24,6 @@ def daemon(tmp_path_factory):
     run_blocking(d.close_store())
     assert d.stop() in CLEAN_EXIT, d.log()
     assert "Traceback" not in d.log(), d.log()
-
-
-async def about(x: XX, method: str, uid: int, wait: float = 5.0) -> dict:
-    """The next push ``method`` about user ``uid`` (pushes about others are skipped)."""
-    while True:
-        packets = await x.next(timeout=wait)
-        assert packets is not CLOSED
-        if isinstance(packets, list):
-            for packet in packets:
-                if packet["method"] == method and packet["data"].get("id") == uid:
-                    return packet["data"]
-
-
-async def none_about(x: XX, uid: int, wait: float = 0.5) -> None:
-    """Assert that no push about ``uid`` comes within ``wait`` seconds."""
-    try:
-        while True:
-            packets = await x.next(timeout=wait)
-            if isinstance(packets, list):
-                hits = [p for p in packets if isinstance(p.get("data"), dict)
-                        and p["data"].get("id") == uid]
-                assert not hits, hits
-    except defer.TimeoutError:
-        pass
 
 
 def xuanxuan_shape(data: dict, uid: int, account: str, status: str) -> None:

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
 from tests.conftest import CLEAN_EXIT, unique
@@ -45,6 +45,14 @@ class XX:
             if isinstance(reply, dict) and reply.get("method") == method:
                 return reply
 
+    async def login_pushes(self, **kw):
+        """The pushes that complete a login: the user list, my chats (and the queued
+        messages), up to the line with my chats."""
+        pushed = []
+        while not any(p["method"] == "getList" for p in pushed):
+            pushed += await self.next(**kw)
+        return pushed
+
     async def pushes_until(self, method, **kw):
         """Every pushed packet up to and including the next one with that method."""
         seen = []
@@ -65,6 +73,18 @@ class XX:
                         return packet["data"]
 
 
+async def about(x: XX, method: str, uid: int, wait: float = 5.0) -> dict:
+    """The next push ``method`` about user ``uid`` (pushes about others are skipped: a
+    presence line holds the changes of a window, some of them from before this login)."""
+    while True:
+        packets = await x.next(timeout=wait)
+        assert packets is not CLOSED
+        if isinstance(packets, list):
+            for packet in packets:
+                if packet["method"] == method and packet["data"].get("id") == uid:
+                    return packet["data"]
+
+
 async def connect(daemon) -> XX:
     return XX(await line_connect(daemon.xuanxuan))
 
@@ -78,7 +98,7 @@ async def login(daemon, account=None, name=None):
     reply = await x.next()
     assert reply["result"] == "success", reply
     x.sid = reply["sid"]
-    pushed = await x.next()
+    pushed = await x.login_pushes()
     return uid, x, reply, pushed
 
 
@@ -108,15 +128,14 @@ async def test_login_order_and_announcement(daemon):
     assert data["id"] == uid and isinstance(data["id"], int) and data["account"] == account
     assert data["realname"] == "Zhang San" and data["status"] == "busy"
     assert isinstance(data["dept"], int)
-    pushed = await x.next()
+    pushed = await x.login_pushes()
     assert isinstance(pushed, list)
     assert [p["method"] for p in pushed[:2]] == ["userGetlist", "getList"]
     users = {u["id"]: u for u in pushed[0]["data"]}
     assert users[uid]["status"] == "busy" and users[uid_a]["status"] == "online"
     system = [c for c in pushed[1]["data"] if c["gid"] == "system"]
     assert system and system[0]["type"] == "system" and uid in system[0]["members"]
-    announced = await a.push("login")
-    assert announced["id"] == uid
+    assert (await about(a, "login", uid))["id"] == uid
 
 
 @pytest_twisted.ensureDeferred
@@ -181,11 +200,11 @@ async def test_one2one_chat_message_history_and_offline(daemon):
         (m,) = sent["data"]
         assert m["gid"] == f"m-{i}" and m["cgid"] == gid and m["user"] == uid_a
         assert isinstance(m["id"], int) and isinstance(m["date"], int)
-    # b was offline: the messages come in the login array, in order
+    # b was offline: the messages come in the login pushes, in order
     b = await connect(daemon)
     b.send("chat", "login", [account_b, md5("pw"), "online"])
     assert (await b.next())["result"] == "success"
-    pushed = await b.next()
+    pushed = await b.login_pushes()
     messages = [p for p in pushed if p["method"] == "message"][0]["data"]
     assert [m["content"] for m in messages] == ["hello 0", "hello 1", "hello 2"]
     assert any(c["gid"] == gid for c in [p for p in pushed if p["method"] == "getList"][0][
@@ -370,7 +389,7 @@ async def test_offline_messages_survive_a_restart(fresh_daemon):
     b = await connect(d)
     b.send("chat", "login", [account_b, md5("pw"), "online"])
     assert (await b.next())["result"] == "success"
-    pushed = await b.next()
+    pushed = await b.login_pushes()
     (messages,) = [p["data"] for p in pushed if p["method"] == "message"]
     assert [m["content"] for m in messages] == ["before restart"]
     await d.close_store()
@@ -382,11 +401,11 @@ async def test_user_methods_settings_and_logout(daemon):
     uid_b, b, _, _ = await login(daemon)
     renamed = await a.call("userChangeName", ["李四"])
     assert renamed["data"] == {"id": uid_a, "name": "李四"}
-    pushed = await b.push("userChangeName")
-    assert pushed["id"] == uid_a and pushed["realname"] == "李四"
+    pushed = await about(b, "userChangeName", uid_a)
+    assert pushed["realname"] == "李四"
     status = await a.call("userChangeStatus", ["away"])
     assert status["data"] == {"id": uid_a, "status": "away"}
-    assert (await b.push("userChangeStatus"))["status"] == "away"
+    assert (await about(b, "userChangeStatus", uid_a))["status"] == "away"
     assert (await a.call("userChangeStatus", ["sleeping"]))["result"] == "fail"
     users = {u["id"]: u for u in (await b.call("userGetlist"))["data"]}
     assert users[uid_a]["realname"] == "李四" and users[uid_a]["status"] == "away"
@@ -395,7 +414,7 @@ async def test_user_methods_settings_and_logout(daemon):
     assert (await a.call("settings", [""]))["data"] == {"theme": "dark", "sound": False}
     out = await a.call("logout")
     assert out["result"] == "success" and out["data"]["id"] == uid_a
-    assert (await b.push("logout"))["id"] == uid_a
+    assert (await about(b, "logout", uid_a))["id"] == uid_a
     assert await a.next() is CLOSED
     users = {u["id"]: u for u in (await b.call("userGetlist"))["data"]}
     assert users[uid_a]["status"] == "offline"
@@ -475,7 +494,7 @@ async def test_first_message_from_another_protocol_while_offline(daemon):
     x = await connect(daemon)
     x.send("chat", "login", [account, md5("pw"), "online"])
     assert (await x.next())["result"] == "success"
-    pushed = await x.next()
+    pushed = await x.login_pushes()
     chats = [p for p in pushed if p["method"] == "getList"][0]["data"]
     gid = one2one(uid_x, boss_id)
     assert gid in [c["gid"] for c in chats]
@@ -726,11 +745,11 @@ async def test_replies_keep_request_order_across_stored_and_other_requests(daemo
     assert next(p for p in pushed if p["method"] == "create")["data"]["gid"] == pair
 
 
-def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
+def test_logins_share_one_fetch_of_the_user_list():
     """A reconnect storm reads and encodes the user list once for the logins waiting on
-    it, but a login never gets a list read before it registered (a change in between
-    would be neither in its list nor pushed to it)."""
+    it; a failed fetch fails them all and the next login reads again."""
     from twisted.internet import defer
+    from twisted.internet.task import Clock
 
     from imd.model import User
     from imd.protocols.xuanxuan.directory import Directories
@@ -742,22 +761,21 @@ def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
         fetches.append(defer.Deferred())
         return fetches[-1]
 
-    directories = Directories(fetch, XuanxuanService._user_json, encode)
+    clock = Clock()
+    directories = Directories(fetch, XuanxuanService._user_json, encode, clock, 60)
     users = [User(1, "ann", "Ann", mail="ann@example.org"),
              User(2, "bob", "Bob", mail="bob@example.org")]
     fields = {1: {"show": "available", "admin": ""}, 2: {"show": "away", "admin": ""}}
 
-    first = directories.get(directories.mark())
-    since = directories.mark()
-    second = directories.get(since)  # registered after that fetch started: one of its own
-    assert len(fetches) == 2
-    joins = [directories.get(since) for _ in range(2)]  # registered before the 2nd started
-    assert len(fetches) == 2
-    later = directories.get(directories.mark())
-    assert len(fetches) == 3
+    failed = []
+    first = directories.get(1).addErrback(failed.append)
+    assert not directories.get(2).addErrback(failed.append).called
+    fetches[0].errback(RuntimeError("store down"))
+    assert len(failed) == 2 and first.called
     got = []
-    for d in (first, second, *joins, later):
-        d.addCallback(got.append)
+    for viewer in (1, 2, None):
+        directories.get(viewer).addCallback(got.append)
+    assert len(fetches) == 2
     fetches[1].callback((users, fields, {1}))
     assert len(got) == 3 and got[0] is got[1] is got[2]  # one fetch, encoded once
     listed = json.loads(directories.encoded(got[0], 1, False))
@@ -765,9 +783,188 @@ def test_logins_share_the_user_list_fetch_only_when_it_is_new_enough():
         (1, "online", "ann@example.org"), (2, "offline", "")]  # own e-mail only
     admin = json.loads(directories.encoded(got[0], 9, True))
     assert [u["email"] for u in admin] == ["ann@example.org", "bob@example.org"]
-    fetches[0].errback(RuntimeError("store down"))
-    failed = []
-    first.addErrback(failed.append)
-    assert failed and len(got) == 3
-    fetches[2].callback((users, fields, set()))
-    assert len(got) == 4
+    directories.get(2).addCallback(got.append)
+    assert len(fetches) == 2 and got[3] is got[0]  # the copy
+
+
+def test_the_user_list_copy_follows_presence_until_it_may_be_out_of_date():
+    """After a fetch, logins take the node's copy, kept current by the presence changes
+    the feed flushes (the very bytes for every login without a private field); a profile
+    change, an unknown user, a login not listed or age make the next login read again."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from imd.model import OFFLINE, ONLINE, PROFILE, SHOW, Event, User
+    from imd.protocols.xuanxuan.directory import Directories
+    from imd.protocols.xuanxuan.socket import XuanxuanService, encode
+
+    fetches: list[defer.Deferred] = []
+
+    def fetch():
+        fetches.append(defer.Deferred())
+        return fetches[-1]
+
+    def change(uid, what, show="available"):
+        return Event("presence", {"user": uid, "change": what, "show": show})
+
+    def status(directory, viewer=2):
+        return {u["id"]: u["status"] for u in
+                json.loads(directories.encoded(directory, viewer, False))}
+
+    clock = Clock()
+    directories = Directories(fetch, XuanxuanService._user_json, encode, clock, 60)
+    users = [User(1, "ann", "Ann", mail="ann@example.org"), User(2, "bob", "Bob"),
+             User(3, "cy", "Cy")]
+    fields = {u.id: {"show": "available", "admin": ""} for u in users}
+    got = []
+    directories.get(2).addCallback(got.append)
+    directories.apply([change(3, ONLINE)])  # flushed while the fetch runs
+    fetches[0].callback((users, fields, {1}))
+    assert status(got[0]) == {1: "online", 2: "offline", 3: "online"}
+    directories.apply([change(1, OFFLINE), change(2, ONLINE), change(3, SHOW, "away")])
+    directories.get(2).addCallback(got.append)
+    assert len(fetches) == 1  # the copy, with the changes
+    assert status(got[1]) == {1: "offline", 2: "online", 3: "away"}
+    assert directories.encoded(got[1], 2, False) is got[1].joined  # bob has no mail: as is
+    assert b"ann@example.org" in directories.encoded(got[1], 1, False)  # ann's own mail
+    for stale in ([change(1, PROFILE)], [change(4, ONLINE)]):
+        directories.apply(stale)
+        directories.get(2)
+        assert len(fetches) == 2
+        fetches[-1].callback((users, fields, set()))
+        fetches.clear()
+        fetches.append(None)
+    directories.get(4)  # not listed: read again
+    assert len(fetches) == 2
+    fetches[-1].callback((users, fields, set()))
+    fetches.clear()
+    fetches.append(None)
+    directories.get(2)
+    clock.advance(61)
+    assert len(fetches) == 1
+    directories.get(2)  # too old
+    assert len(fetches) == 2
+
+
+PRESENCE_STATUS = {"login": None, "userChangeStatus": None, "logout": "offline"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_logins_and_logouts_comes_coalesced_and_messages_in_order(daemon):
+    """Users who log in (and some out again) in a burst reach every other session as their
+    newest status, in fewer presence lines than changes (each line holds one packet per
+    user); a session's own changes never reach it; messages sent amid the burst arrive at
+    once and in order, exactly once."""
+    uid_w, w, _, _ = await login(daemon)
+    uid_a, a, _, _ = await login(daemon)
+    uid_b, b, _, _ = await login(daemon)
+    pair = one2one(uid_a, uid_b)
+    await a.call("create", [pair, "", "one2one", [uid_a, uid_b]])
+    burst = await defer.gatherResults([defer.ensureDeferred(login(daemon)) for _ in range(6)])
+    for i in range(3):
+        assert (await a.call("message", [{"cgid": pair, "content": f"amid {i}"}]))[
+            "result"] == "success"
+    leaving, staying = burst[:3], burst[3:]
+    for _, x, _, _ in leaving:
+        x.client.close()
+    expected = {uid: "offline" for uid, *_ in leaving}
+    expected.update({uid: "online" for uid, *_ in staying})
+    changes = len(burst) + len(leaving)
+
+    seen: dict[int, str] = {}
+    lines = 0
+    while seen != expected:
+        packets = await w.next(timeout=5)
+        assert packets is not CLOSED
+        about = [p for p in packets if isinstance(p.get("data"), dict)
+                 and p["data"].get("id") in expected] if isinstance(packets, list) else []
+        if not about:
+            continue
+        lines += 1
+        ids = [p["data"]["id"] for p in about]
+        assert len(ids) == len(set(ids)), about  # one packet per user and line
+        for p in about:
+            assert p["method"] in PRESENCE_STATUS, p
+            seen[p["data"]["id"]] = PRESENCE_STATUS[p["method"]] or p["data"]["status"]
+    assert lines < changes, (lines, changes)
+    for uid in expected:
+        await none_about(w, uid)
+
+    got = []
+    while len(got) < 3:
+        packets = await b.next(timeout=5)
+        got += [m["content"] for p in packets if p["method"] == "message" for m in p["data"]]
+    assert got == ["amid 0", "amid 1", "amid 2"]
+    uid_s, s, _, _ = staying[0]
+    await none_about(s, uid_s)  # its own login is not pushed to it
+    assert not await message_pushes(b, 0.6)  # exactly once
+
+
+async def none_about(x: XX, uid: int, wait: float = 0.6) -> None:
+    """Assert that no push about user ``uid`` comes within ``wait`` seconds."""
+    try:
+        while True:
+            packets = await x.next(timeout=wait)
+            if isinstance(packets, list):
+                hits = [p for p in packets if isinstance(p.get("data"), dict)
+                        and p["data"].get("id") == uid]
+                assert not hits, hits
+    except defer.TimeoutError:
+        pass
+
+
+async def message_pushes(x: XX, wait: float) -> list:
+    """The message pushes that come within ``wait`` seconds."""
+    messages = []
+    try:
+        while True:
+            packets = await x.next(timeout=wait)
+            if isinstance(packets, list):
+                messages += [p for p in packets if p["method"] == "message"]
+    except defer.TimeoutError:
+        return messages
+
+
+def test_a_presence_window_keeps_the_newest_change_per_user_and_leaves_out_the_viewer():
+    """The feed's flush: one packet per user and kind, in the order of the last changes,
+    the same line for everyone but the changed users (without their own packets) and the
+    administrators (each packet rendered for them); the user list copy hears it first."""
+    from twisted.internet.task import Clock
+
+    from imd.model import OFFLINE, ONLINE, PROFILE, SHOW, Event
+    from imd.protocols.xuanxuan.presence import PresenceFeed
+
+    def change(uid, what):
+        return Event("presence", {"user": uid, "change": what, "show": "away"})
+
+    class Session:
+        def __init__(self, uid, admin=False):
+            self.uid, self.admin, self.lines = uid, admin, []
+
+        def presence_batch(self, batch):
+            render = (lambda e: b'{"id":%d,"private":1}' % e.data["user"]) if self.admin \
+                else None
+            line = batch.line_for(self.uid, render)
+            if line is not None:
+                self.lines.append(json.loads(line))
+
+    clock, heard = Clock(), []
+    feed = PresenceFeed(clock, 0.5, lambda e: b'{"id":%d}' % e.data["user"], heard.append)
+    one, two, admin = Session(1), Session(9), Session(8, admin=True)
+    feed.sessions.update((one, two, admin))
+    for event in (change(1, ONLINE), change(2, ONLINE), change(1, SHOW), change(2, OFFLINE),
+                  change(3, PROFILE), change(2, ONLINE)):
+        feed.presence(event)
+    clock.advance(0.4)
+    assert not two.lines
+    clock.advance(0.1)
+    assert [[e.data["user"], e.data["change"]] for e in heard[0]] == [
+        [1, SHOW], [3, PROFILE], [2, ONLINE]]
+    assert [(p["method"], p["data"]) for p in two.lines[0]] == [
+        ("userChangeStatus", {"id": 1}), ("userChangeName", {"id": 3}), ("login", {"id": 2})]
+    assert [p["data"]["id"] for p in one.lines[0]] == [3, 2]  # not its own change
+    assert [p["data"] for p in admin.lines[0]] == [
+        {"id": 1, "private": 1}, {"id": 3, "private": 1}, {"id": 2, "private": 1}]
+    assert len({p["id"] for p in two.lines[0]}) == 3
+    clock.advance(5)
+    assert len(two.lines) == 1  # nothing more

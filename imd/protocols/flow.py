@@ -136,6 +136,8 @@ class ReadGate:
     """Back-pressure on the read side: the transport stops reading while more than ``limit``
     requests of the connection are under way (like twisted.web's HTTPChannel)."""
 
+    __slots__ = ("_transport", "limit", "busy", "_paused")  # one per connection
+
     def __init__(self, transport, limit: int = IN_FLIGHT):
         self._transport = transport
         self.limit = limit

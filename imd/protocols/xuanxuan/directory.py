@@ -1,24 +1,38 @@
-"""The user list (``userGetlist``) that every xuanxuan login is sent, fetched once for every
-login waiting for it.
+"""The user list (``userGetlist``) that every xuanxuan login is sent: one copy per node, kept
+current by the presence changes, read again from the store only when it may be out of date.
 
 A xuanxuan login is sent every user, so a reconnect storm of N users used to read and encode
-N users N times.  Logins now share one fetch: a login that registered with the hub (and so is
-pushed every presence change from then on) joins a fetch that started after it registered, or
-starts one; what the fetch reads is then at least as new as the login, so no change falls
-between the list and the pushes that follow it.  Each user's entry is encoded once per fetch
-as everyone but that user and the administrators see it; the viewer's own entry (with its
-private fields) and an administrator's whole list are made for them.
+N users N times.  Now the node keeps the last list it read and applies to it the presence
+changes the presence feed hands out (``apply``, at each of its flushes, before the sessions
+get that batch).  A login registered with the hub (and so is pushed every presence change from
+then on) and then takes the current copy: the copy holds every change flushed so far, the
+pushes that follow the list every change since, so no change falls between the two.
+
+The copy is read again (one fetch shared by every login waiting for it) when there is none,
+when it is older than ``max_age`` seconds (accounts made, removed or made administrators
+without a presence change), when a change names a user it does not list or changes a profile,
+and when a login does not find its own user in it.  The changes flushed while a fetch runs
+are applied to what it read (a change is written to the store before it is announced, so what
+the fetch missed is among them or still to be flushed), so a login may join a fetch that
+started before it registered.
+
+Each user's entry is encoded once (and again only when it changed) as everyone but that user
+and the administrators see it, and the whole list is joined once per copy: a login whose own
+entry reads the same to its user (no private field set) is sent those very bytes; the viewer's
+own entry otherwise (with its private fields) is spliced in, and an administrator's whole list
+is made for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from imd.model import User
+from imd.model import OFFLINE, ONLINE, SHOW, Event, User
 
 
 @dataclass
@@ -27,54 +41,109 @@ class Directory:
     fields: dict[int, dict[str, str]]  # "show", "admin"
     online: set[int]
     public: list[bytes]  # each user's entry, encoded, as other non-administrators see it
+    joined: bytes = b""  # the JSON array of ``public``
+    spans: dict[int, tuple[int, int, int]] | None = None  # uid: (index, start, end) in joined
+    serial: int = 0  # this copy's number: the id of its userGetlist packet
+    line: bytes = b""  # the userGetlist push line of ``joined``, once made (see push_line)
 
 
 class Directories:
-    """Shared fetches of the user list.  ``render(user, fields, online, viewer, admin)``
-    makes one entry; ``encode`` one JSON text."""
+    """The node's copy of the user list.  ``fetch()``: Deferred[(users, fields, online)]
+    from the store; ``render(user, fields, online, viewer, admin)`` makes one entry;
+    ``encode`` one JSON text."""
 
     def __init__(self, fetch: Callable[[], defer.Deferred],
-                 render: Callable[..., dict], encode: Callable[[object], bytes]):
-        self.fetch = fetch  # Deferred[(users, fields, online)]
+                 render: Callable[..., dict], encode: Callable[[object], bytes],
+                 clock: IReactorTime, max_age: float):
+        self.fetch = fetch
         self.render = render
         self.encode = encode
-        self.registrations = 0
-        self._pending: list[defer.Deferred] | None = None  # logins waiting on the fetch
-        self._started_at = 0  # registrations counted when the fetch under way started
+        self.clock = clock
+        self.max_age = max_age
+        self._current: Directory | None = None
+        self._read_at = 0.0  # when the fetch that made _current started
+        # The fetch under way: (the logins waiting for it, the changes flushed while it
+        # runs, when it started).
+        self._fetch: tuple[list[defer.Deferred], list[list[Event]], float] | None = None
+        # uid: ((user, show, admin, online), entry): what was last encoded for each user
+        self._entries: dict[int, tuple[tuple, bytes]] = {}
+        self._serial = 0
 
-    def mark(self) -> int:
-        """A point in time (call it once a login has registered with the hub): a fetch
-        started after it is new enough for that login."""
-        self.registrations += 1
-        return self.registrations
-
-    def get(self, since: int) -> defer.Deferred:
-        """Deferred[Directory], read after the mark ``since``."""
+    def get(self, viewer: int | None = None) -> defer.Deferred:
+        """Deferred[Directory] for a login registered with the hub: the current copy, or the
+        fetch under way (``viewer``: the login's user, who must be listed)."""
+        current = self._current
+        if current is not None and self.clock.seconds() - self._read_at < self.max_age and \
+                (viewer is None or viewer in current.spans):
+            return defer.succeed(current)
+        self._current = None
         d = defer.Deferred()
-        if self._pending is not None and self._started_at >= since:
-            self._pending.append(d)
-            return d
-        # A fetch of its own, which later logins join (one under way is older than this
-        # login: it finishes for those waiting on it).
-        waiting = [d]
-        self._pending, self._started_at = waiting, self.registrations
-        self.fetch().addCallback(lambda found: self._directory(*found)).addBoth(
-            self._done, waiting)
+        if self._fetch is None:
+            fetch = self._fetch = ([], [], self.clock.seconds())
+            self.fetch().addCallback(self._fetched, fetch).addBoth(self._done, fetch)
+        self._fetch[0].append(d)
         return d
 
-    def _done(self, outcome, waiting: list[defer.Deferred]) -> None:
-        if self._pending is waiting:
-            self._pending = None
-        for d in waiting:
+    def _fetched(self, found, fetch: tuple) -> Directory:
+        _, during, started = fetch
+        read = self._directory(*found)
+        directory = read
+        for events in during:
+            directory = self._updated(directory, events)
+            if directory is None:  # a change the copy cannot take: the next login reads
+                return read
+        self._current, self._read_at = directory, started
+        return directory
+
+    def _done(self, outcome, fetch: tuple) -> None:
+        self._fetch = None
+        for d in fetch[0]:
             if isinstance(outcome, Failure):
                 d.errback(outcome)
             else:
                 d.callback(outcome)
 
+    def apply(self, events: list[Event]) -> None:
+        """The presence changes the feed is about to hand out (the newest per user)."""
+        if self._fetch is not None:
+            self._fetch[1].append(events)
+        if self._current is not None:
+            self._current = self._updated(self._current, events)
+
+    def _updated(self, d: Directory, events: Iterable[Event]) -> Directory | None:
+        """``d`` with the status changes applied (a new Directory); None when one of them
+        is a profile change or names a user ``d`` does not list."""
+        fields, online = dict(d.fields), set(d.online)
+        for event in events:
+            uid, change = event.data["user"], event.data["change"]
+            if uid not in d.spans or change not in (ONLINE, OFFLINE, SHOW):
+                return None
+            if change == OFFLINE:
+                online.discard(uid)
+            else:
+                online.add(uid)
+                fields[uid] = {**fields[uid], "show": event.data["show"]}
+        return self._directory(d.users, fields, online)
+
     def _directory(self, users, fields, online) -> Directory:
-        public = [self.encode(self.render(u, fields[u.id], u.id in online, None, False))
-                  for u in users]
-        return Directory(users, fields, online, public)
+        cache, entries = self._entries, {}
+        public = []
+        for u in users:
+            f = fields[u.id]
+            key = (u, f["show"], f["admin"], u.id in online)
+            known = cache.get(u.id)
+            if known is None or known[0] != key:
+                known = (key, self.encode(self.render(u, f, key[3], None, False)))
+            entries[u.id] = known
+            public.append(known[1])
+        self._entries = entries  # users deleted since are forgotten
+        spans, at = {}, 1
+        for i, (u, entry) in enumerate(zip(users, public)):
+            spans[u.id] = (i, at, at + len(entry))
+            at += len(entry) + 1
+        self._serial += 1
+        return Directory(users, fields, online, public, b"[" + b",".join(public) + b"]",
+                         spans, self._serial)
 
     def entries(self, directory: Directory, viewer: int, admin: bool) -> list[dict]:
         return [self.render(u, directory.fields[u.id], u.id in directory.online, viewer,
@@ -84,10 +153,27 @@ class Directories:
         """The list as ``viewer`` is shown it, one JSON array."""
         if admin:
             return self.encode(self.entries(directory, viewer, admin))
-        parts = directory.public[:]
-        for i, user in enumerate(directory.users):
-            if user.id == viewer:
-                parts[i] = self.encode(self.render(
-                    user, directory.fields[user.id], user.id in directory.online, viewer,
-                    False))
-        return b"[" + b",".join(parts) + b"]"
+        span = directory.spans.get(viewer)
+        if span is None:
+            return directory.joined
+        i, start, end = span
+        user = directory.users[i]
+        own = self.encode(self.render(user, directory.fields[user.id],
+                                      user.id in directory.online, viewer, False))
+        if own == directory.public[i]:
+            return directory.joined  # the same bytes for every such login: no copy
+        joined = directory.joined
+        return b"".join((joined[:start], own, joined[end:]))
+
+    def push_line(self, directory: Directory, viewer: int, admin: bool) -> bytes:
+        """The ``userGetlist`` push line for ``viewer``: for every login shown ``joined``
+        as is, the same bytes object (a transport that takes it alone keeps a reference,
+        not a copy: a storm of N logins holds one list per copy, not N)."""
+        listed = self.encoded(directory, viewer, admin)
+        if listed is directory.joined and directory.line:
+            return directory.line
+        line = b"".join((b'[{"id":%d,"module":"chat","method":"userGetlist","data":'
+                         % directory.serial, listed, b"}]\n"))
+        if listed is directory.joined:
+            directory.line = line
+        return line

@@ -37,5 +37,6 @@ class XuanxuanProtocolService(ProtocolService):
         return len(self.xuanxuan.connections)
 
     def close(self) -> None:
+        self.xuanxuan.presence.stop()
         for connection in list(self.xuanxuan.connections):
             connection.transport.abortConnection()

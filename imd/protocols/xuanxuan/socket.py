@@ -26,12 +26,12 @@ from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
 from imd.hub import Hub, HubError, Logout, written
 from imd.metrics import CONNECTIONS
-from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, ONLINE, PRESENCE, PROFILE,
-                       SHOW, TEXT, UNICAST, Event, Message, User, group_conversation,
-                       json_bytes, one2one_gid, seen_by)
+from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, TEXT, UNICAST, Event, Message,
+                       User, group_conversation, json_bytes, one2one_gid, seen_by)
 from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.protocols.xuanxuan.directory import Directories
+from imd.protocols.xuanxuan.presence import Batch, PresenceFeed
 from imd.throttle import Throttled
 from imd.unavailable import log_failure
 
@@ -40,10 +40,6 @@ SHOW_OF_STATUS = {"online": "available", "away": "away", "busy": "busy"}
 STATUSES = tuple(SHOW_OF_STATUS)
 STATUS_OF_SHOW = {"away": "away", "busy": "busy", "dnd": "busy", "invisible": "offline",
                   "unavailable": "offline"}  # any other show: online
-# The push the 1.0 client handles for each presence change (socket.js: login, logout,
-# userchangestatus; userChangeName as the original server pushed it).
-PRESENCE_PUSH = {ONLINE: "login", OFFLINE: "logout", SHOW: "userChangeStatus",
-                 PROFILE: "userChangeName"}
 CONTENT_IN = {"text": TEXT, "emoticon": EMOTICON, "image": IMAGE, "file": FILE}
 CONTENT_OUT = {TEXT: "text", EMOTICON: "emoticon", IMAGE: "image", FILE: "file"}
 PAGE_MAX = 200
@@ -105,19 +101,14 @@ class XuanxuanService:
         self.config = config
         self.connections: set["XuanxuanProtocol"] = set()
         self._contacts: list[tuple[Chat, int, defer.Deferred]] = []  # see contact()
-        self._presence: tuple[Event | None, bytes] = (None, b"")  # see public_presence()
         self.directories = Directories(lambda: defer.ensureDeferred(self._read_directory()),
-                                       self._user_json, encode)
-
-    def public_presence(self, event: Event) -> bytes:
-        """The user JSON of a presence event as a watcher who is neither its user nor an
-        administrator sees it, encoded once: the hub hands the same event to every watcher
-        here (kept for the last event; pushes that waited for a login array miss it)."""
-        last, encoded = self._presence
-        if last is not event:
-            encoded = encode(presence_user_json(event, None, False))
-            self._presence = (event, encoded)
-        return encoded
+                                       self._user_json, encode, hub.clock,
+                                       config.xuanxuan_directory_age)
+        # Every session's presence pushes, coalesced per window and encoded once (point 6).
+        self.presence = PresenceFeed(hub.clock, config.xuanxuan_presence_window,
+                                     lambda event: encode(presence_user_json(event, None, False)),
+                                     self.directories.apply)
+        hub.add_directory_feed(self.presence)
 
     def contact(self, message: Message, uid: int) -> defer.Deferred:
         """Deferred[dict | None]: the chat object of a message's chat as ``uid`` is shown
@@ -177,7 +168,7 @@ class XuanxuanService:
 
     async def all_users_json(self, viewer: int, admin: bool) -> list[dict]:
         """Every user, as userGetlist shows them to ``viewer``."""
-        directory = await self.directories.get(self.directories.mark())
+        directory = await self.directories.get()
         return self.directories.entries(directory, viewer, admin)
 
     async def _read_directory(self) -> tuple[list[User], dict, set[int]]:
@@ -264,6 +255,11 @@ class XuanxuanProtocol(LineOnlyReceiver):
     watches_directory = True  # the client lists every user: it gets everyone's presence
     protocol = "xuanxuan"
 
+    @property
+    def directory_feed(self) -> PresenceFeed:
+        """How the hub hands this session everyone's presence: the service's one feed."""
+        return self.service.presence
+
     def connectionMade(self):
         self.service: XuanxuanService = self.factory.service
         self.MAX_LENGTH = self.service.config.max_frame
@@ -284,8 +280,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._ack_heads: dict[tuple[str, str], bytes] = {}
         # Pushes (messages, notices) that wait, in order: each a callable that writes and
         # returns None, or a Deferred to wait for before the next one runs.  _hold: the
-        # reasons they wait (the login array not sent yet; a push waiting for its Deferred).
-        self._pushes: deque[Callable[[], defer.Deferred | None]] = deque()
+        # reasons they wait (the login pushes not sent yet; a push waiting for its Deferred).
+        self._pushes: deque[Callable[[], defer.Deferred | None]] | None = None  # made when used
         self._hold = 0
         self._collect: list[Message] | None = None
         # The chats this client has been shown (conversation -> the chat's gid): a message
@@ -501,26 +497,32 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # Messages (the offline queue, then live ones) wait until the user and chat lists
         # are pushed, so that the client knows the chats they refer to.
         self._collect = []
-        # Pushes (live messages, chat and presence notices) wait for the login array.
+        # Pushes (live messages, chat and presence notices) wait for the login pushes.
         self._hold += 1
         try:
-            logout = await service.hub.login(self)
+            service.presence.sessions.add(self)  # registered with the hub from now on
+            try:
+                logout = await service.hub.login(self)
+            except BaseException:
+                service.presence.sessions.discard(self)
+                raise
             if self._gone:  # closed while the login was under way
                 await logout(self._unsent())
                 return
             self._logout = logout
-            listed_since = service.directories.mark()  # registered: pushed what changes
             queued, self._collect = self._collect, None
             self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
-            await self._send_lists(user.id, queued, listed_since)
+            await self._send_lists(user.id, queued)
         finally:
             self._resume()
 
-    async def _send_lists(self, uid: int, queued: list[Message], listed_since: int) -> None:
-        """The login array: every user, my chats (with the chats of queued messages from
+    async def _send_lists(self, uid: int, queued: list[Message]) -> None:
+        """The login pushes: every user, my chats (with the chats of queued messages from
         chats I was never shown), the queued messages."""
         service = self.service
-        directory = await service.directories.get(listed_since)
+        directory = await service.directories.get(uid)
+        if uid not in directory.spans:  # made after the fetch it joined had started
+            directory = await service.directories.get(uid)
         mine = await service.chats.of_user(uid)
         keys = {c.conversation for c in mine}
         for m in queued:  # e.g. the first message from another protocol's user
@@ -535,23 +537,18 @@ class XuanxuanProtocol(LineOnlyReceiver):
             return
         del self._rendering[:len(queued)]
         queued = [m for m in queued if m.conversation in self.shown]
-        self._push_serial += 1
-        users = b'{"id":%d,"module":"chat","method":"userGetlist","data":%s}' % (
-            self._push_serial, service.directories.encoded(directory, uid, self.admin))
+        # The user list on a line of its own (the same bytes for every login that is shown
+        # the list as is), then my chats and the queued messages: the 1.0 client runs the
+        # lines in order (socket.js _handleData), as it runs the packets of one array.
+        self.outbox.put(service.directories.push_line(directory, uid, self.admin), (), False)
         packets = [self._packet("chat", "getList", chats)] if chats else []
-        # The backlog in pushes of LOGIN_CHUNK messages (the first in the login array), so
-        # that no line grows with the backlog.
+        # The backlog in pushes of LOGIN_CHUNK messages, so that no line grows with it.
         chunks = [queued[i:i + LOGIN_CHUNK] for i in range(0, len(queued), LOGIN_CHUNK)] or [[]]
         for chunk in chunks:
             if chunk:
                 packets.append(self._packet("chat", "message",
                                             [self._message_json(m) for m in chunk]))
-            if users:
-                rest = encode(packets)[1:-1]
-                self.outbox.put(b"".join((b"[", users, b"," if rest else b"", rest, b"]\n")),
-                                chunk, False)
-                users = b""
-            else:
+            if packets:
                 self.push(*packets, messages=chunk, bounded=False)
             packets = []
         for m in queued:
@@ -601,9 +598,12 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._later(lambda: self._push_message(message, contact))
 
     def _later(self, push: Callable[[], defer.Deferred | None]) -> None:
-        """Run ``push`` after the login array and the pushes queued before."""
-        self._pushes.append(push)
-        if len(self._pushes) == 1 and not self._hold:
+        """Run ``push`` after the login pushes and the pushes queued before."""
+        pushes = self._pushes
+        if pushes is None:  # most of the time an idle connection has none: no deque
+            pushes = self._pushes = deque()
+        pushes.append(push)
+        if len(pushes) == 1 and not self._hold:
             self._run_pushes()
 
     def _run_pushes(self) -> None:
@@ -620,6 +620,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
             if not waiting.called:  # the next push waits for this one
                 self._hold += 1
                 waiting.addBoth(self._resume)
+        if pushes is not None and not pushes and self._pushes is pushes:
+            self._pushes = None  # a burst's deque is not kept by an idle connection
 
     def _resume(self, _=None) -> None:
         self._hold -= 1
@@ -719,29 +721,30 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._write({"module": "chat", "method": "kickoff",
                          "message": "This account logined in another place."})
             self.transport.loseConnection()
-        elif event.kind == "xuanxuan" or (event.kind == PRESENCE and
-                                          data["change"] in PRESENCE_PUSH):
-            # After the login array, in order with the messages waiting to be written.
+        elif event.kind == "xuanxuan":
+            # After the login pushes, in order with the messages waiting to be written.
             self._later(lambda: self._push_notice(event))
+        # Presence comes from the service's feed (presence_batch), not as a notice.
 
     def _push_notice(self, event: Event) -> None:
-        data = event.data
-        if event.kind == "xuanxuan":
-            pushed = data["data"]
-            chat = pushed.get("chat", pushed) if isinstance(pushed, dict) else None
-            if isinstance(chat, dict) and "members" in chat and "gid" in chat:
-                self._saw(chat)
-            self.push(self._packet("chat", data["method"], pushed))
-        elif self.admin or data["user"] == self.user_id:
-            self.push(self._packet("chat", PRESENCE_PUSH[data["change"]],
-                                   presence_user_json(event, self.user_id, self.admin)))
-        else:
-            # What every other watcher is shown, encoded once per event (a change is pushed
-            # to every xuanxuan session: point 6).
-            self._push_serial += 1
-            self.outbox.put(b'[{"id":%d,"module":"chat","method":"%s","data":%s}]\n' % (
-                self._push_serial, PRESENCE_PUSH[data["change"]].encode(),
-                self.service.public_presence(event)))
+        pushed = event.data["data"]
+        chat = pushed.get("chat", pushed) if isinstance(pushed, dict) else None
+        if isinstance(chat, dict) and "members" in chat and "gid" in chat:
+            self._saw(chat)
+        self.push(self._packet("chat", event.data["method"], pushed))
+
+    def presence_batch(self, batch: Batch) -> None:
+        """The feed's coalesced presence changes: after the login pushes, in order with the
+        pushes waiting to be written."""
+        self._later(lambda: self._push_batch(batch))
+
+    def _push_batch(self, batch: Batch) -> None:
+        line = batch.line_for(self.user_id, self._admin_view if self.admin else None)
+        if line is not None:
+            self.outbox.put(line)
+
+    def _admin_view(self, event: Event) -> bytes:
+        return encode(presence_user_json(event, self.user_id, True))
 
     def _overflowed(self) -> None:
         """The client stopped reading: end the session now (what was not written goes back
@@ -764,6 +767,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
     def connectionLost(self, reason=connectionDone):
         self._gone = True
         self.service.connections.discard(self)
+        self.service.presence.sessions.discard(self)
         if self.sid:
             defer.ensureDeferred(self.service.accounts.revoke(self.sid)).addErrback(
                 lambda f: log_failure(log, "revoke failed", f))
