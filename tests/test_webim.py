@@ -560,6 +560,8 @@ async def test_blocking_a_room_is_not_leaving_it(daemon):
         assert seen == ["marker"], seen
     boss.send(f"text_{gid}_boss while blocked_group_x")
     assert (await boss.next()).startswith(f"text_{a.uid}_while blocked")
+    # stored once a member who did not block the room is given it
+    await a.poll_until("messages", lambda p: p["body"] == "boss while blocked")
     # membership and history stay
     assert str(b.uid) in {m["id"] for m in await b.call("members", id=gid)}
     assert [i["body"] for i in await b.call("history", id=gid, type="multicast")] == [
