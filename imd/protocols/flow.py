@@ -72,16 +72,16 @@ class Outbox:
 
         ``bounded=False``: the offline queue handed over at login, already bounded by the
         store; it may exceed ``limit`` (else a big backlog could never be delivered)."""
+        if not self._paused and not self._queue and not self.closed:
+            if self._emit(data):  # the common case: written at once, nothing to keep
+                return
+            self._release()
+            self._append((data, tuple(messages), bounded))
+            return
         item = (data, tuple(messages), bounded)
         if self.closed:
             if item[1]:
                 self._append(item)  # kept for close(), so its messages are not lost
-            return
-        if not self._paused and not self._queue:
-            if self._emit(data):
-                return
-            self._release()
-            self._append(item)
             return
         if bounded and len(self) - self._backlog >= self.limit:
             log.warn("closing a client that does not read: {n} items waiting",

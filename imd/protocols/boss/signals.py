@@ -7,7 +7,7 @@ Receive: ``<kind>_<from>_<body>_<type>_<fromgroupid>_<timet>_<extension>``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from imd.model import AUDIO, EMOTICON, FILE, GROUP, IMAGE, TEXT, UNICAST, VIDEO, Message
 
@@ -28,8 +28,7 @@ class SignalError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Send:
+class Send(NamedTuple):
     kind: str
     to: int
     body: str
@@ -44,15 +43,15 @@ def parse_id(command: str, text: str) -> int:
 
 
 def parse_send(signal: str) -> Send:
-    parts = signal.split("_")
-    command = parts[0]
-    if len(parts) < 5:
+    head = signal.split("_", 2)  # kind, to, then body_type_extension
+    tail = head[2].rsplit("_", 2) if len(head) == 3 else ()
+    command = head[0]
+    if len(tail) < 3:
         raise SignalError(command, "expected <kind>_<to>_<body>_<type>_<extension>")
-    ctype = parts[-2]
+    body, ctype, extension = tail
     if ctype not in CONVERSATION_TYPES:
         raise SignalError(command, f"type must be unicast or group, not {ctype[:32]!r}")
-    return Send(kind=KIND_IN[command], to=parse_id(command, parts[1]),
-                body="_".join(parts[2:-2]), ctype=ctype, extension=parts[-1])
+    return Send(KIND_IN[command], parse_id(command, head[1]), body, ctype, extension)
 
 
 def render(message: Message, extension: str | None = None, cache: bool = True) -> str:
