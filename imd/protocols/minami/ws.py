@@ -197,11 +197,14 @@ class MinamiWebSocket(WebSocketServerProtocol):
             return
         self._gate.begin()
         d = self.factory.service.hub.send(self, UNICAST, friend, TEXT, text, friends_only=True)
-        d.addCallbacks(lambda _: self.outbox.put(ack(ident)), self._refused,
-                       errbackArgs=(ident,))
-        d.addBoth(self._gate.end)
+        d.addCallbacks(self._sent, self._refused, callbackArgs=(ident,), errbackArgs=(ident,))
+
+    def _sent(self, _, ident) -> None:
+        self._gate.end()
+        self.outbox.put(ack(ident))
 
     def _refused(self, failure, ident) -> None:
+        self._gate.end()
         failure.trap(HubError)
         kind = failure.value.kind
         if kind in ("not_friends", "no_such_user"):
