@@ -306,7 +306,7 @@ class Hub:
         for uid in uids:
             for session in list(self.sessions.get(int(uid), ())):
                 if only is None or only == self.session_id(session):
-                    _guarded(lambda s: s.kick(), session)
+                    guarded(lambda s: s.kick(), session)
 
     def _notice_local(self, uids, event: Event, exclude: Session | None = None) -> None:
         if event.kind == KICK:
@@ -316,7 +316,7 @@ class Hub:
         for uid in uids:
             for session in list(self.sessions.get(int(uid), ())):
                 if session is not exclude and not (watched and session in self.watchers):
-                    _guarded(session.notice, event)
+                    guarded(session.notice, event)
 
     # -- presence ----------------------------------------------------------------------
 
@@ -361,11 +361,11 @@ class Hub:
         """A presence Event for the watchers here: once to each directory feed, and to each
         watcher without one."""
         for feed in self._feeds:
-            _guarded(feed.presence, event)
+            guarded(feed.presence, event)
         uid = event.data["user"]
         for session in list(self._noticed):
             if session.user_id != uid:
-                _guarded(session.notice, event)
+                guarded(session.notice, event)
 
     def _remote_presence(self, channel: str, payload: str) -> None:
         """A presence Event published by a node (this one included) for the sessions that
@@ -441,7 +441,7 @@ class Hub:
             if waiting is not None:
                 waiting.append(message)
             else:
-                _guarded(session.deliver, message)
+                guarded(session.deliver, message)
 
     def remote_delivery(self, channel: str, payload: str) -> None:
         """A message (or, prefixed with '!', a notice) published by another node for users
@@ -476,8 +476,9 @@ class Hub:
         return await self.store.history(conversation, since_ms, limit)
 
 
-def _guarded(call, item) -> None:
-    """Hand one session its item; a broken session must not stop the others' delivery."""
+def guarded(call: Callable[[object], object], item) -> None:
+    """Hand one session its item; a broken session must not stop the others' delivery (an
+    adapter that fans out to its own sessions uses it too)."""
     try:
         call(item)
     except Exception:

@@ -13,6 +13,7 @@ families are built from the plain numbers when /metrics is scraped.
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left
 from typing import Iterator
 
@@ -72,7 +73,16 @@ class _Family(Collector):
     def describe(self) -> Iterator[Metric]:
         yield self._family()  # the name and type, for the registry's duplicate check
 
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for key, child in list(self._children.items()):
+            self._add(family, key, child)
+        yield family
+
     def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def _add(self, family, key: tuple[str, ...], child) -> None:
         raise NotImplementedError
 
 
@@ -86,11 +96,8 @@ class CounterFamily(_Family):
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for key, child in list(self._children.items()):
-            family.add_metric(key, child.value)
-        yield family
+    def _add(self, family: CounterMetricFamily, key: tuple[str, ...], child: Count) -> None:
+        family.add_metric(key, child.value)
 
 
 class HistogramFamily(_Family):
@@ -98,7 +105,8 @@ class HistogramFamily(_Family):
                  buckets: tuple[float, ...] = DEFAULT_BUCKETS):
         bounds = tuple(sorted(float(b) for b in buckets))
         super().__init__(name, documentation, labels, lambda: Distribution(bounds))
-        self._les = [_le(b) for b in bounds] + ["+Inf"]
+        # bucket bounds as prometheus_client writes them ("0.005", "1.0")
+        self._les = [repr(b) for b in bounds] + ["+Inf"]
 
     def observe(self, amount: float) -> None:
         self.labels().observe(amount)
@@ -106,19 +114,10 @@ class HistogramFamily(_Family):
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for key, child in list(self._children.items()):
-            total, buckets = 0, []
-            for le, n in zip(self._les, child.counts):
-                total += n
-                buckets.append((le, total))
-            family.add_metric(key, buckets, child.sum)
-        yield family
-
-
-def _le(bound: float) -> str:
-    return repr(bound)  # as prometheus_client writes bucket bounds ("0.005", "1.0")
+    def _add(self, family: HistogramMetricFamily, key: tuple[str, ...],
+             child: Distribution) -> None:
+        cumulative = itertools.accumulate(child.counts)
+        family.add_metric(key, list(zip(self._les, cumulative)), child.sum)
 
 
 def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> CounterFamily:

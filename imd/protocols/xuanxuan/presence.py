@@ -26,15 +26,14 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
+from imd.hub import guarded
 from imd.model import OFFLINE, ONLINE, PROFILE, SHOW, Event
 
 # The push the 1.0 client handles for each presence change (socket.js: login, logout,
 # userchangestatus; userChangeName as the original server pushed it).
 PRESENCE_PUSH = {ONLINE: "login", OFFLINE: "logout", SHOW: "userChangeStatus",
                  PROFILE: "userChangeName"}
-log = Logger()
 PACKET = b'{"id":%d,"module":"chat","method":"%s","data":%s}'
 
 
@@ -115,10 +114,7 @@ class PresenceFeed:
             return
         batch = Batch(events, list(self._packets(events)))
         for session in list(self.sessions):
-            try:
-                session.presence_batch(batch)
-            except Exception:  # one broken session must not stop the others'
-                log.failure("xuanxuan presence push failed")
+            guarded(session.presence_batch, batch)
 
     def _packets(self, events: Iterable[Event]) -> Iterable[bytes]:
         for event in events:
