@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet import reactor
 
 from imd.protocols.boss import signals
 from imd.protocols.boss.connection import BossConnection, BossService
 from imd.protocols.boss.proofs import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.protocols.wsstate import forget_handshake, lean_protocol
+from imd.protocols.wsturn import TurnFrames, TurnWriter
 
 
-class BossWebSocket(WebSocketServerProtocol):
+class BossWebSocket(TurnFrames):
     conn: BossConnection | None = None
 
     @property
@@ -53,10 +55,7 @@ class BossWebSocket(WebSocketServerProtocol):
             self.conn = None
 
     def _send_text(self, text: str) -> bool:
-        if self.state != self.STATE_OPEN:
-            return False
-        self.sendMessage(text.encode("utf-8"))
-        return True
+        return self.send_text(text.encode("utf-8"))
 
     def _overflowed(self) -> None:
         if self.conn is not None:
@@ -74,6 +73,7 @@ def entry_resource(service: BossService) -> WebSocketResource:
     config = service.config
     factory = WebSocketServerFactory()
     factory.service = service
+    factory.turn_writer = TurnWriter(reactor)
     factory.setProtocolOptions(
         maxFramePayloadSize=config.max_frame, maxMessagePayloadSize=config.max_frame,
         utf8validateIncoming=False,

@@ -16,8 +16,8 @@ from __future__ import annotations
 import secrets
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import defer
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from imd import jsonin
@@ -31,6 +31,7 @@ from imd.passwords import md5hex
 from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.protocols.wsstate import forget_handshake, lean_protocol
+from imd.protocols.wsturn import TurnFrames, TurnWriter
 from imd.throttle import Throttled
 from imd.unavailable import log_failure
 from imd.protocols.minami.codes import ack, encode, reply
@@ -56,7 +57,7 @@ def _id_value(value) -> str | None:
     return str(value)
 
 
-class MinamiWebSocket(WebSocketServerProtocol):
+class MinamiWebSocket(TurnFrames):
     user_id: int | None = None
     protocol = "minami"
     outbox: Outbox | None = None
@@ -252,10 +253,9 @@ class MinamiWebSocket(WebSocketServerProtocol):
             self.outbox.put(encode(obj))
 
     def _emit(self, data: bytes) -> bool:
-        if self._gone or self.transport is None or self.state != self.STATE_OPEN:
+        if self._gone or self.transport is None:
             return False
-        self.sendMessage(data)
-        return True
+        return self.send_text(data)
 
     def _overflowed(self) -> None:
         """The client stopped reading: end the session now (what was not written goes back
@@ -284,6 +284,7 @@ def login_resource(service: MinamiService) -> WebSocketResource:
     config = service.config
     factory = WebSocketServerFactory()
     factory.service = service
+    factory.turn_writer = TurnWriter(reactor)
     hard_limit = max(config.max_frame, config.max_body)
     factory.setProtocolOptions(
         maxFramePayloadSize=hard_limit, maxMessagePayloadSize=hard_limit,
