@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Protocol
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imd.metrics import ERRORS, counter, histogram
 from imd.model import (GROUP, KICK, KINDS, OFFLINE, ONLINE, PRESENCE, PROFILE, SHOW, SHOWS,
@@ -401,28 +402,42 @@ class Hub:
         with HubError for a message that was refused and so not stored.  ``friends_only``:
         only to a friend who has a live session (minami), else refused and stored nowhere.
         ``chat``: the xuanxuan chat it is posted in (see ``RedisStore.post``).
-        (A plain Deferred chain, not a coroutine: this is the hot path.)
         """
-        if origin.user_id is None:
-            return defer.fail(HubError("not logged in"))
-        if ctype not in (UNICAST, GROUP):
-            return defer.fail(HubError(f"unknown conversation type {ctype!r}"))
-        if kind not in KINDS:
-            return defer.fail(HubError(f"unknown message kind {kind!r}"))
-        if len(body) > self.max_body:
-            return defer.fail(HubError("message too long"))
-        _counters(getattr(origin, "protocol", "other"))[0].inc()
-        message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
-                          body=body, extension=extension, style=style,
-                          accepted=time.monotonic())
-        d = self.store.post(message, self.node, friends_only, chat)
-        d.addCallbacks(self._posted, _refused, callbackArgs=(message, origin))
+        d = defer.Deferred()
+        self.send_then(d.callback, d.errback, origin, ctype, to, kind, body, extension, style,
+                       friends_only, chat)
         return d
 
-    def _posted(self, here: list[int], message: Message, origin: Session) -> Message:
-        for uid in here:
-            self._deliver_local(uid, message, origin)
-        return message
+    def send_then(self, stored: Callable[[Message], object],
+                  refused: Callable[[Failure], object], origin: Session, ctype: str, to: int,
+                  kind: str, body: str, extension: str = "", style: str = "",
+                  friends_only: bool = False, chat: str = "") -> None:
+        """``send`` for the per-message hot path of an adapter: ``stored(message)`` once it
+        is persisted (after its delivery here), or ``refused(Failure)`` of a HubError (at
+        once for a message refused before the store sees it).  No Deferred per message:
+        see ``RedisStore.post_then``."""
+        if origin.user_id is None:
+            refused(Failure(HubError("not logged in")))
+        elif ctype not in (UNICAST, GROUP):
+            refused(Failure(HubError(f"unknown conversation type {ctype!r}")))
+        elif kind not in KINDS:
+            refused(Failure(HubError(f"unknown message kind {kind!r}")))
+        elif len(body) > self.max_body:
+            refused(Failure(HubError("message too long")))
+        else:
+            _counters(getattr(origin, "protocol", "other"))[0].inc()
+            message = Message(sender=origin.user_id, to=int(to), ctype=ctype, kind=kind,
+                              body=body, extension=extension, style=style,
+                              accepted=time.monotonic())
+
+            def posted(here: list[int]) -> None:
+                for uid in here:
+                    self._deliver_local(uid, message, origin)
+                stored(message)
+
+            self.store.post_then(message, self.node, posted,
+                                 lambda failure: refused(_refusal(failure)),
+                                 friends_only, chat)
 
     def _deliver_local(self, uid: int, message: Message, origin: Session | None = None) -> None:
         if message.id > self._last_id:
@@ -494,11 +509,11 @@ _REFUSALS = {NoSuchUser: ("no_such_user", "no such user"),
              NotACommitter: ("not_a_committer", "you may not post in this chat")}
 
 
-def _refused(failure) -> None:
-    """Turn a failed post into a HubError with a client-facing reason; log the unexpected."""
+def _refusal(failure: Failure) -> Failure:
+    """A failed post as a HubError with a client-facing reason; log the unexpected."""
     kind, reason = _REFUSALS.get(type(failure.value), (None, None))
     if kind is None:
         log_failure(log, "message could not be stored", failure)
         kind, reason = "not_stored", "message could not be stored"
     ERRORS.labels(kind).inc()
-    raise HubError(reason, kind)
+    return Failure(HubError(reason, kind))

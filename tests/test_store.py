@@ -176,6 +176,35 @@ async def test_one_bad_message_does_not_sink_its_batch(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_handler_that_raises_does_not_keep_its_batch_from_the_others(store):
+    """post_then calls plain handlers, no Deferred: the one of the first message raising
+    must not cost the later messages of the same script call their answers."""
+    a, b = await users(store, 2)
+    answers: list = []
+    done = defer.Deferred()
+
+    def stored(body):
+        def handler(here):
+            answers.append((body, here))
+            if body == "first":
+                raise RuntimeError("a broken adapter")
+            if body == "third":
+                done.callback(None)
+        return handler
+
+    def failed(failure):
+        answers.append(("refused", failure.type.__name__))
+
+    for to, body in ((b, "first"), (999_999, "refused"), (b, "second"), (b, "third")):
+        store.post_then(Message(sender=a, to=to, ctype=UNICAST, kind=TEXT, body=body), "n1",
+                        stored(body), failed)
+    await done.addTimeout(5, reactor)
+    assert answers == [("first", []), ("refused", "NoSuchUser"), ("second", []),
+                       ("third", [])]
+    assert [m.body for m in (await store.attach(b, "n1"))[1]] == ["first", "second", "third"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_one_batch_routes_each_message_as_if_posted_alone(store):
     """Posts of one reactor turn share a script call: a refused one takes no place in the
     history, ids still increase, and a dead node's location found by the first message is

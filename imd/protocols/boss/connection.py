@@ -297,9 +297,8 @@ class BossConnection:
         self._require_login(command)
         send = signals.parse_send(text)
         self.gate.begin()
-        self.service.hub.send(self, send.ctype, send.to, send.kind, send.body,
-                              send.extension).addCallbacks(self.gate.end, self._not_sent,
-                                                           errbackArgs=(command,))
+        self.service.hub.send_then(self.gate.end, lambda f: self._not_sent(f, command), self,
+                                   send.ctype, send.to, send.kind, send.body, send.extension)
 
     def _not_sent(self, failure, command: str) -> None:
         self.gate.end()

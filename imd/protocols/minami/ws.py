@@ -197,10 +197,11 @@ class MinamiWebSocket(TurnFrames):
             self._send(reply(506))
             return
         self._gate.begin()
-        d = self.factory.service.hub.send(self, UNICAST, friend, TEXT, text, friends_only=True)
-        d.addCallbacks(self._sent, self._refused, callbackArgs=(ident,), errbackArgs=(ident,))
+        self.factory.service.hub.send_then(lambda _: self._sent(ident),
+                                           lambda f: self._refused(f, ident),
+                                           self, UNICAST, friend, TEXT, text, friends_only=True)
 
-    def _sent(self, _, ident) -> None:
+    def _sent(self, ident) -> None:
         self._gate.end()
         self.outbox.put(ack(ident))
 
