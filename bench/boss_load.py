@@ -209,6 +209,12 @@ def worker_main(config_path: str) -> None:
         def abort(self):
             self.transport.abortConnection()
 
+        def onMessageEnd(self):
+            # As the daemon's adapters do: skip the observer future autobahn makes for
+            # every message (nothing observes it here).
+            if not self.failedByMe:
+                self.onMessage(b"".join(self.message_data), self.message_is_binary)
+
         def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
             """A text frame, masked with a fresh random key as RFC 6455 asks of a client,
             straight to the transport: autobahn builds a masker object per frame, which cost
@@ -241,7 +247,7 @@ def worker_main(config_path: str) -> None:
         def onMessage(self, payload, isBinary):
             w = self.worker
             try:
-                obj = json.loads(payload)
+                obj = json.loads(payload.decode("utf-8"))
             except ValueError:
                 obj = None
             if not isinstance(obj, dict):
