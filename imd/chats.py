@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 from imd.groups import GroupError, Groups
 from imd.model import GROUP, Group, Message, group_conversation, one2one_gid
@@ -30,7 +31,7 @@ class ChatError(Exception):
 class Chat:
     gid: str
     type: str  # one2one | group | system
-    members: list[int]
+    members: Sequence[int]  # sorted
     group: Group | None = None
     meta: dict | None = None
     peer: int | None = None  # the other user of a one-to-one chat, seen from the caller
@@ -92,8 +93,10 @@ class Chats:
         if group is None:
             raise ChatError("no such chat")
         meta = await self.store.chat_meta(gid)
+        # The group's members come sorted; the tuple is shared (the store keeps a big
+        # group's, e.g. the system chat's every user, while it is current).
         return Chat(gid, "system" if gid == "system" else meta.get("type", "group"),
-                    list(group.members), group=group, meta=meta)
+                    group.members, group=group, meta=meta)
 
     async def gid_of_group(self, group_id: int) -> str:
         return await self.store.gid_for_group(group_id) or str(group_id)
@@ -145,7 +148,7 @@ class Chats:
             "lastActiveTime": int(meta.get("lastActiveTime") or 0) or "",
             "star": int(bool(mine.get("star"))), "hide": int(bool(mine.get("hide"))),
             "mute": int(bool(mine.get("mute"))),
-            "members": sorted(chat.members),
+            "members": chat.members if chat.group else sorted(chat.members),
         }
 
     async def of_message(self, message: Message, uid: int) -> Chat:
