@@ -556,12 +556,15 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._reply(request, "fail", "wrong account or password")
             return
         await service.hub.set_show(user.id, SHOW_OF_STATUS.get(status, "available"))
-        self.sid = await service.accounts.issue_token(user.id)
+        issued = defer.ensureDeferred(service.accounts.issue_token(user.id))
+        try:
+            me = await service.own_json(user, online=True)  # beside the token's round trip
+        finally:
+            self.sid = await issued
         if self._gone:  # connectionLost did not see the sid yet
             await service.accounts.revoke(self.sid)
             return
         self.user_id = user.id
-        me = await service.own_json(user, online=True)
         self.admin = me["admin"] == "super"  # sees every user's private fields
         await service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
                                                            "session": self.nonce}),
@@ -574,10 +577,15 @@ class XuanxuanProtocol(LineOnlyReceiver):
         self._collect = []
         # Pushes (live messages, chat and presence notices) wait for the login pushes.
         self._hold += 1
+        chats: defer.Deferred | None = None
         try:
             service.presence.sessions.add(self)  # registered with the hub from now on
             try:
-                logout = await service.hub.login(self)
+                # hub.login registers the session before its first round trip: the chats
+                # read from then on (beside its round trips) miss no chat notice.
+                logging_in = defer.ensureDeferred(service.hub.login(self))
+                chats = defer.ensureDeferred(service.chats.of_user(user.id))
+                logout = await logging_in
             except BaseException:
                 service.presence.sessions.discard(self)
                 raise
@@ -587,18 +595,22 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._logout = logout
             queued, self._collect = self._collect, None
             self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
-            await self._send_lists(user.id, queued)
+            await self._send_lists(user.id, queued, chats)
         finally:
+            if chats is not None:
+                chats.addErrback(lambda f: None)  # not awaited: the login ended before
             self._resume()
 
-    async def _send_lists(self, uid: int, queued: list[Message]) -> None:
-        """The login pushes: every user, my chats (with the chats of queued messages from
-        chats I was never shown), the queued messages."""
+    async def _send_lists(self, uid: int, queued: list[Message],
+                          chats_read: defer.Deferred) -> None:
+        """The login pushes: every user, my chats (``chats_read``: Deferred[list[Chat]],
+        with the chats of queued messages from chats I was never shown), the queued
+        messages."""
         service = self.service
         directory = await service.directories.get(uid)
         if uid not in directory.spans:  # made after the fetch it joined had started
             directory = await service.directories.get(uid)
-        mine = await service.chats.of_user(uid)
+        mine = await chats_read
         keys = {c.conversation for c in mine}
         for m in queued:  # e.g. the first message from another protocol's user
             if m.conversation not in keys:
@@ -815,7 +827,10 @@ class XuanxuanProtocol(LineOnlyReceiver):
     def presence_batch(self, batch: Batch) -> None:
         """The feed's coalesced presence changes: after the login pushes, in order with the
         pushes waiting to be written."""
-        self._later(lambda: self._push_batch(batch))
+        if self._pushes or self._hold:
+            self._later(lambda: self._push_batch(batch))
+        else:  # nothing waits (an idle session): no closure, no deque
+            self._push_batch(batch)
 
     def _push_batch(self, batch: Batch) -> None:
         line = batch.line_for(self.user_id, self._admin_view if self.admin else None)
