@@ -555,22 +555,29 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if user is None:
             self._reply(request, "fail", "wrong account or password")
             return
-        await service.hub.set_show(user.id, SHOW_OF_STATUS.get(status, "available"))
-        issued = defer.ensureDeferred(service.accounts.issue_token(user.id))
-        try:
-            me = await service.own_json(user, online=True)  # beside the token's round trip
-        finally:
-            self.sid = await issued
-        if self._gone:  # connectionLost did not see the sid yet
-            await service.accounts.revoke(self.sid)
+        show = SHOW_OF_STATUS.get(status, "available")
+        # Side by side (a storm of logins waits for fewer round trips): the show (written
+        # before hub.login, whose presence change reads it), the token, my record and the
+        # notice that ends this account's older sessions.
+        outcomes = await defer.DeferredList([defer.ensureDeferred(step) for step in (
+            service.hub.set_show(user.id, show), service.accounts.issue_token(user.id),
+            service.own_json(user, online=True),
+            service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
+                                                         "session": self.nonce}),
+                               exclude=self))], consumeErrors=True)
+        if outcomes[1][0]:
+            self.sid = outcomes[1][1]
+        failed = [value for ok, value in outcomes if not ok]
+        if failed or self._gone:
+            if self.sid and self._gone:  # connectionLost did not see the sid yet
+                await service.accounts.revoke(self.sid)
+            if failed:
+                failed[0].raiseException()
             return
+        me = outcomes[2][1]
+        me["status"] = status_of(show, True)  # read beside the write of the show
         self.user_id = user.id
         self.admin = me["admin"] == "super"  # sees every user's private fields
-        await service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
-                                                           "session": self.nonce}),
-                                 exclude=self)
-        if self._gone:
-            return
         self._reply(request, "success", data=me)
         # Messages (the offline queue, then live ones) wait until the user and chat lists
         # are pushed, so that the client knows the chats they refer to.
