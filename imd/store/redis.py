@@ -716,7 +716,10 @@ class RedisStore:
         fields, version, count = row[:3]
         if len(row) > 3:
             members = tuple(sorted(int(m) for m in row[3]))
-            if len(members) >= BIG_GROUP:
+            kept = self._members.get(gid)  # by a read that ran at the same time
+            if kept is not None and kept[:2] == (version, count) and kept[2] == members:
+                members = kept[2]  # one tuple while it is current
+            elif len(members) >= BIG_GROUP:
                 self._members[gid] = (version, count, members)
             else:
                 self._members.pop(gid, None)

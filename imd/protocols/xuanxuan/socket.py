@@ -180,10 +180,14 @@ class XuanxuanService:
         if len(members) < BIG_CHAT:
             return encode(info)
         cached = self._members_json.get(info["gid"])
-        if cached is None or (cached[0] is not members and cached[0] != members):
+        if cached is None or cached[0] is not members:
+            # Another tuple (logins that read the group at once each got one): compared
+            # once, then kept, so that the next logins, given this one, find it at once.
             if len(self._members_json) >= BIG_CHATS_KEPT:
                 self._members_json.clear()
-            cached = self._members_json[info["gid"]] = (members, encode(members))
+            cached = self._members_json[info["gid"]] = (
+                members, cached[1] if cached is not None and cached[0] == members
+                else encode(members))
         head = encode({k: v for k, v in info.items() if k != "members"})
         return b"".join((head[:-1], b',"members":', cached[1], b"}"))
 
