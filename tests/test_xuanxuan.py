@@ -133,6 +133,10 @@ async def test_login_order_and_announcement(daemon):
     assert [p["method"] for p in pushed[:2]] == ["userGetlist", "getList"]
     users = {u["id"]: u for u in pushed[0]["data"]}
     assert users[uid]["status"] == "busy" and users[uid_a]["status"] == "online"
+    # An entry leaves out the fields that are empty or default (the 1.0 client reads a
+    # missing one as empty): role, dept, mobile, site, phone are never set here.
+    assert users[uid] == {"id": uid, "account": account, "realname": "Zhang San",
+                          "status": "busy"}
     system = [c for c in pushed[1]["data"] if c["gid"] == "system"]
     assert system and system[0]["type"] == "system" and uid in system[0]["members"]
     assert (await about(a, "login", uid))["id"] == uid
@@ -968,3 +972,38 @@ def test_a_presence_window_keeps_the_newest_change_per_user_and_leaves_out_the_v
     assert len({p["id"] for p in two.lines[0]}) == 3
     clock.advance(5)
     assert len(two.lines) == 1  # nothing more
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_system_chats_members_follow_new_and_removed_users(fresh_daemon):
+    """The system chat lists every user.  A node keeps a big group's members (and the
+    system chat's encoded member list) between logins; a user made or removed since, also
+    when the count stays the same, is in (or out of) the next getList and login."""
+    d = fresh_daemon().start()
+    store = await d.store()
+    for i in range(300):  # big enough to be kept (imd.store.redis.BIG_GROUP)
+        await store.create_user(unique("filler"), "filler", "x")
+    uid_a, a, _, pushed = await login(d)
+
+    async def system_members(x: XX, packets=None) -> list[int]:
+        chats = packets if packets is not None else (await x.call("getList"))["data"]
+        (system,) = [c for c in chats if c["gid"] == "system"]
+        return system["members"]
+
+    everyone = sorted(u["id"] for u in pushed[0]["data"])
+    assert len(everyone) > 300
+    (getlist,) = [p["data"] for p in pushed if p["method"] == "getList"]
+    assert await system_members(a, getlist) == everyone
+    assert await system_members(a) == everyone  # from what the node kept
+    new = (await store.create_user(unique("new"), "new", "x")).id
+    assert await system_members(a) == everyone + [new]
+    # One out, one in: the same count, other members.
+    system = await store.system_group()
+    await store.remove_members(system, [new])
+    newer = (await store.create_user(unique("newer"), "newer", "x")).id
+    assert await system_members(a) == everyone + [newer]
+    _, b, _, pushed = await login(d)
+    (getlist,) = [p["data"] for p in pushed if p["method"] == "getList"]
+    members = await system_members(b, getlist)
+    assert newer in members and new not in members
+    await d.close_store()

@@ -36,6 +36,9 @@ Keys (all under the ``imd:`` prefix):
     tokens                    string "hashed": the clear ``tok:`` keys have been deleted
     g:<gid>                   hash  creator, name, notice, snap, created
     gm:<gid>                  set of member ids
+    gmv:<gid>                 counter, raised with every change of gm:<gid> (by the scripts
+                              that change it), so that a node may keep a big group's members
+                              (the system chat's: every user) until it moves
     ug:<uid>                  set of group ids the user is a member of
     h:<conversation>          list of message JSON, oldest first, capped
     q:<uid>                   list of message JSON waiting for the user's next login, capped
@@ -86,6 +89,7 @@ REDIS_RTT = histogram("imd_redis_roundtrip_seconds",
                                .25, .5, 1, 2.5))
 FIRST_ID = 10001
 MAX_BATCH = 256  # messages per post script call
+BIG_GROUP = 256  # members from which a node keeps a group's member list (get_group)
 
 
 class StoreError(Exception):
@@ -180,6 +184,7 @@ local system = redis.call('GET', p..'system')
 if system then
   redis.call('SADD', p..'gm:'..system, id)
   redis.call('SADD', p..'ug:'..id, system)
+  redis.call('INCR', p..'gmv:'..system)
 end
 return id
 """)
@@ -226,6 +231,7 @@ for i = 4, #ARGV do
   redis.call(op, p..'gm:'..gid, ARGV[i])
   redis.call(op, p..'ug:'..ARGV[i], gid)
 end
+redis.call('INCR', p..'gmv:'..gid)
 return 1
 """)
 
@@ -382,10 +388,23 @@ for _, uid in ipairs(redis.call('SMEMBERS', p..'users')) do
   redis.call('SADD', p..'gm:'..gid, uid)
   redis.call('SADD', p..'ug:'..uid, gid)
 end
+redis.call('INCR', p..'gmv:'..gid)
 redis.call('SET', p..'system', gid)
 redis.call('SET', p..'xg:'..gid, 'system')
 redis.call('HSET', p..'xc:system', 'type', 'system', 'group', gid)
 return gid
+""")
+
+# ARGV: prefix, group id, the members' version (gmv:) and count the caller holds ('' none).
+# Returns {fields (HGETALL), version, count} and, unless the caller's copy is current, the
+# members.
+_GROUP = Script("""
+local p, gid = ARGV[1], ARGV[2]
+local fields = redis.call('HGETALL', p..'g:'..gid)
+local version = redis.call('GET', p..'gmv:'..gid) or '0'
+local count = tostring(redis.call('SCARD', p..'gm:'..gid))
+if version == ARGV[3] and count == ARGV[4] then return {fields, version, count} end
+return {fields, version, count, redis.call('SMEMBERS', p..'gm:'..gid)}
 """)
 
 # ARGV: prefix, user ids.  Returns those with a session on a living node.
@@ -537,6 +556,9 @@ class RedisStore:
         self.history_limit = history_limit
         self.queue_limit = queue_limit
         self.p = prefix
+        # gid: (version, count, members) of the big groups read (see gmv: and get_group)
+        self._members: dict[int, tuple[str, str, tuple[int, ...]]] = {}
+        self._system: int | None = None  # the system group's id, once known
 
     async def prepare(self) -> None:
         """Load the Lua scripts, now and on every reconnection (Redis may have restarted
@@ -697,15 +719,30 @@ class RedisStore:
                      members=tuple(members))
 
     async def get_group(self, gid: int) -> Group | None:
-        fields, members = await self._pipeline([
-            ("HGETALL", f"{self.p}g:{int(gid)}"), ("SMEMBERS", f"{self.p}gm:{int(gid)}")])
+        """The group (its members sorted).  The members of a big group (the system chat's:
+        every user) are kept and sent again only when their version moved: a login does not
+        read and convert 10,000 ids for it."""
+        gid = int(gid)
+        known = self._members.get(gid)
+        row = await _GROUP(self.redis, [], [self.p, gid, *(known[:2] if known else ("", ""))])
+        fields, version, count = row[:3]
+        if len(row) > 3:
+            members = tuple(sorted(int(m) for m in row[3]))
+            kept = self._members.get(gid)  # by a read that ran at the same time
+            if kept is not None and kept[:2] == (version, count) and kept[2] == members:
+                members = kept[2]  # one tuple while it is current
+            elif len(members) >= BIG_GROUP:
+                self._members[gid] = (version, count, members)
+            else:
+                self._members.pop(gid, None)
+        else:
+            members = known[2]
         if not fields:
             return None
         fields = _pairs(fields)
         return Group(id=int(gid), creator=int(fields["creator"]), name=fields.get("name", ""),
                      notice=fields.get("notice", ""), snap=fields.get("snap", ""),
-                     members=tuple(sorted(int(m) for m in members)),
-                     public=fields.get("public") == "1")
+                     members=members, public=fields.get("public") == "1")
 
     async def group_members(self, gid: int) -> list[int]:
         return sorted(int(m) for m in await self.redis.smembers(f"{self.p}gm:{int(gid)}"))
@@ -830,9 +867,12 @@ class RedisStore:
         return [f for f in files if f]
 
     async def system_group(self) -> int:
-        """The group every user is in (xuanxuan's system chat), made on first use."""
-        gid = await _SYSTEM_GROUP(self.redis, [], [self.p, FIRST_ID, int(time.time())])
-        return int(gid)
+        """The group every user is in (xuanxuan's system chat), made on first use (its id
+        never changes once made: asked once per node)."""
+        if self._system is None:
+            self._system = int(await _SYSTEM_GROUP(self.redis, [],
+                                                   [self.p, FIRST_ID, int(time.time())]))
+        return self._system
 
     # -- notices -----------------------------------------------------------------------
 

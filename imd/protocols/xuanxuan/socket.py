@@ -13,7 +13,8 @@ import json
 import secrets
 import uuid
 from collections import deque
-from typing import Callable
+from bisect import bisect_left
+from typing import Callable, Sequence
 
 from twisted.internet import defer, protocol
 from twisted.internet.protocol import connectionDone
@@ -26,8 +27,8 @@ from imd.chats import Chat, ChatError, Chats
 from imd.config import Config
 from imd.hub import Hub, HubError, Logout, written
 from imd.metrics import CONNECTIONS
-from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, TEXT, UNICAST, Event, Message,
-                       User, group_conversation, json_bytes, one2one_gid, seen_by)
+from imd.model import (EMOTICON, FILE, GROUP, IMAGE, OFFLINE, PROFILE, TEXT, UNICAST, Event,
+                       Message, User, group_conversation, json_bytes, one2one_gid, seen_by)
 from imd.guard import source_host
 from imd.protocols.flow import Outbox, ReadGate, tune_socket
 from imd.protocols.xuanxuan.directory import Directories
@@ -46,6 +47,11 @@ PAGE_MAX = 200
 LOGIN_CHUNK = 100  # queued messages per push line at login
 TARGETS_MAX = 1024  # chats a session remembers where its messages go
 PER_USER = ("star", "hide", "mute")  # chat fields that differ per user
+# The fields of a user record that the user list leaves out when they have this value.
+UNLISTED = {"avatar": "", "role": "", "dept": 0, "admin": "no", "gender": "", "email": "",
+            "mobile": "", "site": "", "phone": ""}
+BIG_CHAT = 256  # members from which a chat's member list is encoded once per change
+BIG_CHATS_KEPT = 16  # big chats whose encoded member list is kept
 # A message a xuanxuan client sent keeps the client's gid in its extension after this mark,
 # so that its sender is shown that gid again (the client matches its own copy by gid).
 OWN_GID = "xx:"
@@ -60,11 +66,24 @@ encode = json_bytes  # one JSON text as every line of this protocol is written
 
 
 def presence_user_json(event: Event, viewer: int | None, admin: bool) -> dict:
-    """The user record of a presence event as ``viewer`` sees it."""
+    """The user record of a presence event as ``viewer`` sees it: ``id`` and ``status`` of
+    a login, logout or status change (all the 1.0 client reads of them: its socket.js
+    ``login``, ``logout`` and ``userchangestatus`` handlers set the member's ``status``
+    from ``data.id``/``data.status``, nothing else, when the user is not the client's
+    own); the listed record of a profile change (``userChangeName``, which the 1.0 client
+    has no handler for; other clients may show the new name)."""
     data = event.data
-    return XuanxuanService._user_json(User(**data["profile"]),
-                                      {"show": data["show"], "admin": ""},
-                                      data["change"] != OFFLINE, viewer, admin)
+    online = data["change"] != OFFLINE
+    if data["change"] != PROFILE:
+        return {"id": data["user"], "status": status_of(data["show"], online)}
+    return XuanxuanService.listed_json(User(**data["profile"]),
+                                       {"show": data["show"], "admin": ""}, online, viewer,
+                                       admin)
+
+
+def status_of(show: str, online: bool) -> str:
+    """The xuanxuan status of a user with that show (online or not)."""
+    return STATUS_OF_SHOW.get(show, "online") if online else "offline"
 
 
 def message_gid(m: Message, viewer: int | None) -> str:
@@ -101,8 +120,9 @@ class XuanxuanService:
         self.config = config
         self.connections: set["XuanxuanProtocol"] = set()
         self._contacts: list[tuple[Chat, int, defer.Deferred]] = []  # see contact()
+        self._members_json: dict[str, tuple[Sequence[int], bytes]] = {}  # see chats_json()
         self.directories = Directories(lambda: defer.ensureDeferred(self._read_directory()),
-                                       self._user_json, encode, hub.clock,
+                                       self.listed_json, encode, hub.clock,
                                        config.xuanxuan_directory_age)
         # Every session's presence pushes, coalesced per window and encoded once (point 6).
         self.presence = PresenceFeed(hub.clock, config.xuanxuan_presence_window,
@@ -150,6 +170,27 @@ class XuanxuanService:
             return None
         return (await self.chats.infos([chat], uid))[0]
 
+    def chats_json(self, infos: list[dict]) -> bytes:
+        """``encode(infos)``, with the member list of a big chat (the system chat: every
+        user) encoded once per change of its members, not once per login."""
+        return b"[" + b",".join(map(self._chat_json, infos)) + b"]"
+
+    def _chat_json(self, info: dict) -> bytes:
+        members = info["members"]
+        if len(members) < BIG_CHAT:
+            return encode(info)
+        cached = self._members_json.get(info["gid"])
+        if cached is None or cached[0] is not members:
+            # Another tuple (logins that read the group at once each got one): compared
+            # once, then kept, so that the next logins, given this one, find it at once.
+            if len(self._members_json) >= BIG_CHATS_KEPT:
+                self._members_json.clear()
+            cached = self._members_json[info["gid"]] = (
+                members, cached[1] if cached is not None and cached[0] == members
+                else encode(members))
+        head = encode({k: v for k, v in info.items() if k != "members"})
+        return b"".join((head[:-1], b',"members":', cached[1], b"}"))
+
     async def own_json(self, user: User, online: bool) -> dict:
         """The user's own record (private fields included)."""
         fields = await self.store.user_fields(user.id, "show", "admin")
@@ -162,9 +203,24 @@ class XuanxuanService:
         user = seen_by(user, viewer, admin)
         return {"id": user.id, "account": user.account, "realname": user.name,
                 "avatar": user.avatar, "role": "", "dept": 0,
-                "status": STATUS_OF_SHOW.get(fields["show"], "online") if online else "offline",
+                "status": status_of(fields["show"], online),
                 "admin": fields["admin"] or "no", "gender": user.sex, "email": user.mail,
                 "mobile": "", "site": "", "phone": ""}
+
+    @staticmethod
+    def listed_json(user: User, fields: dict, online: bool, viewer: int | None,
+                    admin: bool) -> dict:
+        """``user``'s entry in the user list (userGetlist) as ``viewer`` is shown it: the
+        record without its empty or default fields.  Every login is sent every user (1.9 MB
+        for 10,000 users with them, half that without).  The 1.0 client copes: its
+        ``usergetlist`` handler makes a Member of each entry and replaces its member store
+        (socket.js, dao.js ``initMembers``); what it reads of a member treats a missing
+        field as the empty one (member.js ``displayName``, ``isSuperAdmin``: admin ===
+        'super'; user.js ``fixAvatar``: no avatar; views/contacts/contact.js: email,
+        mobile, phone and site shown only when set, gender and role looked up in a table
+        with no entry for "" either; dept is read nowhere)."""
+        record = XuanxuanService._user_json(user, fields, online, viewer, admin)
+        return {k: v for k, v in record.items() if UNLISTED.get(k, record) != v}
 
     async def all_users_json(self, viewer: int, admin: bool) -> list[dict]:
         """Every user, as userGetlist shows them to ``viewer``."""
@@ -221,6 +277,24 @@ def truthy(value, default: bool = True) -> bool:
 
 class Refused(Exception):
     pass
+
+
+class Encoded:
+    """A reply's ``data`` already encoded as JSON (see _reply)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, json: bytes):
+        self.json = json
+
+
+def is_member(members: Sequence[int], uid: int) -> bool:
+    """``uid in members`` for a sorted member list (a search, not a scan, for the system
+    chat's every user)."""
+    if len(members) < BIG_CHAT:
+        return uid in members
+    i = bisect_left(members, uid)
+    return i < len(members) and members[i] == uid
 
 
 def message_items(params) -> list:
@@ -410,10 +484,15 @@ class XuanxuanProtocol(LineOnlyReceiver):
                "result": result, "message": message, "sid": self.sid or ""}
         obj["data"] = message if data is None and result == "fail" else data
         obj.update(extra)
-        if answer is None:
-            self._write(obj)
+        if isinstance(data, Encoded):  # spliced in as is, last
+            del obj["data"]
+            line = b"".join((encode(obj)[:-1], b',"data":', data.json, b"}\n"))
         else:
-            answer[1] = encode(obj) + b"\n"
+            line = encode(obj) + b"\n"
+        if answer is None:
+            self.outbox.put(line)
+        else:
+            answer[1] = line
 
     def _packet(self, module: str, method: str, data) -> dict:
         self._push_serial += 1
@@ -480,29 +559,44 @@ class XuanxuanProtocol(LineOnlyReceiver):
         if user is None:
             self._reply(request, "fail", "wrong account or password")
             return
-        await service.hub.set_show(user.id, SHOW_OF_STATUS.get(status, "available"))
-        self.sid = await service.accounts.issue_token(user.id)
-        if self._gone:  # connectionLost did not see the sid yet
-            await service.accounts.revoke(self.sid)
+        show = SHOW_OF_STATUS.get(status, "available")
+        # Side by side (a storm of logins waits for fewer round trips): the show (written
+        # before hub.login, whose presence change reads it), the token, my record and the
+        # notice that ends this account's older sessions.
+        outcomes = await defer.DeferredList([defer.ensureDeferred(step) for step in (
+            service.hub.set_show(user.id, show), service.accounts.issue_token(user.id),
+            service.own_json(user, online=True),
+            service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
+                                                         "session": self.nonce}),
+                               exclude=self))], consumeErrors=True)
+        if outcomes[1][0]:
+            self.sid = outcomes[1][1]
+        failed = [value for ok, value in outcomes if not ok]
+        if failed or self._gone:
+            if self.sid and self._gone:  # connectionLost did not see the sid yet
+                await service.accounts.revoke(self.sid)
+            if failed:
+                failed[0].raiseException()
             return
+        me = outcomes[2][1]
+        me["status"] = status_of(show, True)  # read beside the write of the show
         self.user_id = user.id
-        me = await service.own_json(user, online=True)
         self.admin = me["admin"] == "super"  # sees every user's private fields
-        await service.hub.notify([user.id], Event("login", {"protocol": "xuanxuan",
-                                                           "session": self.nonce}),
-                                 exclude=self)
-        if self._gone:
-            return
         self._reply(request, "success", data=me)
         # Messages (the offline queue, then live ones) wait until the user and chat lists
         # are pushed, so that the client knows the chats they refer to.
         self._collect = []
         # Pushes (live messages, chat and presence notices) wait for the login pushes.
         self._hold += 1
+        chats: defer.Deferred | None = None
         try:
             service.presence.sessions.add(self)  # registered with the hub from now on
             try:
-                logout = await service.hub.login(self)
+                # hub.login registers the session before its first round trip: the chats
+                # read from then on (beside its round trips) miss no chat notice.
+                logging_in = defer.ensureDeferred(service.hub.login(self))
+                chats = defer.ensureDeferred(service.chats.of_user(user.id))
+                logout = await logging_in
             except BaseException:
                 service.presence.sessions.discard(self)
                 raise
@@ -512,18 +606,22 @@ class XuanxuanProtocol(LineOnlyReceiver):
             self._logout = logout
             queued, self._collect = self._collect, None
             self._rendering[:0] = queued  # delivered, not yet written: requeued if we end
-            await self._send_lists(user.id, queued)
+            await self._send_lists(user.id, queued, chats)
         finally:
+            if chats is not None:
+                chats.addErrback(lambda f: None)  # not awaited: the login ended before
             self._resume()
 
-    async def _send_lists(self, uid: int, queued: list[Message]) -> None:
-        """The login pushes: every user, my chats (with the chats of queued messages from
-        chats I was never shown), the queued messages."""
+    async def _send_lists(self, uid: int, queued: list[Message],
+                          chats_read: defer.Deferred) -> None:
+        """The login pushes: every user, my chats (``chats_read``: Deferred[list[Chat]],
+        with the chats of queued messages from chats I was never shown), the queued
+        messages."""
         service = self.service
         directory = await service.directories.get(uid)
         if uid not in directory.spans:  # made after the fetch it joined had started
             directory = await service.directories.get(uid)
-        mine = await service.chats.of_user(uid)
+        mine = await chats_read
         keys = {c.conversation for c in mine}
         for m in queued:  # e.g. the first message from another protocol's user
             if m.conversation not in keys:
@@ -541,16 +639,20 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # the list as is), then my chats and the queued messages: the 1.0 client runs the
         # lines in order (socket.js _handleData), as it runs the packets of one array.
         self.outbox.put(service.directories.push_line(directory, uid, self.admin), (), False)
-        packets = [self._packet("chat", "getList", chats)] if chats else []
+        parts = []
+        if chats:
+            self._push_serial += 1
+            parts.append(b'{"id":%d,"module":"chat","method":"getList","data":%s}'
+                         % (self._push_serial, service.chats_json(chats)))
         # The backlog in pushes of LOGIN_CHUNK messages, so that no line grows with it.
         chunks = [queued[i:i + LOGIN_CHUNK] for i in range(0, len(queued), LOGIN_CHUNK)] or [[]]
         for chunk in chunks:
             if chunk:
-                packets.append(self._packet("chat", "message",
-                                            [self._message_json(m) for m in chunk]))
-            if packets:
-                self.push(*packets, messages=chunk, bounded=False)
-            packets = []
+                parts.append(encode(self._packet("chat", "message",
+                                                 [self._message_json(m) for m in chunk])))
+            if parts:
+                self.outbox.put(b"[" + b",".join(parts) + b"]\n", chunk, False)
+            parts = []
         for m in queued:
             written(self, m)
 
@@ -563,7 +665,7 @@ class XuanxuanProtocol(LineOnlyReceiver):
 
     def _saw(self, info: dict) -> None:
         """This client was just sent ``info``: a chat it is (or no longer is) a member of."""
-        if self.user_id in info["members"]:
+        if is_member(info["members"], self.user_id):
             self.shown[chat_key(info)] = info["gid"]
         else:
             self.shown.pop(chat_key(info), None)
@@ -736,7 +838,10 @@ class XuanxuanProtocol(LineOnlyReceiver):
     def presence_batch(self, batch: Batch) -> None:
         """The feed's coalesced presence changes: after the login pushes, in order with the
         pushes waiting to be written."""
-        self._later(lambda: self._push_batch(batch))
+        if self._pushes or self._hold:
+            self._later(lambda: self._push_batch(batch))
+        else:  # nothing waits (an idle session): no closure, no deque
+            self._push_batch(batch)
 
     def _push_batch(self, batch: Batch) -> None:
         line = batch.line_for(self.user_id, self._admin_view if self.admin else None)
@@ -787,7 +892,8 @@ class XuanxuanProtocol(LineOnlyReceiver):
 
     async def m_getlist(self, request, params):
         chats = await self.service.chats.of_user(self.user_id)
-        self._reply(request, "success", data=await self._chat_infos(chats))
+        infos = await self._chat_infos(chats)
+        self._reply(request, "success", data=Encoded(self.service.chats_json(infos)))
 
     async def m_userchangename(self, request, params):
         name = param(params, 0, "name")
