@@ -143,6 +143,33 @@ async def test_login_order_and_announcement(daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_user_list_shows_logins_the_presence_window_still_holds(daemon):
+    """The node's copy of the list takes presence changes once per window, and the 1.0
+    client takes a login push that comes during its own login for its own: so a user who
+    logs in again is online in their own list, and a user who logged in just before is
+    online in it, both before the window has gone out."""
+    accounts = {name: unique("xw") for name in ("known", "back", "first")}
+    ids = {name: (await daemon.user(account, password="pw"))[0]
+           for name, account in accounts.items()}
+    await login(daemon)  # a new user: the node reads the list again, with the three above
+    await deferLater(reactor, 0.7, lambda: None)  # that window has gone out
+
+    async def log_in(name: str, status: str) -> dict:
+        x = await connect(daemon)
+        x.send("chat", "login", [accounts[name], md5("pw"), status])
+        assert (await x.next())["result"] == "success"
+        pushed = await x.login_pushes()
+        assert pushed[0]["method"] == "userGetlist"
+        return {u["id"]: u["status"] for u in pushed[0]["data"]}
+
+    listed = await log_in("first", "busy")
+    assert listed[ids["first"]] == "busy" and listed[ids["back"]] == "offline"
+    listed = await log_in("back", "away")  # within the window of first's login
+    assert listed[ids["back"]] == "away" and listed[ids["first"]] == "busy"
+    assert listed[ids["known"]] == "offline"
+
+
+@pytest_twisted.ensureDeferred
 async def test_framing(daemon):
     uid, x, _, _ = await login(daemon)
     req = json.dumps({"module": "chat", "method": "ping", "sid": x.sid})
@@ -783,8 +810,10 @@ def test_logins_share_one_fetch_of_the_user_list():
     fetches[1].callback((users, fields, {1}))
     assert len(got) == 3 and got[0] is got[1] is got[2]  # one fetch, encoded once
     listed = json.loads(directories.encoded(got[0], 1, False))
+    # The shared entries, then ann's own (with her e-mail), which the client's member
+    # store, keyed by id, takes in place of the first.
     assert [(u["id"], u["status"], u["email"]) for u in listed] == [
-        (1, "online", "ann@example.org"), (2, "offline", "")]  # own e-mail only
+        (1, "online", ""), (2, "offline", ""), (1, "online", "ann@example.org")]
     admin = json.loads(directories.encoded(got[0], 9, True))
     assert [u["email"] for u in admin] == ["ann@example.org", "bob@example.org"]
     directories.get(2).addCallback(got.append)

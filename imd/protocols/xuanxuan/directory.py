@@ -18,9 +18,11 @@ started before it registered.
 
 Each user's entry is encoded once (and again only when it changed) as everyone but that user
 and the administrators see it, and the whole list is joined once per copy: a login whose own
-entry reads the same to its user (no private field set) is sent those very bytes; the viewer's
-own entry otherwise (with its private fields) is spliced in, and an administrator's whole list
-is made for them.
+entry reads the same to its user (no private field set, its status as listed) is sent those
+very bytes; the entries that read differently for a login (the viewer's own, those of users
+whose change the presence feed still holds) are sent after them, where the 1.0 client's
+member store keyed by id takes the later one; an administrator's whole list is made for
+them.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Directory:
     joined: bytes = b""  # the JSON array of ``public``
     spans: dict[int, tuple[int, int, int]] | None = None  # uid: (index, start, end) in joined
     serial: int = 0  # this copy's number: the id of its userGetlist packet
-    line: bytes = b""  # the userGetlist push line of ``joined``, once made (see push_line)
+    line: bytes = b""  # the userGetlist push line up to the end of ``joined``'s entries
+    #                    (see push_line), once made
 
 
 class Directories:
@@ -68,6 +71,10 @@ class Directories:
         # uid: ((user, show, admin, online), entry): what was last encoded for each user
         self._entries: dict[int, tuple[tuple, bytes]] = {}
         self._serial = 0
+        # (serial of a copy, the feed's pending changes, [their entries joined]): laid over
+        # that copy for every login of the window (see _overrides)
+        self._laid_over: tuple[int, dict | None, list[bytes]] = (0, None, [])
+        self._pending_entries: tuple[int, dict[tuple, bytes]] = (0, {})
 
     def get(self, viewer: int | None = None) -> defer.Deferred:
         """Deferred[Directory] for a login registered with the hub: the current copy, or the
@@ -145,35 +152,94 @@ class Directories:
         return Directory(users, fields, online, public, b"[" + b",".join(public) + b"]",
                          spans, self._serial)
 
-    def entries(self, directory: Directory, viewer: int, admin: bool) -> list[dict]:
-        return [self.render(u, directory.fields[u.id], u.id in directory.online, viewer,
-                            admin) for u in directory.users]
+    def latest(self, directory: Directory) -> Directory:
+        """The current copy if there is one that lists what ``directory`` lists, else
+        ``directory``: a login that awaited other reads after it got its copy is shown the
+        changes flushed meanwhile (the feed's pending ones are laid over it: ``pending``)."""
+        current = self._current
+        if current is not None and current.spans.keys() >= directory.spans.keys():
+            return current
+        return directory
 
-    def encoded(self, directory: Directory, viewer: int, admin: bool) -> bytes:
-        """The list as ``viewer`` is shown it, one JSON array."""
-        if admin:
-            return self.encode(self.entries(directory, viewer, admin))
+    def _state(self, directory: Directory, uid: int,
+               pending: dict[int, tuple[bool, str]]) -> tuple[dict[str, str], bool]:
+        """``uid``'s fields and whether online: the copy's, or the change still pending."""
+        fields = directory.fields[uid]
+        if uid in pending:
+            online, show = pending[uid]
+            return ({**fields, "show": show} if online else fields), online
+        return fields, uid in directory.online
+
+    def entries(self, directory: Directory, viewer: int, admin: bool,
+                pending: dict[int, tuple[bool, str]] | None = None) -> list[dict]:
+        pending = pending or {}
+        return [self.render(u, *self._state(directory, u.id, pending), viewer, admin)
+                for u in directory.users]
+
+    def _overrides(self, directory: Directory, viewer: int,
+                   pending: dict[int, tuple[bool, str]]) -> list[bytes]:
+        """The entries that read differently for this login than in ``joined``: those of
+        users whose change the presence feed still holds (the 1.0 client takes a ``login``
+        push that comes during its own login for its own: socket.js ``login`` handler,
+        ``this.user.isOffline``), then the viewer's own (its private fields, its status).
+        The first part is the same for every login of a window: made once."""
+        serial, held, shared = self._laid_over
+        if serial != directory.serial or held is not pending:
+            if self._pending_entries[0] != directory.serial:
+                self._pending_entries = (directory.serial, {})
+            known = self._pending_entries[1]  # (uid, online, show): entry, for this copy
+            shared = []
+            for uid, (online, show) in pending.items():
+                span = directory.spans.get(uid)
+                if span is None:
+                    continue
+                entry = known.get((uid, online, show))
+                if entry is None:
+                    entry = known[uid, online, show] = self.encode(self.render(
+                        directory.users[span[0]], *self._state(directory, uid, pending),
+                        None, False))
+                if entry != directory.public[span[0]]:
+                    shared.append(entry)
+            shared = [b",".join(shared)] if shared else []
+            self._laid_over = (directory.serial, pending, shared)
         span = directory.spans.get(viewer)
         if span is None:
-            return directory.joined
-        i, start, end = span
-        user = directory.users[i]
-        own = self.encode(self.render(user, directory.fields[user.id],
-                                      user.id in directory.online, viewer, False))
-        if own == directory.public[i]:
-            return directory.joined  # the same bytes for every such login: no copy
-        joined = directory.joined
-        return b"".join((joined[:start], own, joined[end:]))
+            return shared
+        own = self.encode(self.render(directory.users[span[0]],
+                                      *self._state(directory, viewer, pending), viewer, False))
+        return shared if own == directory.public[span[0]] else [*shared, own]
 
-    def push_line(self, directory: Directory, viewer: int, admin: bool) -> bytes:
-        """The ``userGetlist`` push line for ``viewer``: for every login shown ``joined``
-        as is, the same bytes object (a transport that takes it alone keeps a reference,
-        not a copy: a storm of N logins holds one list per copy, not N)."""
-        listed = self.encoded(directory, viewer, admin)
-        if listed is directory.joined and directory.line:
-            return directory.line
-        line = b"".join((b'[{"id":%d,"module":"chat","method":"userGetlist","data":'
-                         % directory.serial, listed, b"}]\n"))
-        if listed is directory.joined:
-            directory.line = line
-        return line
+    def encoded(self, directory: Directory, viewer: int, admin: bool,
+                pending: dict[int, tuple[bool, str]] | None = None) -> bytes:
+        """The list as ``viewer`` is shown it, one JSON array: ``joined`` (the same bytes
+        for every login it reads right for), else ``joined`` with the entries that read
+        differently for this login appended (``_overrides``; the 1.0 client keys its
+        members by id, a later entry replacing an earlier one: dao.js ``initMembers``).
+        ``pending``: uid: (online, show) of the changes the presence feed holds
+        (``PresenceFeed.pending_status``)."""
+        pending = pending or {}
+        if admin:
+            return self.encode(self.entries(directory, viewer, admin, pending))
+        overrides = self._overrides(directory, viewer, pending)
+        if not overrides:
+            return directory.joined
+        return b"".join((directory.joined[:-1], b",", b",".join(overrides), b"]"))
+
+    def push_line(self, directory: Directory, viewer: int, admin: bool,
+                  pending: dict[int, tuple[bool, str]] | None = None) -> list[bytes]:
+        """The ``userGetlist`` push line for ``viewer``, in pieces to write one after the
+        other: the line up to the end of the shared entries (one bytes object per copy, the
+        same for every login), then what this login is shown besides (``encoded``).  The
+        first piece fills the transport's buffer, so the next waits in the outbox until it
+        is sent and the transport never joins (copies) the list: a storm of N logins holds
+        one list per copy, not N."""
+        if not directory.line:
+            directory.line = b"".join((b'[{"id":%d,"module":"chat","method":"userGetlist",'
+                                       b'"data":' % directory.serial, directory.joined[:-1]))
+        if admin:
+            return [directory.line[:-len(directory.joined) + 1],
+                    self.encoded(directory, viewer, admin, pending), b"}]\n"]
+        overrides = self._overrides(directory, viewer, pending or {})
+        if not overrides:
+            return [directory.line, b"]}]\n"]
+        return [directory.line, b"," + b",".join(overrides) + b"]}]\n"]

@@ -87,6 +87,7 @@ class PresenceFeed:
         self.flushing = flushing  # called with the changes of each window before they go out
         self.sessions: set = set()
         self._pending: dict[tuple[int, bool], Event] = {}
+        self._status: dict[int, tuple[bool, str]] | None = None  # see pending_status
         self._flush: IDelayedCall | None = None
         self._serial = 0  # packet ids, shared by every session (the 1.0 server's were too)
 
@@ -98,8 +99,19 @@ class PresenceFeed:
         key = (data["user"], data["change"] == PROFILE)
         self._pending.pop(key, None)  # re-inserted: the order of the last changes
         self._pending[key] = event
+        self._status = None
         if self._flush is None:
             self._flush = self.clock.callLater(self.window, self.flush)
+
+    def pending_status(self) -> dict[int, tuple[bool, str]]:
+        """uid: (online, show) of the status changes this window still holds: what the
+        node's copy of the user list does not show yet.  The same dict object until the
+        next change (every login of a storm asks)."""
+        if self._status is None:
+            self._status = {event.data["user"]: (event.data["change"] != OFFLINE,
+                                                 event.data.get("show") or "")
+                            for (_, profile), event in self._pending.items() if not profile}
+        return self._status
 
     def flush(self) -> None:
         """Hand the window's changes to every session as one Batch."""
@@ -107,6 +119,7 @@ class PresenceFeed:
             self._flush.cancel()
         self._flush = None
         events, self._pending = list(self._pending.values()), {}
+        self._status = None
         if not events:
             return
         self.flushing(events)
@@ -127,3 +140,4 @@ class PresenceFeed:
             self._flush.cancel()
         self._flush = None
         self._pending = {}
+        self._status = None

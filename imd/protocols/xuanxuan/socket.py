@@ -638,7 +638,9 @@ class XuanxuanProtocol(LineOnlyReceiver):
         # The user list on a line of its own (the same bytes for every login that is shown
         # the list as is), then my chats and the queued messages: the 1.0 client runs the
         # lines in order (socket.js _handleData), as it runs the packets of one array.
-        self.outbox.put(service.directories.push_line(directory, uid, self.admin), (), False)
+        for piece in service.directories.push_line(service.directories.latest(directory), uid,
+                                                   self.admin, service.presence.pending_status()):
+            self.outbox.put(piece, (), False)
         parts = []
         if chats:
             self._push_serial += 1
